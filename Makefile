@@ -1,0 +1,70 @@
+# bitnet-worker build. `make -j2` builds bin/; `make demo` and `make test` first
+# install any missing Debian packages (tools/install-deps.sh), then build.
+#   make test T=name     run one test        make test SAN=1   ASan + UBSan build
+#   make bench           benchmarks (not part of the tests)
+
+CC      := gcc
+SAN     ?=
+O       := $(if $(SAN),build-san,build)
+BIN     := $(if $(SAN),bin-san,bin)
+OPT     := $(if $(SAN),-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined,-O2)
+CFLAGS  := -std=c11 -D_GNU_SOURCE -g -Wall -Wextra -Wshadow -Wno-unused-parameter -pthread -I. $(OPT)
+LDFLAGS := -pthread $(if $(SAN),-fsanitize=address,undefined)
+LDLIBS  := -lm
+# Deferred (=), so the sub-make started after install-deps.sh sees the packages.
+MPI_CFLAGS = $(shell pkg-config --cflags ompi-c)
+MPI_LIBS   = $(shell pkg-config --libs ompi-c)
+
+LIB_SRC := proto/status.c \
+           $(wildcard kernels/*.c kernels/ref/*.c coordinator/*.c) \
+           $(filter-out worker/main.c worker/comm.c,$(wildcard worker/*.c)) \
+           $(filter-out tools/mkmodel.c,$(wildcard tools/*.c))
+LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o)
+TEST_OBJ := $(patsubst %.c,$(O)/%.o,$(wildcard tests/*.c))
+
+.PHONY: all clean demo test deps bench
+all: $(BIN)/bitnet-worker $(BIN)/bitnet-mkmodel $(BIN)/bitnet-tests
+
+$(O)/libbn.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(O)/worker/comm.o: worker/comm.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(MPI_CFLAGS) -MMD -MP -c $< -o $@
+
+$(O)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BIN)/bitnet-worker: $(O)/worker/main.o $(O)/worker/comm.o $(O)/libbn.a
+	@mkdir -p $(BIN)
+	$(CC) $(LDFLAGS) $^ -o $@ $(MPI_LIBS) $(LDLIBS)
+
+$(BIN)/bitnet-mkmodel: $(O)/tools/mkmodel.o $(O)/libbn.a
+	@mkdir -p $(BIN)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BIN)/bitnet-tests: $(TEST_OBJ) $(O)/libbn.a
+	@mkdir -p $(BIN)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+deps:
+	@sh tools/install-deps.sh
+
+# The demo: a small random-weight model (gibberish text) generated and run.
+DEMO_MODEL := models/demo-tiny.gguf
+demo: deps
+	@$(MAKE) --no-print-directory -j2 all
+	@mkdir -p models
+	$(BIN)/bitnet-mkmodel --preset tiny --wtype i2_s --seed 1 -o $(DEMO_MODEL)
+	$(BIN)/bitnet-worker --model $(DEMO_MODEL) --prompt "Once upon a time" -n 48 --seed 7 --temp 0.8 --stats
+
+test: deps
+	@$(MAKE) --no-print-directory -j2 all
+	BN_BIN=$(BIN) $(BIN)/bitnet-tests $(T)
+
+clean:
+	rm -rf build build-san bin bin-san
+
+-include $(shell find $(O) -name '*.d' 2>/dev/null)
