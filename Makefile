@@ -7,9 +7,10 @@ CC      := gcc
 SAN     ?=
 O       := $(if $(SAN),build-san,build)
 BIN     := $(if $(SAN),bin-san,bin)
-OPT     := $(if $(SAN),-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined,-O2)
+SANFLAGS := -fsanitize=address -fsanitize=undefined
+OPT     := $(if $(SAN),-O1 $(SANFLAGS) -fno-omit-frame-pointer -fno-sanitize-recover=undefined,-O2)
 CFLAGS  := -std=c11 -D_GNU_SOURCE -g -Wall -Wextra -Wshadow -Wno-unused-parameter -pthread -I. $(OPT)
-LDFLAGS := -pthread $(if $(SAN),-fsanitize=address,undefined)
+LDFLAGS := -pthread $(if $(SAN),$(SANFLAGS))
 LDLIBS  := -lm
 # Deferred (=), so the sub-make started after install-deps.sh sees the packages.
 MPI_CFLAGS = $(shell pkg-config --cflags ompi-c)

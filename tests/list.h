@@ -1,3 +1,8 @@
 /* list.h - the one list of tests, in the order they run. Add a line per test. */
 #define BN_TEST_LIST(X) \
-    X(status_names)
+    X(status_names) \
+    X(gguf_fixtures_open) \
+    X(gguf_bad_fixtures) \
+    X(gguf_hostile_headers) \
+    X(bitlinear_golden) \
+    X(logits_golden)

@@ -6,7 +6,7 @@
  *   bin/bitnet-tests --list       print the names
  * Environment: BN_TEST_TIMEOUT (seconds per test, default 300), BN_SEED (random
  * tests), BN_BIN (folder of the binaries under test, default bin). */
-#define _GNU_SOURCE
+
 #include "test.h"
 
 #include <errno.h>
@@ -153,6 +153,7 @@ static int run_one(size_t i, int timeout)
 
 int main(int argc, char **argv)
 {
+    setvbuf(stdout, NULL, _IOLBF, 0);
     const char *ts = getenv("BN_TEST_TIMEOUT");
     int timeout = ts ? atoi(ts) : 300;
     if (timeout <= 0)

@@ -1,0 +1,242 @@
+/* test_model.c - GGUF reading, the BitLinear golden, and whole-model logits against
+ * the golden outputs of tests/fixtures (tolerances from their README). */
+#include "test.h"
+
+#include "golden.h"
+#include "kernels/kernels.h"
+#include "proto/status.h"
+#include "worker/forward.h"
+#include "worker/gguf.h"
+#include "worker/model.h"
+
+#include <math.h>
+#include <string.h>
+#include <unistd.h>
+
+#define FIX "tests/fixtures/"
+
+static const char *const valid_models[] = {
+    FIX "tiny-b158-i2_s.gguf", FIX "tiny-b158-tq2_0.gguf", FIX "tiny-b158-tq1_0.gguf", FIX "tiny-bitnet-tq2_0.gguf",
+};
+
+BN_TEST(gguf_fixtures_open)
+{
+    for (size_t i = 0; i < 4; i++) {
+        bn_gguf_t *g = NULL;
+        char err[512] = "";
+        int rc = bn_gguf_open(valid_models[i], &g, err, sizeof err);
+        if (rc)
+            BN_FAIL("%s: %s", valid_models[i], err);
+        CHECK_EQ_INT(g->version, 3);
+        CHECK(g->n_tensors == 46 || g->n_tensors == 46);
+        CHECK(bn_gguf_tensor(g, "token_embd.weight") != NULL);
+        uint32_t n_embd = 0;
+        CHECK_EQ_INT(bn_gguf_get_u32(g, "bitnet-b1.58.embedding_length", &n_embd, err, sizeof err) == BN_OK ||
+                         bn_gguf_get_u32(g, "bitnet.embedding_length", &n_embd, err, sizeof err) == BN_OK, 1);
+        CHECK_EQ_INT(n_embd, 256);
+        bn_gguf_close(&g);
+        CHECK(g == NULL);
+        bn_gguf_close(&g); /* NULL is fine */
+    }
+}
+
+/* Every malformed fixture is refused with the right status and a message naming the
+ * file and the culprit. */
+BN_TEST(gguf_bad_fixtures)
+{
+    static const struct { const char *file, *want1, *want2; } cases[] = {
+        { "bad-magic.gguf", "bad magic", NULL },
+        { "bad-truncated-header.gguf", "truncated header", NULL },
+        { "bad-truncated-data.gguf", "blk.1.ffn_up.weight", "beyond the end" },
+        { "bad-unknown-type.gguf", "unknown tensor type 77", "blk.0.attn_q.weight" },
+        { "bad-offset-out-of-range.gguf", "offset out of range", "blk.3.ffn_down.weight" },
+        { "bad-missing-key.gguf", "missing required key", "embedding_length" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char path[256], err[512] = "";
+        snprintf(path, sizeof path, FIX "%s", cases[i].file);
+        bn_model_t *m = NULL;
+        int rc = bn_model_load(path, &m, err, sizeof err);
+        fprintf(stderr, "  %s -> %s: %s\n", cases[i].file, bn_status_name(rc), err);
+        CHECK(rc != BN_OK);
+        CHECK(m == NULL);
+        CHECK(strstr(err, cases[i].file) != NULL);
+        CHECK(strstr(err, cases[i].want1) != NULL);
+        CHECK(!cases[i].want2 || strstr(err, cases[i].want2) != NULL);
+        CHECK(strchr(err, '\n') == NULL);
+    }
+}
+
+/* Write a copy of the i2_s fixture with bytes patched, for hand-made defects. */
+static void write_patched(const char *out, size_t off, const void *bytes, size_t n, size_t truncate_to)
+{
+    size_t len;
+    char *buf = bn_test_read_file(FIX "tiny-b158-i2_s.gguf", &len);
+    CHECK(buf != NULL);
+    if (bytes)
+        memcpy(buf + off, bytes, n);
+    FILE *f = fopen(out, "wb");
+    CHECK(f != NULL);
+    fwrite(buf, 1, truncate_to ? truncate_to : len, f);
+    fclose(f);
+    free(buf);
+}
+
+BN_TEST(gguf_hostile_headers)
+{
+    char err[512];
+    bn_gguf_t *g = NULL;
+    const char *p = "/tmp/bn-test-hostile.gguf";
+    /* n_tensors / n_kv that would overflow an allocation */
+    uint64_t huge = 0x2000000000000000ull;
+    write_patched(p, 8, &huge, 8, 0);
+    CHECK(bn_gguf_open(p, &g, err, sizeof err) == BN_EFORMAT);
+    fprintf(stderr, "  huge n_tensors: %s\n", err);
+    write_patched(p, 16, &huge, 8, 0);
+    CHECK(bn_gguf_open(p, &g, err, sizeof err) == BN_EFORMAT);
+    fprintf(stderr, "  huge n_kv: %s\n", err);
+    /* the first key's length longer than the file */
+    uint64_t big = 1ull << 40;
+    write_patched(p, 24, &big, 8, 0);
+    CHECK(bn_gguf_open(p, &g, err, sizeof err) == BN_EFORMAT);
+    fprintf(stderr, "  long key: %s\n", err);
+    /* every truncation of the header is an error, never a crash */
+    bn_gguf_t *full = NULL;
+    CHECK(bn_gguf_open(FIX "tiny-b158-i2_s.gguf", &full, err, sizeof err) == BN_OK);
+    size_t hdr = full->data_offset;
+    bn_gguf_close(&full);
+    for (size_t cut = 0; cut < hdr; cut += (cut < 64 ? 1 : 97)) {
+        write_patched(p, 0, NULL, 0, cut ? cut : 1);
+        int rc = bn_gguf_open(p, &g, err, sizeof err);
+        if (rc == BN_OK)
+            BN_FAIL("cut at %zu of %zu header bytes was accepted", cut, hdr);
+    }
+    /* misaligned tensor offset: the first tensor's offset field + 1 */
+    CHECK(bn_gguf_open(FIX "tiny-b158-i2_s.gguf", &full, err, sizeof err) == BN_OK);
+    const uint8_t *map = full->map;
+    size_t name_len = strlen(full->tensors[0].name);
+    /* locate the tensor descriptor by its name in the header */
+    const uint8_t *at = memmem(map, hdr, full->tensors[0].name, name_len);
+    CHECK(at != NULL);
+    size_t off_field = (size_t)(at - map) + name_len + 4 + 8 * full->tensors[0].n_dims + 4;
+    uint64_t off;
+    memcpy(&off, map + off_field, 8);
+    CHECK_EQ_INT(off, full->tensors[0].offset);
+    bn_gguf_close(&full);
+    off += 1;
+    write_patched(p, off_field, &off, 8, 0);
+    CHECK(bn_gguf_open(p, &g, err, sizeof err) == BN_EFORMAT);
+    fprintf(stderr, "  misaligned: %s\n", err);
+    CHECK(strstr(err, "not aligned") != NULL);
+    unlink(p);
+}
+
+/* tiny.bitlinear.txt: q exact, y within 1e-5 relative + 1e-6 absolute. */
+static void check_bitlinear(const char *model_path)
+{
+    char err[512];
+    bn_model_t *m = NULL;
+    if (bn_model_load(model_path, &m, err, sizeof err))
+        BN_FAIL("%s", err);
+    FILE *f = fopen(FIX "tiny.bitlinear.txt", "r");
+    CHECK(f != NULL);
+    char line[1 << 16];
+    char tensor[128] = "", kind[32] = "";
+    int n_in = 0, n_out = 0, cases = 0;
+    float *x = NULL;
+    int8_t q[4096];
+    double s_want = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#')
+            continue;
+        if (!strncmp(line, "case ", 5)) {
+            CHECK(sscanf(line, "case %127s %d %d %31s", tensor, &n_in, &n_out, kind) == 4);
+            free(x);
+            x = calloc(n_in, sizeof(float));
+        } else if (!strncmp(line, "x ", 2)) {
+            char *p = line + 2;
+            for (int i = 0; i < n_in; i++)
+                x[i] = strtof(p, &p);
+        } else if (!strncmp(line, "s ", 2)) {
+            s_want = strtod(line + 2, NULL);
+        } else if (!strncmp(line, "q ", 2)) {
+            int8_t qg[4096];
+            float s;
+            int32_t qsum;
+            bn_ref_quantize_act(x, n_in, qg, &s, &qsum);
+            CHECK_NEAR(s, s_want, fabs(s_want) * 1e-6);
+            char *p = line + 2;
+            for (int i = 0; i < n_in; i++) {
+                q[i] = (int8_t)strtol(p, &p, 10);
+                if (q[i] != qg[i])
+                    BN_FAIL("%s %s case: q[%d] = %d, golden %d", tensor, kind, i, qg[i], q[i]);
+            }
+        } else if (!strncmp(line, "y ", 2)) {
+            const bn_layer_t *L = &m->w.layers[0];
+            const bn_tmat_t *w = strstr(tensor, "attn_q") ? &L->wq : &L->w_down;
+            CHECK_EQ_INT(w->n_in, n_in);
+            CHECK_EQ_INT(w->n_out, n_out);
+            float s;
+            int32_t qsum;
+            int8_t qg[4096];
+            float *y = calloc(n_out, sizeof(float));
+            bn_ref_quantize_act(x, n_in, qg, &s, &qsum);
+            bn_ref_bitlinear(w, qg, s, qsum, y, 0, n_out);
+            char *p = line + 2;
+            for (int i = 0; i < n_out; i++) {
+                double want = strtod(p, &p);
+                CHECK_NEAR(y[i], want, 1e-5 * fabs(want) + 1e-6);
+            }
+            free(y);
+            cases++;
+        }
+    }
+    fclose(f);
+    free(x);
+    fprintf(stderr, "  %s: %d bitlinear cases exact\n", model_path, cases);
+    CHECK(cases >= 10);
+    bn_model_destroy(&m);
+}
+
+BN_TEST(bitlinear_golden)
+{
+    for (size_t i = 0; i < 3; i++)
+        check_bitlinear(valid_models[i]);
+}
+
+/* Whole-model logits, in process, against <model>.logits.txt. */
+BN_TEST(logits_golden)
+{
+    static const char *const golden[] = {
+        FIX "tiny-b158-i2_s.logits.txt", FIX "tiny-b158-tq2_0.logits.txt",
+        FIX "tiny-b158-tq1_0.logits.txt", FIX "tiny-bitnet-tq2_0.logits.txt",
+    };
+    for (size_t i = 0; i < 4; i++) {
+        char err[512];
+        bn_model_t *m = NULL;
+        if (bn_model_load(valid_models[i], &m, err, sizeof err))
+            BN_FAIL("%s", err);
+        int V = (int)m->cfg.n_vocab;
+        golden_seq_t seqs[4];
+        int ns = golden_logits_read(golden[i], V, seqs, 4);
+        CHECK_EQ_INT(ns, 3);
+        for (int k = 0; k < ns; k++) {
+            bn_state_t *st = NULL;
+            CHECK(bn_state_new(m, 256, 1, &st, err, sizeof err) == BN_OK);
+            bn_batch_entry_t b[128];
+            for (int p = 0; p < seqs[k].n; p++)
+                b[p] = (bn_batch_entry_t){ 0, p, seqs[k].ids[p], 1 };
+            float *logits = malloc((size_t)seqs[k].n * V * sizeof(float));
+            CHECK(bn_forward(m, st, b, seqs[k].n, logits, err, sizeof err) == BN_OK);
+            double md;
+            int bad = golden_compare(logits, seqs[k].logits, seqs[k].n, V, 0.2, &md);
+            fprintf(stderr, "  %s seq %d (%d positions): max |diff| %.3g\n", valid_models[i], k, seqs[k].n, md);
+            CHECK(md <= 0.2);
+            CHECK_EQ_INT(bad, 0);
+            free(logits);
+            bn_state_destroy(&st);
+            golden_seq_free(&seqs[k]);
+        }
+        bn_model_destroy(&m);
+    }
+}

@@ -1,0 +1,53 @@
+/* forward.h - run state and the forward pass of a BitNet b1.58 model.
+ *
+ * What it is: bn_forward() evaluates a batch of (sequence, position, token)
+ * entries: one call prefills a prompt, or advances many sequences by one token,
+ * or mixes both. Each sequence slot has its own KV cache (f32 for now).
+ * What it is not: sampling or tokenization (coordinator/), sharding (worker/comm).
+ * Invariants: an entry at position p of sequence s sees the cached keys/values of
+ * positions 0..p of s, so positions 0..p-1 must have been evaluated before or in
+ * the same batch. Not thread safe: one state per caller. */
+#ifndef BN_FORWARD_H
+#define BN_FORWARD_H
+
+#include "worker/model.h"
+
+typedef struct {
+    int32_t seq;          /* sequence slot, < n_seq */
+    int32_t pos;          /* position in that sequence, < n_ctx */
+    int32_t token;        /* token id, < n_vocab */
+    int32_t want_logits;  /* nonzero: write this entry's logits */
+} bn_batch_entry_t;
+
+typedef struct {
+    uint32_t n_ctx, n_seq, max_batch;
+    uint32_t kv_dim, q_dim;
+    /* per token of the current chunk */
+    float *x;             /* (max_batch, n_embd) residual stream */
+    float *xn;            /* (max_batch, max(n_embd, q_dim, n_ff)) normed input of a BitLinear */
+    int8_t *xq;           /* (max_batch, max(n_embd, q_dim, n_ff)) its int8 quantization */
+    float *xs;            /* (max_batch) quantization scales */
+    int32_t *xqsum;       /* (max_batch) sum of the int8 values */
+    float *q, *k, *v;     /* (max_batch, q_dim), (max_batch, kv_dim) x2 */
+    float *att;           /* (max_batch, q_dim) attention output */
+    float *gate, *up;     /* (max_batch, n_ff) */
+    float *out;           /* (max_batch, n_embd) output of o/down projections */
+    float *scores;        /* (n_ctx) attention scratch */
+    /* KV cache */
+    float *key_cache;     /* (n_seq, n_layer, n_ctx, kv_dim) */
+    float *value_cache;   /* (n_seq, n_layer, n_ctx, kv_dim) */
+} bn_state_t;
+
+/* Allocate run state for n_seq sequences of up to n_ctx positions. Cache pages are
+ * touched only as positions are used. Returns BN_OK, BN_EINVAL or BN_ENOMEM. */
+int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_state_t **out,
+                 char *err, size_t errlen);
+void bn_state_destroy(bn_state_t **st);
+
+/* Evaluate n entries. logits (n_with_logits, n_vocab) gets one row per entry with
+ * want_logits, in entry order; may be NULL when none want logits. Returns BN_OK,
+ * or BN_EINVAL/BN_ECONTEXT naming the bad entry (then nothing was evaluated). */
+int bn_forward(const bn_model_t *m, bn_state_t *st, const bn_batch_entry_t *batch, int n,
+               float *logits, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,305 @@
+/* model.c - reads hyper-parameters and binds mapped tensors. See model.h.
+ *
+ * Every check that can fail here is a property of the file, so each gives
+ * BN_EFORMAT/BN_EUNSUPPORTED with the file and key/tensor named. */
+#include "worker/model.h"
+
+#include "kernels/quants.h"
+#include "proto/status.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int arch_key(const bn_model_t *m, const char *suffix, char *key, size_t n)
+{
+    return snprintf(key, n, "%s.%s", m->cfg.arch, suffix) < (int)n;
+}
+
+static int get_u32_arch(const bn_model_t *m, const char *suffix, uint32_t *v, int required,
+                        char *err, size_t errlen)
+{
+    char key[128];
+    arch_key(m, suffix, key, sizeof key);
+    int rc = bn_gguf_get_u32(m->gguf, key, v, err, errlen);
+    if (rc == BN_ENOTFOUND && !required)
+        return BN_OK;
+    return rc;
+}
+
+static int get_f32_arch(const bn_model_t *m, const char *suffix, float *v, int required,
+                        char *err, size_t errlen)
+{
+    char key[128];
+    arch_key(m, suffix, key, sizeof key);
+    int rc = bn_gguf_get_f32(m->gguf, key, v, err, errlen);
+    if (rc == BN_ENOTFOUND && !required)
+        return BN_OK;
+    return rc;
+}
+
+static int read_config(bn_model_t *m, char *err, size_t errlen)
+{
+    bn_config_t *c = &m->cfg;
+    const char *path = m->gguf->path;
+    bn_str_t arch;
+    int rc = bn_gguf_get_str(m->gguf, "general.architecture", &arch, err, errlen);
+    if (rc)
+        return rc;
+    if (arch.len >= sizeof c->arch)
+        return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: unsupported architecture '%.*s'", path,
+                      (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
+    memcpy(c->arch, arch.ptr, arch.len);
+    c->arch[arch.len] = 0;
+    if (strcmp(c->arch, "bitnet-b1.58") == 0 || strcmp(c->arch, "bitnet-25") == 0)
+        c->ffn_act = BN_FFN_RELU2;
+    else if (strcmp(c->arch, "bitnet") == 0)
+        c->ffn_act = BN_FFN_SILU; /* as llama.cpp computes its `bitnet` arch */
+    else
+        return bn_err(err, errlen, BN_EUNSUPPORTED,
+                      "%s: unsupported architecture '%s' (bitnet-b1.58, bitnet-25 and bitnet are read)",
+                      path, c->arch);
+    /* An explicit activation key overrides the architecture's default. */
+    char key[128];
+    arch_key(m, "hidden_act", key, sizeof key);
+    bn_str_t act;
+    if (bn_gguf_get_str(m->gguf, key, &act, NULL, 0) == BN_OK) {
+        if (act.len == 5 && memcmp(act.ptr, "relu2", 5) == 0)
+            c->ffn_act = BN_FFN_RELU2;
+        else if (act.len == 4 && memcmp(act.ptr, "silu", 4) == 0)
+            c->ffn_act = BN_FFN_SILU;
+        else
+            return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: key '%s' = '%.*s' (relu2 or silu expected)",
+                          path, key, (int)(act.len > 32 ? 32 : act.len), act.ptr);
+    }
+
+    if ((rc = get_u32_arch(m, "embedding_length", &c->n_embd, 1, err, errlen)) ||
+        (rc = get_u32_arch(m, "block_count", &c->n_layer, 1, err, errlen)) ||
+        (rc = get_u32_arch(m, "feed_forward_length", &c->n_ff, 1, err, errlen)) ||
+        (rc = get_u32_arch(m, "attention.head_count", &c->n_head, 1, err, errlen)))
+        return rc;
+    c->n_head_kv = c->n_head;
+    c->n_ctx_train = 4096;
+    c->rope_base = 10000.0f;
+    c->norm_eps = 1e-5f;
+    if ((rc = get_u32_arch(m, "attention.head_count_kv", &c->n_head_kv, 0, err, errlen)) ||
+        (rc = get_u32_arch(m, "context_length", &c->n_ctx_train, 0, err, errlen)) ||
+        (rc = get_f32_arch(m, "rope.freq_base", &c->rope_base, 0, err, errlen)) ||
+        (rc = get_f32_arch(m, "attention.layer_norm_rms_epsilon", &c->norm_eps, 0, err, errlen)))
+        return rc;
+    if (c->n_embd == 0 || c->n_layer == 0 || c->n_ff == 0 || c->n_head == 0 || c->n_head_kv == 0 ||
+        c->n_embd > (1u << 20) || c->n_ff > (1u << 22) || c->n_layer > 4096 || c->n_head > c->n_embd)
+        return bn_err(err, errlen, BN_EFORMAT,
+                      "%s: implausible hyper-parameters (embedding %u, layers %u, ffn %u, heads %u/%u)",
+                      path, c->n_embd, c->n_layer, c->n_ff, c->n_head, c->n_head_kv);
+    if (c->n_embd % c->n_head != 0)
+        return bn_err(err, errlen, BN_EFORMAT, "%s: embedding_length %u is not a multiple of head_count %u",
+                      path, c->n_embd, c->n_head);
+    if (c->n_head % c->n_head_kv != 0)
+        return bn_err(err, errlen, BN_EFORMAT, "%s: head_count %u is not a multiple of head_count_kv %u",
+                      path, c->n_head, c->n_head_kv);
+    c->head_dim = c->n_embd / c->n_head;
+    c->rope_dim = c->head_dim;
+    if ((rc = get_u32_arch(m, "rope.dimension_count", &c->rope_dim, 0, err, errlen)))
+        return rc;
+    if (c->rope_dim == 0 || c->rope_dim > c->head_dim || c->rope_dim % 2)
+        return bn_err(err, errlen, BN_EFORMAT, "%s: rope.dimension_count %u does not fit head_dim %u",
+                      path, c->rope_dim, c->head_dim);
+    if (!(c->norm_eps > 0.0f && c->norm_eps < 1.0f) || !(c->rope_base > 1.0f && isfinite(c->rope_base)))
+        return bn_err(err, errlen, BN_EFORMAT, "%s: implausible eps %g or rope base %g", path,
+                      (double)c->norm_eps, (double)c->rope_base);
+
+    const bn_gguf_kv_t *toks = bn_gguf_find(m->gguf, "tokenizer.ggml.tokens");
+    c->n_vocab = toks ? (uint32_t)toks->n : 0;
+    uint32_t nv = c->n_vocab;
+    if ((rc = get_u32_arch(m, "vocab_size", &nv, 0, err, errlen)))
+        return rc;
+    if (c->n_vocab == 0)
+        c->n_vocab = nv;
+    if (nv != c->n_vocab)
+        return bn_err(err, errlen, BN_EFORMAT, "%s: %s.vocab_size = %u but the tokenizer has %u tokens",
+                      path, c->arch, nv, c->n_vocab);
+    c->bos_id = c->eos_id = c->eot_id = -1;
+    c->add_bos = 1;
+    struct { const char *key; int32_t *v; } ids[] = {
+        { "tokenizer.ggml.bos_token_id", &c->bos_id },
+        { "tokenizer.ggml.eos_token_id", &c->eos_id },
+        { "tokenizer.ggml.eot_token_id", &c->eot_id },
+    };
+    for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++) {
+        uint32_t v;
+        rc = bn_gguf_get_u32(m->gguf, ids[i].key, &v, err, errlen);
+        if (rc == BN_OK) {
+            if (v >= c->n_vocab)
+                return bn_err(err, errlen, BN_EFORMAT, "%s: key '%s' = %u is not a token id (vocabulary %u)",
+                              path, ids[i].key, v, c->n_vocab);
+            *ids[i].v = (int32_t)v;
+        } else if (rc != BN_ENOTFOUND) {
+            return rc;
+        }
+    }
+    rc = bn_gguf_get_bool(m->gguf, "tokenizer.ggml.add_bos_token", &c->add_bos, err, errlen);
+    if (rc != BN_OK && rc != BN_ENOTFOUND)
+        return rc;
+    if (rc == BN_ENOTFOUND)
+        c->add_bos = 1;
+    return BN_OK;
+}
+
+/* Find tensor `name`, check type class and shape [ne0, ne1]. */
+static int find_tensor(const bn_model_t *m, const char *name, uint64_t ne0, uint64_t ne1,
+                       const bn_gguf_tensor_t **out, char *err, size_t errlen)
+{
+    const bn_gguf_tensor_t *t = bn_gguf_tensor(m->gguf, name);
+    if (!t)
+        return bn_err(err, errlen, BN_EFORMAT, "%s: missing tensor '%s'", m->gguf->path, name);
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1)
+        return bn_err(err, errlen, BN_EFORMAT,
+                      "%s: tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%llu, %llu]",
+                      m->gguf->path, name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                      (unsigned long long)t->ne[2], (unsigned long long)t->ne[3],
+                      (unsigned long long)ne0, (unsigned long long)ne1);
+    *out = t;
+    return BN_OK;
+}
+
+static int bind_norm(const bn_model_t *m, const char *name, uint64_t n, const float **out,
+                     char *err, size_t errlen)
+{
+    const bn_gguf_tensor_t *t;
+    int rc = find_tensor(m, name, n, 1, &t, err, errlen);
+    if (rc)
+        return rc;
+    if (t->type != BN_TYPE_F32)
+        return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: tensor '%s' has type %s (norm weights must be F32)",
+                      m->gguf->path, name, bn_type_name(t->type));
+    *out = t->data;
+    return BN_OK;
+}
+
+static int bind_linear(const bn_model_t *m, const char *name, uint32_t n_in, uint32_t n_out,
+                       bn_tmat_t *w, char *err, size_t errlen)
+{
+    const bn_gguf_tensor_t *t;
+    int rc = find_tensor(m, name, n_in, n_out, &t, err, errlen);
+    if (rc)
+        return rc;
+    switch (t->type) {
+    case BN_TYPE_I2_S: case BN_TYPE_TQ2_0: case BN_TYPE_TQ1_0: case BN_TYPE_F16: case BN_TYPE_F32:
+        break;
+    default:
+        return bn_err(err, errlen, BN_EUNSUPPORTED,
+                      "%s: tensor '%s' has type %s (linear weights must be I2_S, TQ2_0, TQ1_0, F16 or F32)",
+                      m->gguf->path, name, bn_type_name(t->type));
+    }
+    w->type = t->type;
+    w->n_in = n_in;
+    w->n_out = n_out;
+    w->data = t->data;
+    w->row_bytes = (size_t)bn_type_nbytes(t->type, n_in, 0);
+    w->scale = 1.0f;
+    if (t->type == BN_TYPE_I2_S)
+        memcpy(&w->scale, w->data + (size_t)n_in * n_out / 4, 4);
+    /* optional per-tensor scale beside the weight: "<name without .weight>.scale" */
+    char sname[256];
+    size_t base = strlen(name);
+    if (base > 7 && strcmp(name + base - 7, ".weight") == 0)
+        base -= 7;
+    snprintf(sname, sizeof sname, "%.*s.scale", (int)base, name);
+    const bn_gguf_tensor_t *st = bn_gguf_tensor(m->gguf, sname);
+    if (st) {
+        if (st->type != BN_TYPE_F32 || st->n_elements != 1)
+            return bn_err(err, errlen, BN_EFORMAT, "%s: tensor '%s' must be one F32 value",
+                          m->gguf->path, sname);
+        float s;
+        memcpy(&s, st->data, 4);
+        w->scale *= s;
+    }
+    if (!isfinite(w->scale))
+        return bn_err(err, errlen, BN_EFORMAT, "%s: tensor '%s' has a non-finite scale", m->gguf->path, name);
+    return BN_OK;
+}
+
+static int bind_weights(bn_model_t *m, char *err, size_t errlen)
+{
+    const bn_config_t *c = &m->cfg;
+    bn_weights_t *w = &m->w;
+    const bn_gguf_tensor_t *t;
+    int rc = find_tensor(m, "token_embd.weight", c->n_embd, c->n_vocab, &t, err, errlen);
+    if (rc)
+        return rc;
+    switch (t->type) {
+    case BN_TYPE_F32: case BN_TYPE_F16: case BN_TYPE_BF16: case BN_TYPE_Q8_0: case BN_TYPE_Q6_K: case BN_TYPE_Q4_0:
+        break;
+    default:
+        return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: tensor 'token_embd.weight' has unsupported type %s",
+                      m->gguf->path, bn_type_name(t->type));
+    }
+    if (bn_gguf_tensor(m->gguf, "output.weight"))
+        return bn_err(err, errlen, BN_EUNSUPPORTED,
+                      "%s: tensor 'output.weight' present: untied LM heads are not supported yet", m->gguf->path);
+    w->embd_type = t->type;
+    w->token_embd = t->data;
+    w->embd_row_bytes = (size_t)bn_type_nbytes(t->type, c->n_embd, 0);
+    if ((rc = bind_norm(m, "output_norm.weight", c->n_embd, &w->output_norm, err, errlen)))
+        return rc;
+    w->layers = calloc(c->n_layer, sizeof *w->layers);
+    if (!w->layers)
+        return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", m->gguf->path);
+    uint32_t q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
+    for (uint32_t l = 0; l < c->n_layer; l++) {
+        bn_layer_t *L = &w->layers[l];
+        char n[96];
+#define NAME(s) (snprintf(n, sizeof n, "blk.%u." s ".weight", l), n)
+        if ((rc = bind_norm(m, NAME("attn_norm"), c->n_embd, &L->attn_norm, err, errlen)) ||
+            (rc = bind_linear(m, NAME("attn_q"), c->n_embd, q_dim, &L->wq, err, errlen)) ||
+            (rc = bind_linear(m, NAME("attn_k"), c->n_embd, kv_dim, &L->wk, err, errlen)) ||
+            (rc = bind_linear(m, NAME("attn_v"), c->n_embd, kv_dim, &L->wv, err, errlen)) ||
+            (rc = bind_norm(m, NAME("attn_sub_norm"), q_dim, &L->attn_sub_norm, err, errlen)) ||
+            (rc = bind_linear(m, NAME("attn_output"), q_dim, c->n_embd, &L->wo, err, errlen)) ||
+            (rc = bind_norm(m, NAME("ffn_norm"), c->n_embd, &L->ffn_norm, err, errlen)) ||
+            (rc = bind_linear(m, NAME("ffn_gate"), c->n_embd, c->n_ff, &L->w_gate, err, errlen)) ||
+            (rc = bind_linear(m, NAME("ffn_up"), c->n_embd, c->n_ff, &L->w_up, err, errlen)) ||
+            (rc = bind_norm(m, NAME("ffn_sub_norm"), c->n_ff, &L->ffn_sub_norm, err, errlen)) ||
+            (rc = bind_linear(m, NAME("ffn_down"), c->n_ff, c->n_embd, &L->w_down, err, errlen)))
+            return rc;
+#undef NAME
+    }
+    return BN_OK;
+}
+
+int bn_model_load(const char *path, bn_model_t **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    bn_model_t *m = calloc(1, sizeof *m);
+    if (!m)
+        return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", path);
+    int rc = bn_gguf_open(path, &m->gguf, err, errlen);
+    if (rc == BN_OK)
+        rc = read_config(m, err, errlen);
+    if (rc == BN_OK)
+        rc = bind_weights(m, err, errlen);
+    if (rc != BN_OK) {
+        bn_model_destroy(&m);
+        return rc;
+    }
+    *out = m;
+    return BN_OK;
+}
+
+void bn_model_destroy(bn_model_t **pm)
+{
+    if (!pm || !*pm)
+        return;
+    free((*pm)->w.layers);
+    bn_gguf_close(&(*pm)->gguf);
+    free(*pm);
+    *pm = NULL;
+}
+
+void bn_model_embed(const bn_model_t *m, int32_t token, float *out)
+{
+    bn_ref_dequant_row(m->w.embd_type, m->w.token_embd + (size_t)token * m->w.embd_row_bytes, out,
+                       (int)m->cfg.n_embd);
+}

@@ -1,0 +1,68 @@
+/* model.h - a BitNet b1.58 model as read from a GGUF file: hyper-parameters
+ * (bn_config_t) and mapped weights (bn_weights_t). Run state is in forward.h.
+ *
+ * What it is: bn_model_load() maps the file, reads every hyper-parameter from its
+ * metadata (never from constants), finds every tensor and checks its type and
+ * shape against the hyper-parameters. The weights stay in the mapping: nothing is
+ * copied. What it is not: the tokenizer (coordinator/tokenizer.h, built from the
+ * same file by bn_model_tokenizer()) or the compute. */
+#ifndef BN_MODEL_H
+#define BN_MODEL_H
+
+#include "kernels/kernels.h"
+#include "worker/gguf.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { BN_FFN_RELU2 = 0, BN_FFN_SILU = 1 } bn_ffn_act_t;
+
+typedef struct {
+    char arch[32];          /* general.architecture */
+    uint32_t n_vocab;
+    uint32_t n_ctx_train;   /* <arch>.context_length */
+    uint32_t n_embd;        /* hidden width */
+    uint32_t n_layer;
+    uint32_t n_ff;
+    uint32_t n_head, n_head_kv, head_dim, rope_dim;
+    float rope_base, norm_eps;
+    bn_ffn_act_t ffn_act;
+    int32_t bos_id, eos_id, eot_id; /* -1 when absent */
+    int add_bos;
+} bn_config_t;
+
+typedef struct {
+    const float *attn_norm;      /* (n_embd) */
+    bn_tmat_t wq;                /* (n_head*head_dim, n_embd) */
+    bn_tmat_t wk, wv;            /* (n_head_kv*head_dim, n_embd) */
+    const float *attn_sub_norm;  /* (n_head*head_dim) */
+    bn_tmat_t wo;                /* (n_embd, n_head*head_dim) */
+    const float *ffn_norm;       /* (n_embd) */
+    bn_tmat_t w_gate, w_up;      /* (n_ff, n_embd) */
+    const float *ffn_sub_norm;   /* (n_ff) */
+    bn_tmat_t w_down;            /* (n_embd, n_ff) */
+} bn_layer_t;
+
+typedef struct {
+    uint32_t embd_type;          /* BN_TYPE_* of token_embd */
+    const uint8_t *token_embd;   /* (n_vocab, embd_row_bytes), also the tied LM head */
+    size_t embd_row_bytes;
+    const float *output_norm;    /* (n_embd) */
+    bn_layer_t *layers;          /* (n_layer) */
+} bn_weights_t;
+
+typedef struct {
+    bn_gguf_t *gguf;             /* owns the mapping */
+    bn_config_t cfg;
+    bn_weights_t w;
+} bn_model_t;
+
+/* Load and validate a model file. Returns BN_OK or a status with a one-line message
+ * naming the file and the key or tensor at fault. */
+int bn_model_load(const char *path, bn_model_t **out, char *err, size_t errlen);
+void bn_model_destroy(bn_model_t **m);
+
+/* Embedding row of `token` dequantized to n_embd floats. token must be < n_vocab. */
+void bn_model_embed(const bn_model_t *m, int32_t token, float *out);
+
+#endif
