@@ -5,4 +5,7 @@
     X(gguf_bad_fixtures) \
     X(gguf_hostile_headers) \
     X(bitlinear_golden) \
-    X(logits_golden)
+    X(logits_golden) \
+    X(greedy_golden) \
+    X(forward_batch_contract) \
+    X(formats_same_logits)

@@ -91,13 +91,16 @@ void bn_ref_bitlinear(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum
             int32_t acc = 0;
             for (int i = 0; i < n; i++)
                 acc += i2s_u(row, i) * q[i];
-            out = (float)(acc - qsum) * w->scale / s;
+            out = (float)(acc - qsum) * w->scale / s; /* same rounding steps as TQ below */
             break;
         }
         case BN_TYPE_TQ2_0:
         case BN_TYPE_TQ1_0: {
-            /* Each block has its own d; files made by llama.cpp fold the tensor
-             * scale into every d, so usually they are all equal. */
+            /* Each block has its own d. Files made by llama.cpp fold the tensor scale
+             * into every d, so runs of blocks share d: sum those in integers, which
+             * makes a folded TQ tensor give exactly the I2_S result. */
+            int64_t run = 0;
+            float run_d = 0.0f;
             for (int b = 0; b < n / BN_QK_K; b++) {
                 const int8_t *qb = q + b * BN_QK_K;
                 int32_t acc;
@@ -111,8 +114,14 @@ void bn_ref_bitlinear(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum
                     acc = tq1_dot(blk, qb);
                     d = bn_fp16_to_f32(blk->d);
                 }
-                out += d * (float)(acc - block_qsum(qb, BN_QK_K));
+                if (b > 0 && d != run_d) {
+                    out += (float)run * run_d;
+                    run = 0;
+                }
+                run_d = d;
+                run += acc - block_qsum(qb, BN_QK_K);
             }
+            out += (float)run * run_d;
             out = out * w->scale / s;
             break;
         }
