@@ -36,17 +36,17 @@ int bn_vocab_load(const bn_gguf_t *g, bn_tokenizer_t **out, char *err, size_t er
         for (uint64_t i = 0; i < toks->n; i++)
             tt[i] = (int32_t)bn_gguf_arr_int(types, i);
     }
-    char pre[64] = "";
-    bn_str_t p;
-    if (bn_gguf_get_str(g, "tokenizer.ggml.pre", &p, NULL, 0) == BN_OK)
-        snprintf(pre, sizeof pre, "%.*s", (int)(p.len > 63 ? 63 : p.len), p.ptr);
+    bn_str_t pre = { NULL, 0 };
+    if (bn_gguf_get_str(g, "tokenizer.ggml.pre", &pre, NULL, 0) != BN_OK)
+        pre.ptr = NULL;
     bn_tokenizer_params_t tp = {
         .n_vocab = (uint32_t)toks->n,
         .tokens = toks->strs,
         .token_types = tt,
         .n_merges = (uint32_t)merges->n,
         .merges = merges->strs,
-        .pre = pre[0] ? pre : NULL,
+        .model = model,
+        .pre = pre,
     };
     rc = bn_tokenizer_new(&tp, out, err, errlen);
     free(tt);

@@ -8,4 +8,12 @@
     X(logits_golden) \
     X(greedy_golden) \
     X(forward_batch_contract) \
-    X(formats_same_logits)
+    X(formats_same_logits) \
+    X(shapes_vs_naive) \
+    X(cli_tokenize_golden) \
+    X(cli_dump_logits_golden) \
+    X(cli_generate_golden) \
+    X(cli_sampling) \
+    X(cli_stops) \
+    X(cli_stats_line) \
+    X(cli_bad_input)

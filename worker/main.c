@@ -398,7 +398,10 @@ static int run(const options_t *o, char *err, size_t errlen)
             bn_type_name(m->w.layers[0].wq.type), bn_type_name(m->w.embd_type));
     if ((rc = bn_vocab_load(m->gguf, &tok, err, errlen)))
         goto done;
+    if (bn_tokenizer_warning(tok))
+        BN_WARN("%s: %s", o->model, bn_tokenizer_warning(tok));
     m->cfg.eot_id = m->cfg.eot_id >= 0 ? m->cfg.eot_id : bn_tokenizer_find(tok, "<|eot_id|>");
+    BN_INFO("stop tokens: eos %d, eot %d", c->eos_id, c->eot_id);
 
     if (o->tokens) {
         if ((rc = parse_tokens(o->tokens, c->n_vocab, &ids, &n_ids, err, errlen)))
