@@ -188,9 +188,14 @@ static size_t pretok_next(const unsigned char *s, size_t n, size_t off)
     size_t j;
     uchar_t u;
 
-    /* (?i:'s|'t|'re|'ve|'m|'ll|'d): the letters are ASCII, so bytes will do. */
+    /* (?i:'s|'t|'re|'ve|'m|'ll|'d). Case-insensitive matching folds one non-ASCII
+     * character onto these letters: U+017F (long s, C5 BF) onto s. A regex engine
+     * (and HF tokenizers) match "'\u017f"; llama.cpp, which compares lowercase
+     * code points, does not. We follow the regex. */
     if (a.ascii == '\'' && off + 1 < n) {
         unsigned char c1 = lower(s[off + 1]);
+        if (s[off + 1] == 0xC5 && off + 2 < n && s[off + 2] == 0xBF)
+            return off + 3;
         if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd')
             return off + 2;
         if (off + 2 < n) {

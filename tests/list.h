@@ -10,6 +10,8 @@
     X(forward_batch_contract) \
     X(formats_same_logits) \
     X(shapes_vs_naive) \
+    X(sampler_filters) \
+    X(sampler_bad_params) \
     X(cli_tokenize_golden) \
     X(cli_dump_logits_golden) \
     X(cli_generate_golden) \
