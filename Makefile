@@ -18,7 +18,7 @@ MPI_LIBS   = $(shell pkg-config --libs ompi-c)
 
 LIB_SRC := proto/status.c \
            $(wildcard kernels/*.c kernels/ref/*.c coordinator/*.c) \
-           $(filter-out worker/main.c worker/comm.c,$(wildcard worker/*.c)) \
+           $(filter-out worker/main.c worker/comm.c worker/sanitizer.c,$(wildcard worker/*.c)) \
            $(filter-out tools/mkmodel.c,$(wildcard tools/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o)
 TEST_OBJ := $(patsubst %.c,$(O)/%.o,$(wildcard tests/*.c))
@@ -38,7 +38,7 @@ $(O)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
-$(BIN)/bitnet-worker: $(O)/worker/main.o $(O)/worker/comm.o $(O)/libbn.a
+$(BIN)/bitnet-worker: $(O)/worker/main.o $(O)/worker/comm.o $(O)/worker/sanitizer.o $(O)/libbn.a
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(MPI_LIBS) $(LDLIBS)
 

@@ -10,18 +10,19 @@
 #include <math.h>
 #include <string.h>
 
-/* u = w + 1 in {0,1,2}; -1 for a value that is not a trit. */
-static inline int trit_u(int8_t w)
-{
-    return (w >= -1 && w <= 1) ? w + 1 : -1;
-}
-
+/* Every value a trit? Checked once up front, so the packing loops can use
+ * u = w + 1 without a branch. */
 static int check_trits(const int8_t *w, size_t n)
 {
+    int bad = 0;
     for (size_t i = 0; i < n; i++)
-        if (trit_u(w[i]) < 0)
-            return 0;
-    return 1;
+        bad |= (uint8_t)(w[i] + 1) > 2;
+    return !bad;
+}
+
+static inline unsigned trit_u(int8_t w)
+{
+    return (unsigned)(w + 1);
 }
 
 int bn_pack_i2_s(const int8_t *w, size_t n, float scale, uint8_t *dst)
@@ -74,7 +75,7 @@ static uint8_t tq1_byte(const int8_t *w, size_t stride, int count)
 {
     unsigned v = 0;
     for (int k = 0; k < 5; k++)
-        v = v * 3 + (k < count ? (unsigned)trit_u(w[k * stride]) : 0);
+        v = v * 3 + (k < count ? trit_u(w[k * stride]) : 0);
     return (uint8_t)((v * 256 + 242) / 243);
 }
 
@@ -151,10 +152,11 @@ int bn_pack_q4_0(const float *x, size_t n, bn_block_q4_0 *dst)
     return BN_OK;
 }
 
-/* Round to nearest (ties to even), clamped to [lo, hi]; NaN gives lo. */
+/* Round to nearest (ties to even), clamped to [lo, hi]; NaN gives lo. rintf, not
+ * nearbyintf: the compiler inlines it, and the inexact flag is of no interest here. */
 static inline int qround(float v, int lo, int hi)
 {
-    float r = nearbyintf(v);
+    float r = rintf(v);
     if (!(r >= (float)lo))
         return lo;
     return r > (float)hi ? hi : (int)r;
