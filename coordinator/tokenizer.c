@@ -29,6 +29,17 @@ enum {
     KIND_USER,    /* special: always matched */
 };
 
+/* A node of the trie of special-token texts: finding every special that starts at
+ * a position costs the length of the longest one that matches there, not the
+ * number of specials (text full of "<|" must not be slow). */
+typedef struct {
+    int32_t child;       /* first child, -1 when none */
+    int32_t sibling;     /* next child of the same parent, -1 when none */
+    int32_t prio[2];     /* the first special whose text ends here (index in specials),
+                          * [0] among USER_DEFINED ones, [1] among all; -1 when none */
+    unsigned char byte;  /* the byte leading here from the parent */
+} trie_node_t;
+
 typedef struct {
     uint64_t key;   /* (left id << 32) | right id; EMPTY_KEY when the slot is free */
     uint32_t rank;  /* index in tokenizer.ggml.merges: lower merges first */
@@ -48,8 +59,9 @@ struct bn_tokenizer {
     int32_t byte_id[256];     /* token of each single byte, -1 when the vocab has none */
     int32_t *specials;        /* (n_specials) ids by priority: longer text first, then id */
     uint32_t n_specials;
-    uint32_t *by_first;       /* (n_specials) priorities grouped by first byte */
-    uint32_t first_start[257];/* by_first[first_start[b] .. first_start[b+1]) start with b */
+    trie_node_t *trie;        /* (n_trie) node 0 is the root (the empty text) */
+    uint32_t n_trie;
+    int32_t root_child[256];  /* the root's children, directly by byte; -1 when none */
     size_t max_piece;
     char warning[320];
 };
@@ -392,37 +404,69 @@ static int str_is(bn_str_t s, const char *lit)
     return s.len == n && memcmp(s.ptr, lit, n) == 0;
 }
 
-/* Order the specials by priority: longer text first (as llama.cpp matches them),
- * then lower id, so that ties do not depend on the sort. */
-static void sort_specials(bn_tokenizer_t *t)
+typedef struct {
+    size_t len;
+    int32_t id;
+} special_key_t;
+
+/* Priority: longer text first (as llama.cpp matches them), then lower id, so that
+ * ties do not depend on the sort. */
+static int cmp_special(const void *a, const void *b)
 {
-    /* Insertion sort: specials are few (256 in LLaMA-3), and qsort would need the
-     * piece offsets through a global. */
-    for (uint32_t i = 1; i < t->n_specials; i++) {
-        int32_t id = t->specials[i];
-        size_t len = t->off[id + 1] - t->off[id];
-        uint32_t j = i;
-        while (j > 0) {
-            int32_t o = t->specials[j - 1];
-            size_t olen = t->off[o + 1] - t->off[o];
-            if (olen > len || (olen == len && o < id))
-                break;
-            t->specials[j] = o;
-            j--;
-        }
-        t->specials[j] = id;
-    }
-    /* Group priorities by first byte (a counting sort keeps priority order). */
-    uint32_t count[256] = {0};
+    const special_key_t *x = a, *y = b;
+    if (x->len != y->len)
+        return x->len > y->len ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* Order the specials by priority, then build their trie. BN_OK or BN_ENOMEM. */
+static int index_specials(bn_tokenizer_t *t)
+{
+    special_key_t *keys = malloc((t->n_specials + 1) * sizeof *keys);
+    if (!keys)
+        return BN_ENOMEM;
     for (uint32_t k = 0; k < t->n_specials; k++)
-        count[(unsigned char)t->bytes[t->off[t->specials[k]]]]++;
-    t->first_start[0] = 0;
+        keys[k] = (special_key_t){ t->off[t->specials[k] + 1] - t->off[t->specials[k]], t->specials[k] };
+    qsort(keys, t->n_specials, sizeof *keys, cmp_special);
+    for (uint32_t k = 0; k < t->n_specials; k++)
+        t->specials[k] = keys[k].id;
+    free(keys);
+    /* The trie: a node per distinct prefix. Inserted in priority order, so a
+     * text given to two specials keeps the first. */
+    size_t n_nodes = 1;
+    for (uint32_t k = 0; k < t->n_specials; k++)
+        n_nodes += t->off[t->specials[k] + 1] - t->off[t->specials[k]];
+    t->trie = n_nodes <= INT32_MAX ? malloc(n_nodes * sizeof *t->trie) : NULL;
+    if (!t->trie)
+        return BN_ENOMEM;
+    t->trie[0] = (trie_node_t){ -1, -1, { -1, -1 }, 0 };
+    t->n_trie = 1;
     for (int b = 0; b < 256; b++)
-        t->first_start[b + 1] = t->first_start[b] + count[b];
-    uint32_t fill[256];
-    memcpy(fill, t->first_start, sizeof fill);
-    for (uint32_t k = 0; k < t->n_specials; k++)
-        t->by_first[fill[(unsigned char)t->bytes[t->off[t->specials[k]]]]++] = k;
+        t->root_child[b] = -1;
+    for (uint32_t k = 0; k < t->n_specials; k++) {
+        size_t len;
+        const unsigned char *text = (const unsigned char *)piece_ptr(t, t->specials[k], &len);
+        int32_t node = 0;
+        for (size_t i = 0; i < len; i++) {
+            int32_t *link = node == 0 ? &t->root_child[text[i]] : &t->trie[node].child;
+            int32_t c = *link;
+            while (c >= 0 && t->trie[c].byte != text[i])
+                c = t->trie[c].sibling;
+            if (c < 0) {
+                c = (int32_t)t->n_trie++;
+                t->trie[c] = (trie_node_t){ -1, node == 0 ? -1 : *link, { -1, -1 }, text[i] };
+                *link = c;
+            }
+            node = c;
+        }
+        /* Two specials may share a text: without parse_special the first
+         * USER_DEFINED one of them must still match. */
+        if (t->trie[node].prio[1] < 0)
+            t->trie[node].prio[1] = (int32_t)k;
+        if (t->trie[node].prio[0] < 0 && t->kind[t->specials[k]] == KIND_USER)
+            t->trie[node].prio[0] = (int32_t)k;
+    }
+    return BN_OK;
 }
 
 /* Split "left right" at its first space after the first byte (a byte-encoded text
@@ -483,10 +527,8 @@ int bn_tokenizer_new(const bn_tokenizer_params_t *p, bn_tokenizer_t **out, char 
     t->table = malloc((t->table_mask + 1) * sizeof *t->table);
     t->merges = malloc((t->merges_mask + 1) * sizeof *t->merges);
     t->specials = malloc(p->n_vocab * sizeof *t->specials);
-    t->by_first = malloc(p->n_vocab * sizeof *t->by_first);
     char *buf = malloc(longest_merge + 1);
-    if (!t->bytes || !t->off || !t->kind || !t->table || !t->merges || !t->specials ||
-        !t->by_first || !buf) {
+    if (!t->bytes || !t->off || !t->kind || !t->table || !t->merges || !t->specials || !buf) {
         free(buf);
         bn_tokenizer_destroy(&t);
         return bn_err(err, errlen, BN_ENOMEM, "tokenizer: out of memory for %u tokens, %u merges",
@@ -506,7 +548,7 @@ int bn_tokenizer_new(const bn_tokenizer_params_t *p, bn_tokenizer_t **out, char 
         t->off[i] = k;
         if (type == BN_TOKEN_CONTROL || type == BN_TOKEN_USER_DEFINED) {
             t->kind[i] = type == BN_TOKEN_CONTROL ? KIND_CONTROL : KIND_USER;
-            if (s.len && t->n_specials < p->n_vocab)
+            if (s.len)
                 t->specials[t->n_specials++] = (int32_t)i;
         } else {
             d = s.len ? gpt2_decode(s.ptr, s.len, t->bytes + k) : 0;
@@ -542,7 +584,12 @@ int bn_tokenizer_new(const bn_tokenizer_params_t *p, bn_tokenizer_t **out, char 
             n_skipped++;
     }
     free(buf);
-    sort_specials(t);
+    if (index_specials(t)) {
+        uint32_t n_specials = t->n_specials;
+        bn_tokenizer_destroy(&t);
+        return bn_err(err, errlen, BN_ENOMEM, "tokenizer: out of memory for %u special tokens",
+                      n_specials);
+    }
 
     /* One line for the caller's log, only when something is off. */
     int unknown_pre = p->pre.ptr && !str_is(p->pre, "llama3") && !str_is(p->pre, "llama-bpe") &&
@@ -579,7 +626,7 @@ void bn_tokenizer_destroy(bn_tokenizer_t **t)
     free(x->table);
     free(x->merges);
     free(x->specials);
-    free(x->by_first);
+    free(x->trie);
     free(x);
     *t = NULL;
 }
@@ -800,9 +847,9 @@ static int cmp_pos(const void *a, const void *b)
 /* Find the special tokens to split out, in *out (sorted by position, caller frees).
  * llama.cpp's rule: take the specials one at a time, longest first; each takes its
  * leftmost non-overlapping occurrences in the text the earlier ones left over. So
- * the occurrences of every special are found first (only where the text has the
- * first byte of one), then accepted in (priority, position) order when they do not
- * overlap an accepted one. */
+ * the occurrences of every active special are found first (one walk of the trie
+ * from each position), then accepted in (priority, position) order when they do
+ * not overlap an accepted one. */
 static int find_specials(const bn_tokenizer_t *t, const unsigned char *s, size_t n, int parse_special,
                          match_t **out, size_t *n_out)
 {
@@ -811,13 +858,19 @@ static int find_specials(const bn_tokenizer_t *t, const unsigned char *s, size_t
     *out = NULL;
     *n_out = 0;
     for (size_t pos = 0; pos < n; pos++) {
-        for (uint32_t k = t->first_start[s[pos]]; k < t->first_start[s[pos] + 1]; k++) {
-            uint32_t prio = t->by_first[k];
-            int32_t id = t->specials[prio];
-            size_t len;
-            const char *text = piece_ptr(t, id, &len);
-            if ((t->kind[id] == KIND_CONTROL && !parse_special) || len > n - pos ||
-                memcmp(text, s + pos, len) != 0)
+        size_t i = pos;
+        for (int32_t node = t->root_child[s[pos]]; node >= 0;) {
+            int32_t prio = t->trie[node].prio[parse_special != 0];
+            i++;
+            if (i < n) { /* descend first: the check below may skip this node */
+                int32_t c = t->trie[node].child;
+                while (c >= 0 && t->trie[c].byte != s[i])
+                    c = t->trie[c].sibling;
+                node = c;
+            } else {
+                node = -1;
+            }
+            if (prio < 0)
                 continue;
             if (nm == cap) {
                 cap = cap ? 2 * cap : 16;
@@ -828,7 +881,7 @@ static int find_specials(const bn_tokenizer_t *t, const unsigned char *s, size_t
                 }
                 m = nv;
             }
-            m[nm++] = (match_t){ prio, pos };
+            m[nm++] = (match_t){ (uint32_t)prio, pos };
         }
     }
     if (!nm)

@@ -7,8 +7,8 @@
 #include "worker/gguf.h"
 
 /* Tokenizer from tokenizer.ggml.{model, tokens, token_type, merges, pre}. Only the
- * gpt2 (byte-level BPE) model is supported. The tokenizer points into g's mapping:
- * destroy it before closing g. */
+ * gpt2 (byte-level BPE) model is supported. The tokenizer copies what it keeps,
+ * so it may outlive g. */
 int bn_vocab_load(const bn_gguf_t *g, bn_tokenizer_t **out, char *err, size_t errlen);
 
 /* The user message wrapped in the model's chat form, as text with special tokens:

@@ -18,4 +18,19 @@
     X(cli_sampling) \
     X(cli_stops) \
     X(cli_stats_line) \
-    X(cli_bad_input)
+    X(cli_bad_input) \
+    X(tokenizer_golden) \
+    X(tokenizer_pretok) \
+    X(tokenizer_bpe_rules) \
+    X(tokenizer_bpe_vs_naive) \
+    X(tokenizer_specials) \
+    X(tokenizer_specials_vs_naive) \
+    X(tokenizer_stream_utf8) \
+    X(tokenizer_bad_input) \
+    X(tokenizer_speed) \
+    X(pack_roundtrip) \
+    X(gguf_writer_roundtrip) \
+    X(mkmodel_tiny_matches_fixture_layout) \
+    X(mkmodel_vocab_valid) \
+    X(mkmodel_same_seed_same_weights) \
+    X(mkmodel_bad_flags)

@@ -71,6 +71,8 @@ static int buf_reserve(buf_t *b, size_t more)
 
 static int buf_put(buf_t *b, const void *src, size_t n)
 {
+    if (n == 0) /* src may be NULL then (an empty buffer) */
+        return 1;
     if (!buf_reserve(b, n))
         return 0;
     memcpy(b->p + b->len, src, n);

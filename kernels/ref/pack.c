@@ -220,12 +220,18 @@ int bn_pack_q6_k(const float *x, size_t n, bn_block_q6_k *dst)
             blk->d = bn_f32_to_fp16(0.0f);
             continue;
         }
+        /* d is stored as fp16, and for typical embeddings (|x| < 0.25) it is an fp16
+         * subnormal with only a few significant bits. So round |d| up, never down
+         * (every sub-scale then fits in [-128, 128]), and express the sub-scales in
+         * the d actually stored. */
         float d = m / -128.0f;
         blk->d = bn_f32_to_fp16(d);
+        if (fabsf(bn_fp16_to_f32(blk->d)) < fabsf(d) && (blk->d & 0x7fff) < 0x7bff)
+            blk->d++; /* sign-magnitude: the next half away from zero (not past the largest) */
         float d16 = bn_fp16_to_f32(blk->d);
         uint8_t q[BN_QK_K];
         for (int j = 0; j < 16; j++) {
-            int sc = qround(sub[j] / d, -128, 127);
+            int sc = qround(sub[j] / d16, -128, 127);
             blk->scales[j] = (int8_t)sc;
             /* Requantize with the scale as stored, so the error is that of the
              * rounded scale, not of the ideal one. */

@@ -40,14 +40,18 @@ int bn_pack_tq1_0(const int8_t *w, size_t n, float scale, bn_block_tq1_0 *dst); 
 int bn_pack_f16(const float *x, size_t n, bn_fp16_t *dst);                        /* n halves */
 int bn_pack_q8_0(const float *x, size_t n, bn_block_q8_0 *dst);                   /* n/32 blocks */
 int bn_pack_q4_0(const float *x, size_t n, bn_block_q4_0 *dst);                   /* n/32 blocks */
-/* Q6_K, n/256 blocks. Each 16-value sub-block gets its own float scale s: start
- * from s = m/-32 (m = signed value of largest magnitude, so m maps to q = -32),
- * try nearby scales m/-(32 + k/2) for k = -4..4, and for each take q = clamp(round(x/s),
- * -32, 31) and the least-squares s for those q; keep the one with the smallest
- * squared error. The 16 sub-scales are then stored as int8 relative to the block's
- * d = M/-128 (M = the sub-scale of largest magnitude, so it maps to -128) and q is
- * recomputed with the rounded scales d*sc. Like ggml's make_qx_quants in spirit, but
- * unweighted; the result dequantizes to within about half a step of the input. */
+/* Q6_K, n/256 blocks. Our own scheme, in the spirit of ggml's make_qx_quants but
+ * unweighted and simpler:
+ * 1. Each 16-value sub-block gets a float scale s: for the candidates
+ *    s = m/-(32 + k/2), k = -4..4 (m = the signed value of largest magnitude, so
+ *    k = 0 maps m to q = -32 exactly), take q = clamp(round(x/s), -32, 31), refit s by
+ *    least squares for those q, and keep the candidate with the smallest squared error.
+ * 2. The block's d = M/-128 (M = the sub-scale of largest magnitude), stored as fp16
+ *    rounded away from zero so that every sub-scale fits; sc = round(s/d) as int8,
+ *    computed against the d actually stored.
+ * 3. q is recomputed with the stored step d*sc, so only that step's rounding counts.
+ * Error: about half a step (amax/64 of the block's largest sub-block); never more
+ * than one step (amax/32) plus the fp16 floor of d for values below ~1e-4. */
 int bn_pack_q6_k(const float *x, size_t n, bn_block_q6_k *dst);
 
 #endif
