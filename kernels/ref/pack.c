@@ -213,11 +213,9 @@ int bn_pack_q6_k(const float *x, size_t n, bn_block_q6_k *dst)
         }
         memset(blk, 0, sizeof *blk);
         if (mmax == 0.0f) {
-            /* All zeros: q = 32 means 0 whatever the scales. */
-            memset(blk->ql, 0, sizeof blk->ql);
-            for (int l = 0; l < 64; l++)
-                blk->qh[l] = 0xaa; /* high bits 2 in every field: q = 32 */
-            blk->d = bn_f32_to_fp16(0.0f);
+            /* All zeros: d = 0 (from the memset), and q = 32 (top bits 2 in every
+             * field) so that the values are 0 even for a reader that ignores d. */
+            memset(blk->qh, 0xaa, sizeof blk->qh);
             continue;
         }
         /* d is stored as fp16, and for typical embeddings (|x| < 0.25) it is an fp16
