@@ -6,6 +6,7 @@
     X(gguf_hostile_headers) \
     X(bitlinear_golden) \
     X(logits_golden) \
+    X(scale_tensor_applied) \
     X(greedy_golden) \
     X(forward_batch_contract) \
     X(formats_same_logits) \

@@ -272,8 +272,12 @@ BN_TEST(cli_bad_input)
         { "--model " I2S " --tokens -1", 2, "unknown token id -1" },
         { "--model " I2S " --prompt 'a b c d e f g h i j k l m n o p' --ctx 4", 1, "context" },
         { "--model /nonexistent.gguf --prompt hi", 1, "/nonexistent.gguf" },
-        { "--model " FIX "bad-unknown-type.gguf --prompt hi", 1, "blk.0.attn_q.weight" },
+        { "--model " FIX "bad-magic.gguf --prompt hi", 1, "bad magic" },
         { "--model " FIX "bad-truncated-header.gguf --prompt hi", 1, "truncated header" },
+        { "--model " FIX "bad-truncated-data.gguf --prompt hi", 1, "blk.1.ffn_up.weight" },
+        { "--model " FIX "bad-unknown-type.gguf --prompt hi", 1, "blk.0.attn_q.weight" },
+        { "--model " FIX "bad-offset-out-of-range.gguf --prompt hi", 1, "blk.3.ffn_down.weight" },
+        { "--model " FIX "bad-missing-key.gguf --prompt hi", 1, "embedding_length" },
         { "--model " I2S " --prompt-file /nonexistent.txt", 1, "/nonexistent.txt" },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
