@@ -95,22 +95,10 @@ static int buf_str(buf_t *b, const char *s)
     return buf_le(b, n, 8) && buf_put(b, s, n);
 }
 
-/* Bytes of one scalar of value type t; 0 for strings, arrays and unknown types. */
-static int scalar_size(uint32_t t)
-{
-    switch (t) {
-    case BN_GGUF_UINT8: case BN_GGUF_INT8: case BN_GGUF_BOOL: return 1;
-    case BN_GGUF_UINT16: case BN_GGUF_INT16: return 2;
-    case BN_GGUF_UINT32: case BN_GGUF_INT32: case BN_GGUF_FLOAT32: return 4;
-    case BN_GGUF_UINT64: case BN_GGUF_INT64: case BN_GGUF_FLOAT64: return 8;
-    }
-    return 0;
-}
-
 /* One scalar from its C representation, as little endian bytes. */
 static int buf_scalar(buf_t *b, uint32_t t, const void *v)
 {
-    int n = scalar_size(t);
+    int n = (int)bn_gguf_value_size(t);
     uint64_t x = 0;
     switch (n) {
     case 1: { uint8_t u; memcpy(&u, v, 1); x = t == BN_GGUF_BOOL ? (u != 0) : u; break; }
@@ -183,7 +171,7 @@ static int end_kv(bn_gguf_writer_t *w, const char *key, size_t mark, int ok, cha
 int bn_gguf_writer_add_kv(bn_gguf_writer_t *w, const char *key, uint32_t type, const void *value,
                           char *err, size_t errlen)
 {
-    if (type != BN_GGUF_STRING && scalar_size(type) == 0)
+    if (type != BN_GGUF_STRING && (int)bn_gguf_value_size(type) == 0)
         return bn_err(err, errlen, BN_EINVAL, "gguf writer: key '%s': value type %u is not a scalar type",
                       key ? key : "", type);
     if (!value || (type == BN_GGUF_STRING && !*(const char *const *)value))
@@ -221,7 +209,7 @@ int bn_gguf_writer_add_str(bn_gguf_writer_t *w, const char *key, const char *s, 
 int bn_gguf_writer_add_arr(bn_gguf_writer_t *w, const char *key, uint32_t elem_type, const void *elems,
                            uint64_t n, char *err, size_t errlen)
 {
-    int es = scalar_size(elem_type);
+    int es = (int)bn_gguf_value_size(elem_type);
     if (es == 0)
         return bn_err(err, errlen, BN_EINVAL, "gguf writer: key '%s': array element type %u is not numeric",
                       key ? key : "", elem_type);

@@ -54,8 +54,7 @@ static char *dup_str(bn_str_t s)
     return d;
 }
 
-/* Size of one scalar value of metadata type t; 0 for strings/arrays/unknown. */
-static size_t vtype_size(uint32_t t)
+size_t bn_gguf_value_size(uint32_t t)
 {
     switch (t) {
     case BN_GGUF_UINT8: case BN_GGUF_INT8: case BN_GGUF_BOOL: return 1;
@@ -150,7 +149,7 @@ static int parse_kv(bn_gguf_t *g, cursor_t *c, uint64_t i, char *err, size_t err
                               g->path, (unsigned long long)j, kv->key);
         return BN_OK;
     }
-    size_t es = vtype_size(et);
+    size_t es = bn_gguf_value_size(et);
     if (es == 0)
         return bn_err(err, errlen, BN_EFORMAT, "%s: key '%s' has unknown value type %u", g->path, kv->key, et);
     if (kv->n > left / es)

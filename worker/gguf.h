@@ -101,6 +101,9 @@ int bn_gguf_get_str(const bn_gguf_t *g, const char *key, bn_str_t *out, char *er
 /* Element i of an integer array as int64 (any integer element type). */
 int64_t bn_gguf_arr_int(const bn_gguf_kv_t *kv, uint64_t i);
 
+/* Bytes of one scalar metadata value of type t; 0 for strings, arrays, unknown. */
+size_t bn_gguf_value_size(uint32_t t);
+
 /* Name of a tensor type ("I2_S"), or NULL for a type we do not read. */
 const char *bn_type_name(uint32_t type);
 /* Bytes of `n` elements of `type` (a row or a whole tensor; I2_S adds its 32-byte
