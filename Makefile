@@ -16,7 +16,15 @@ LDLIBS  := -lm
 MPI_CFLAGS = $(shell pkg-config --cflags ompi-c)
 MPI_LIBS   = $(shell pkg-config --libs ompi-c)
 
-LIB_SRC := proto/status.c \
+# One file per ISA, each compiled with only its own -m flags; dispatch.c picks one
+# at run time from CPUID, so the default build runs on every x86-64 (or aarch64) node.
+ARCH    := $(shell $(CC) -dumpmachine)
+ISA_SRC := $(if $(findstring x86_64,$(ARCH)),$(wildcard kernels/x86/*.c))$(if $(findstring aarch64,$(ARCH)),$(wildcard kernels/arm/*.c))
+ISA_FLAGS_avx2   := -mavx2 -mfma -mf16c
+ISA_FLAGS_avx512 := -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mavx2 -mfma -mf16c
+ISA_FLAGS_neon   :=
+
+LIB_SRC := proto/status.c $(ISA_SRC) \
            $(wildcard kernels/*.c kernels/ref/*.c coordinator/*.c) \
            $(filter-out worker/main.c worker/comm.c worker/sanitizer.c,$(wildcard worker/*.c)) \
            $(filter-out tools/mkmodel.c,$(wildcard tools/*.c))
@@ -37,6 +45,10 @@ $(O)/worker/comm.o: worker/comm.c
 $(O)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(O)/kernels/x86/%.o: kernels/x86/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(ISA_FLAGS_$*) -MMD -MP -c $< -o $@
 
 $(BIN)/bitnet-worker: $(O)/worker/main.o $(O)/worker/comm.o $(O)/worker/sanitizer.o $(O)/libbn.a
 	@mkdir -p $(BIN)

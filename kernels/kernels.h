@@ -1,80 +1,119 @@
-/* kernels.h - the compute kernels: one table of function pointers per operation
- * family, with the plain scalar references in kernels/ref/.
+/* kernels.h - the compute kernels: one table of function pointers per CPU, with
+ * the plain scalar references in kernels/ref/ and one file per ISA beside them.
  *
  * What it is: pure compute on caller-owned buffers. No I/O, no MPI, no ZeroMQ, no
- * allocation. Kernels take (ith, nth)-style row ranges [r0, r1) so a thread pool
- * can split work by output rows; they never synchronise themselves.
+ * allocation. Matrix kernels take a row range [r0, r1) so a thread pool can split
+ * work by output rows; none of them synchronises.
  * Maths (DESIGN.md section 1): a BitLinear input row is quantized per token with
  * absmax, s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x*s), -128, 127);
  * the output is y = (sum(u*q) - sum(q)) * scale / s with u = w + 1 in {0,1,2}.
+ * Contract for every ISA: integer results (q, qsum, the int32 dot) are exactly
+ * those of the reference, and the float epilogue uses the same operations in the
+ * same order, so BitLinear outputs are bit-identical across ISAs; the float
+ * kernels (norms, RoPE, attention, LM head) agree to float rounding.
  */
 #ifndef BN_KERNELS_H
 #define BN_KERNELS_H
 
+#include "kernels/quants.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
-/* A ternary (or float) weight matrix of the model as the kernels read it:
- * n_out rows of n_in weights, row r at data + r * row_bytes. */
+/* A ternary weight matrix in the kernels' layout, which is I2_S's (formats.md):
+ * each row is n_in/128 blocks of 32 bytes; weight 128b + 32g + j of a row is in
+ * byte 32b + j of the row, bits 6-2g..7-2g, as u = w + 1. An I2_S tensor from the
+ * file is used in place; TQ2_0/TQ1_0 (and F16/F32 tensors holding w*scale) are
+ * repacked into it once at load (kernels/repack.c). */
 typedef struct {
-    uint32_t type;        /* BN_TYPE_I2_S, _TQ2_0, _TQ1_0, or _F16 / _F32 (values w*scale) */
-    uint32_t n_in, n_out;
-    const uint8_t *data;  /* (n_out, row_bytes) */
-    size_t row_bytes;
-    float scale;          /* per-tensor scale: I2_S tail scale, else 1; times `.scale` tensor */
+    uint32_t n_in, n_out;   /* n_in a multiple of 128 */
+    const uint8_t *data;    /* (n_out, row_bytes) */
+    size_t row_bytes;       /* n_in / 4 */
+    float scale;            /* per-tensor scale (I2_S tail, or the TQ blocks' common d) */
+    const float *bscale;    /* NULL; or (n_out, n_in/256) factors of TQ files whose
+                               blocks do not share one d (reference kernel only) */
 } bn_tmat_t;
 
-/* --- reference kernels (kernels/ref/) --- */
+/* LM head formats (--lm-head). Rows of n_in values; blocks of 32 for the
+ * quantized ones: Q8 = bn_block_q8_0, Q4 = bn_block_q4_0, Q6 = bn_block_q6_h. */
+typedef enum { BN_HEAD_F16 = 0, BN_HEAD_Q8 = 1, BN_HEAD_Q6 = 2, BN_HEAD_Q4 = 3 } bn_head_type_t;
 
-/* Per-token absmax int8 quantization of x (n): fills q (n), returns s through *s and
- * sum(q) through *qsum. Exactly the training maths, in float32. */
-void bn_ref_quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qsum);
+/* Q6 head block (26 B / 32 values, 6.5 bits): value j = d * (q_j - 32) with
+ * q_j = lo | hi << 4, lo = (ql[j % 16] >> (4 * (j / 16))) & 15,
+ * hi = (qh[j % 8] >> (2 * (j / 8))) & 3. Our own layout: simpler than Q6_K, the
+ * same bits per value. */
+typedef struct { bn_fp16_t d; uint8_t ql[16]; uint8_t qh[8]; } bn_block_q6_h;
+_Static_assert(sizeof(bn_block_q6_h) == 26, "q6_h block is 26 bytes");
 
-/* y[r] for r in [r0, r1) of the BitLinear product of w with one quantized token. */
-void bn_ref_bitlinear(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum,
-                      float *y, int r0, int r1);
-
-/* Dequantize n elements of one row of an embedding-type tensor (F32, F16, BF16,
- * Q8_0, Q4_0, Q6_K) into out. n must be a multiple of the type's block. */
-void bn_ref_dequant_row(uint32_t type, const void *row, float *out, int n);
-
-/* logits[r] = dot(row r of E, x) for r in [r0, r1), E of `type` with rows of n. */
-void bn_ref_lm_head(uint32_t type, const uint8_t *e, size_t row_bytes, const float *x, int n,
-                    float *logits, int r0, int r1);
-
-/* out = x / sqrt(mean(x^2) + eps) * w   (out may equal x) */
-void bn_ref_rmsnorm(const float *x, const float *w, int n, float eps, float *out);
-
-/* NEOX RoPE in place on n_heads heads of head_dim at position pos: pairs
- * (i, i + rope_dim/2) for i < rope_dim/2, theta_i = pos * base^(-2i/rope_dim). */
-void bn_ref_rope_neox(float *x, int n_heads, int head_dim, int rope_dim, int pos, float base);
-
-/* Causal attention of one query head against n_pos cached positions:
- * out (head_dim) = softmax(q . k_t / sqrt(head_dim)) . v_t, with k_t = k + t*stride.
- * `scratch` holds n_pos floats. */
-void bn_ref_attention(const float *q, const float *k, const float *v, size_t stride,
-                      int n_pos, int head_dim, float *scratch, float *out);
-
-/* FFN gate: out[i] = act(g[i]) * u[i]; act = relu(x)^2 (relu2 = 1) or silu. */
-void bn_ref_ffn_act(const float *g, const float *u, int n, int relu2, float *out);
-
-/* --- the table of chosen kernels --- */
 typedef struct {
-    const char *name;     /* "ref", "avx2", ... (logged at start) */
+    bn_head_type_t type;
+    uint32_t n_in, n_out;   /* n_in a multiple of 32 */
+    const uint8_t *data;    /* (n_out, row_bytes) */
+    size_t row_bytes;
+} bn_hmat_t;
+
+/* The LM head's input: x for F16 heads; for quantized heads q8 blocks of 32 values
+ * (q, and one scale d per block, q = round(x / d), d = max|x| / 127). */
+typedef struct {
+    const float *x;         /* (n) */
+    const int8_t *q;        /* (n) */
+    const float *d;         /* (n / 32) */
+} bn_hact_t;
+
+typedef struct {
+    const char *name;       /* "ref", "avx2", "avx512", "neon" (logged at start) */
+    /* per-token int8 quantization of one BitLinear input row (n a multiple of 32) */
     void (*quantize_act)(const float *x, int n, int8_t *q, float *s, int32_t *qsum);
-    void (*bitlinear)(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum,
-                      float *y, int r0, int r1);
-    void (*lm_head)(uint32_t type, const uint8_t *e, size_t row_bytes, const float *x, int n,
-                    float *logits, int r0, int r1);
+    /* y[t * ldy + r] for tokens t < nt and rows r in [r0, r1): BitLinear of the
+     * quantized tokens q (nt, n_in) with scales s (nt) and sums qsum (nt) */
+    void (*tgemm)(const bn_tmat_t *w, const int8_t *q, const float *s, const int32_t *qsum, int nt,
+                  float *y, size_t ldy, int r0, int r1);
+    /* q8 blocks of 32 for a quantized LM head (n a multiple of 32) */
+    void (*head_quantize)(const float *x, int n, int8_t *q, float *d);
+    /* logits[r] = row r of the head . x, for r in [r0, r1) */
+    void (*head_gemv)(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1);
+    /* out = x / sqrt(mean(x^2) + eps) * w   (out may equal x) */
     void (*rmsnorm)(const float *x, const float *w, int n, float eps, float *out);
-    void (*rope_neox)(float *x, int n_heads, int head_dim, int rope_dim, int pos, float base);
-    void (*attention)(const float *q, const float *k, const float *v, size_t stride,
-                      int n_pos, int head_dim, float *scratch, float *out);
+    /* NEOX RoPE in place on n_heads heads of head_dim: pairs (i, i + rope_dim/2) for
+     * i < rope_dim/2 rotated by the angle whose cosine is cs[i], sine cs[rope_dim/2 + i] */
+    void (*rope_neox)(float *x, int n_heads, int head_dim, int rope_dim, const float *cs);
+    /* one query head against n_pos cached positions (k_t = k + t*stride, v alike):
+     * out (head_dim) = softmax(q . k_t / sqrt(head_dim)) . v_t, in one pass with an
+     * online softmax (no score buffer) */
+    void (*attention)(const float *q, const float *k, const float *v, size_t stride, int n_pos,
+                      int head_dim, float *out);
+    /* out[i] = act(g[i]) * u[i], act = relu(x)^2 (relu2 != 0) or silu (out may equal g) */
     void (*ffn_act)(const float *g, const float *u, int n, int relu2, float *out);
 } bn_kernels_t;
 
-/* The kernels for this CPU, chosen once (BN_KERNELS=ref forces the reference).
- * Thread safe after the first call returns; call it once at start-up. */
+/* --- the reference (kernels/ref/), also the fallback of every table --- */
+void bn_ref_quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qsum);
+void bn_ref_tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int32_t *qsum, int nt,
+                  float *y, size_t ldy, int r0, int r1);
+void bn_ref_head_quantize(const float *x, int n, int8_t *q, float *d);
+void bn_ref_head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1);
+void bn_ref_rmsnorm(const float *x, const float *w, int n, float eps, float *out);
+void bn_ref_rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const float *cs);
+void bn_ref_attention(const float *q, const float *k, const float *v, size_t stride, int n_pos,
+                      int head_dim, float *out);
+void bn_ref_ffn_act(const float *g, const float *u, int n, int relu2, float *out);
+/* cs (rope_dim) for position pos: cos then sin of pos * base^(-2i/rope_dim), in double */
+void bn_ref_rope_table(int pos, int rope_dim, float base, float *cs);
+/* Dequantize n elements of one row of a file tensor type (F32, F16, BF16, Q8_0,
+ * Q4_0, Q6_K) into out; n a multiple of the type's block. */
+void bn_ref_dequant_row(uint32_t type, const void *row, float *out, int n);
+/* One row of a head format, dequantized. */
+void bn_ref_head_dequant_row(const bn_hmat_t *h, int r, float *out);
+
+/* --- tables --- */
+/* The kernels for this CPU, chosen once from CPUID; BN_KERNELS=ref|avx2|avx512|neon
+ * forces one (an unknown or unsupported name falls back to the best, with a note
+ * in bn_kernels_choice()). Thread safe after the first call; call it at start-up. */
 const bn_kernels_t *bn_kernels_get(void);
+/* One line saying what was chosen and why (for the log). */
+const char *bn_kernels_choice(void);
+/* The table named `name` if it is compiled in and this CPU runs it, else NULL
+ * (tests use this to check every variant against the reference). */
+const bn_kernels_t *bn_kernels_by_name(const char *name);
 
 #endif

@@ -28,6 +28,14 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Tensor types (ggml ids) we read. 37-39 are never BitNet types here: upstream
+ * ggml reuses them (formats.md). */
+enum {
+    BN_TYPE_F32 = 0, BN_TYPE_F16 = 1, BN_TYPE_Q4_0 = 2, BN_TYPE_Q8_0 = 8,
+    BN_TYPE_Q6_K = 14, BN_TYPE_BF16 = 30, BN_TYPE_TQ1_0 = 34, BN_TYPE_TQ2_0 = 35,
+    BN_TYPE_I2_S = 36,
+};
+
 typedef uint16_t bn_fp16_t;
 
 typedef struct { bn_fp16_t d; int8_t qs[32]; } bn_block_q8_0;

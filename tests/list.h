@@ -34,4 +34,15 @@
     X(mkmodel_tiny_matches_fixture_layout) \
     X(mkmodel_vocab_valid) \
     X(mkmodel_same_seed_same_weights) \
-    X(mkmodel_bad_flags)
+    X(mkmodel_bad_flags) \
+    X(kernels_quantize_act) \
+    X(kernels_tgemm) \
+    X(kernels_no_int16_overflow) \
+    X(kernels_head) \
+    X(kernels_float_ops) \
+    X(pool_runs_every_thread) \
+    X(pool_split) \
+    X(pool_idle_no_cpu) \
+    X(pool_slow_worker_no_spin) \
+    X(pool_many_short_jobs) \
+    X(pool_destroy_while_idle)

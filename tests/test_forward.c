@@ -18,7 +18,7 @@ static bn_model_t *load(const char *path)
 {
     char err[512];
     bn_model_t *m = NULL;
-    if (bn_model_load(path, &m, err, sizeof err))
+    if (bn_model_load(path, NULL, &m, err, sizeof err))
         BN_FAIL("%s", err);
     return m;
 }
@@ -36,7 +36,7 @@ static void check_greedy(const char *model, const char *gen)
     for (int k = 0; k < n; k++) {
         char err[512];
         bn_state_t *st = NULL;
-        CHECK(bn_state_new(m, 128, 1, &st, err, sizeof err) == BN_OK);
+        CHECK(bn_state_new(m, 128, 1, NULL, &st, err, sizeof err) == BN_OK);
         bn_batch_entry_t b[256];
         for (int i = 0; i < g[k].n_prompt; i++)
             b[i] = (bn_batch_entry_t){ 0, i, g[k].prompt[i], i + 1 == g[k].n_prompt };
@@ -89,14 +89,14 @@ BN_TEST(forward_batch_contract)
     float *c = malloc((size_t)2 * N * V * sizeof(float));
     bn_state_t *st = NULL;
     /* (1) sequence 0 prefilled in one call */
-    CHECK(bn_state_new(m, N, 2, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(m, N, 2, NULL, &st, err, sizeof err) == BN_OK);
     bn_batch_entry_t e[2 * N];
     for (int i = 0; i < N; i++)
         e[i] = (bn_batch_entry_t){ 0, i, ids[0][i], 1 };
     CHECK(bn_forward(m, st, e, N, a, err, sizeof err) == BN_OK);
     bn_state_destroy(&st);
     /* (2) one token per call */
-    CHECK(bn_state_new(m, N, 2, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(m, N, 2, NULL, &st, err, sizeof err) == BN_OK);
     for (int i = 0; i < N; i++) {
         bn_batch_entry_t one = { 0, i, ids[0][i], 1 };
         CHECK(bn_forward(m, st, &one, 1, b + (size_t)i * V, err, sizeof err) == BN_OK);
@@ -104,7 +104,7 @@ BN_TEST(forward_batch_contract)
     bn_state_destroy(&st);
     CHECK(memcmp(a, b, (size_t)N * V * sizeof(float)) == 0);
     /* (3) sequences 0 and 1 interleaved position by position in one batch */
-    CHECK(bn_state_new(m, N, 2, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(m, N, 2, NULL, &st, err, sizeof err) == BN_OK);
     for (int i = 0; i < N; i++) {
         e[2 * i] = (bn_batch_entry_t){ 1, i, ids[1][i], 1 };
         e[2 * i + 1] = (bn_batch_entry_t){ 0, i, ids[0][i], 1 };
@@ -141,7 +141,7 @@ BN_TEST(formats_same_logits)
         V = m->cfg.n_vocab;
         char err[512];
         bn_state_t *st = NULL;
-        CHECK(bn_state_new(m, 16, 1, &st, err, sizeof err) == BN_OK);
+        CHECK(bn_state_new(m, 16, 1, NULL, &st, err, sizeof err) == BN_OK);
         bn_batch_entry_t e[12];
         for (int i = 0; i < 12; i++)
             e[i] = (bn_batch_entry_t){ 0, i, ids[i], 1 };

@@ -42,7 +42,7 @@ static void bitlinear_d(const bn_tmat_t *w, const double *x, double *y)
     float s;
     int32_t qs;
     bn_ref_quantize_act(xf, (int)w->n_in, q, &s, &qs);
-    bn_ref_bitlinear(w, q, s, qs, yf, 0, (int)w->n_out);
+    bn_ref_tgemm(w, q, &s, &qs, 1, yf, w->n_out, 0, (int)w->n_out);
     for (uint32_t i = 0; i < w->n_out; i++)
         y[i] = yf[i];
     free(xf);
@@ -157,13 +157,13 @@ static void check_shape(const char *name, const char *flags, const char *expect_
         BN_FAIL("%s: '%s' exited %d", name, cmd, rc);
     char err[512];
     bn_model_t *m = NULL;
-    if (bn_model_load(path, &m, err, sizeof err))
+    if (bn_model_load(path, NULL, &m, err, sizeof err))
         BN_FAIL("%s: %s", name, err);
     const bn_config_t *c = &m->cfg;
     char got[256];
     snprintf(got, sizeof got, "%s embd=%u ff=%u heads=%u/%u hd=%u rope=%u eps=%g base=%g wq=%s embd=%s",
              c->arch, c->n_embd, c->n_ff, c->n_head, c->n_head_kv, c->head_dim, c->rope_dim, (double)c->norm_eps,
-             (double)c->rope_base, bn_type_name(m->w.layers[0].wq.type), bn_type_name(m->w.embd_type));
+             (double)c->rope_base, bn_type_name(m->w.wtype), bn_type_name(m->w.embd_type));
     fprintf(stderr, "  %-8s %s\n", name, got);
     CHECK_STR_EQ(got, expect_cfg);
     enum { N = 12 };
@@ -177,7 +177,7 @@ static void check_shape(const char *name, const char *flags, const char *expect_
     float *got_l = malloc((size_t)N * V * sizeof(float));
     double *want = malloc((size_t)N * V * sizeof(double));
     bn_state_t *st = NULL;
-    CHECK(bn_state_new(m, 64, 1, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(m, 64, 1, NULL, &st, err, sizeof err) == BN_OK);
     bn_batch_entry_t b[N];
     for (int i = 0; i < N; i++)
         b[i] = (bn_batch_entry_t){ 0, i, ids[i], 1 };

@@ -1,9 +1,10 @@
 /* forward.c - the forward pass of BitNet b1.58, as DESIGN.md section 1 writes it.
  *
- * Read top to bottom: each step comment is one line of that maths. Work is done
- * per chunk of up to max_batch entries; within a chunk each op runs over every
- * token before the next op starts, which is where the kernels unpack a weight row
- * once for many tokens. All arithmetic is in the kernels (kernels/). */
+ * Read top to bottom in forward_chunk(): each step comment is one line of that
+ * maths. Each step is one job of the thread pool (one barrier between steps, none
+ * inside): matrices are split by output rows, so each thread streams its own rows
+ * of the weights once for every token of the chunk; per-token steps are split by
+ * tokens; attention by (token, head). All arithmetic is in the kernels. */
 #include "worker/forward.h"
 
 #include "proto/status.h"
@@ -12,6 +13,7 @@
 #include <string.h>
 
 #define MAX_BATCH 64
+#define ROW_ALIGN 8 /* rows per thread in multiples of this: whole SIMD row groups */
 
 static uint32_t umax3(uint32_t a, uint32_t b, uint32_t c)
 {
@@ -19,7 +21,7 @@ static uint32_t umax3(uint32_t a, uint32_t b, uint32_t c)
     return m > c ? m : c;
 }
 
-int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_state_t **out,
+int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t *pool, bn_state_t **out,
                  char *err, size_t errlen)
 {
     const bn_config_t *c = &m->cfg;
@@ -32,6 +34,7 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_state_t
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state");
     s->n_ctx = n_ctx;
     s->n_seq = n_seq;
+    s->pool = pool;
     s->max_batch = MAX_BATCH;
     s->q_dim = c->n_head * c->head_dim;
     s->kv_dim = c->n_head_kv * c->head_dim;
@@ -49,11 +52,13 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_state_t
     s->gate = malloc(B * c->n_ff * sizeof(float));
     s->up = malloc(B * c->n_ff * sizeof(float));
     s->out = malloc(B * c->n_embd * sizeof(float));
-    s->scores = malloc((size_t)n_ctx * sizeof(float));
-    s->key_cache = calloc(cache, sizeof(float));   /* large: calloc maps zero pages lazily */
+    s->rope = malloc(B * c->rope_dim * sizeof(float));
+    s->hq = malloc(B * c->n_embd);
+    s->hd = malloc(B * (c->n_embd / 32 + 1) * sizeof(float));
+    s->key_cache = calloc(cache, sizeof(float)); /* large: calloc maps zero pages lazily */
     s->value_cache = calloc(cache, sizeof(float));
-    if (!s->x || !s->xn || !s->xq || !s->xs || !s->xqsum || !s->q || !s->k || !s->v || !s->att ||
-        !s->gate || !s->up || !s->out || !s->scores || !s->key_cache || !s->value_cache) {
+    if (!s->x || !s->xn || !s->xq || !s->xs || !s->xqsum || !s->q || !s->k || !s->v || !s->att || !s->gate ||
+        !s->up || !s->out || !s->rope || !s->hq || !s->hd || !s->key_cache || !s->value_cache) {
         bn_state_destroy(&s);
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state (KV cache of %zu MB)",
                       cache * 2 * sizeof(float) >> 20);
@@ -69,103 +74,278 @@ void bn_state_destroy(bn_state_t **ps)
     bn_state_t *s = *ps;
     free(s->x); free(s->xn); free(s->xq); free(s->xs); free(s->xqsum);
     free(s->q); free(s->k); free(s->v); free(s->att); free(s->gate); free(s->up);
-    free(s->out); free(s->scores); free(s->key_cache); free(s->value_cache);
+    free(s->out); free(s->rope); free(s->hq); free(s->hd);
+    free(s->key_cache); free(s->value_cache);
     free(s);
     *ps = NULL;
 }
 
-/* y (nt, w->n_out) = bitlinear(x (nt, n_in)): quantize each token, then the product. */
-static void bitlinear(const bn_kernels_t *K, bn_state_t *s, const bn_tmat_t *w, const float *x,
-                      int nt, float *y)
-{
-    int n = (int)w->n_in;
-    for (int t = 0; t < nt; t++)
-        K->quantize_act(x + (size_t)t * n, n, s->xq + (size_t)t * n, &s->xs[t], &s->xqsum[t]);
-    for (int t = 0; t < nt; t++)
-        K->bitlinear(w, s->xq + (size_t)t * n, s->xs[t], s->xqsum[t], y + (size_t)t * w->n_out, 0,
-                     (int)w->n_out);
-}
+/* One chunk's shared context, read by every job. */
+typedef struct {
+    const bn_model_t *m;
+    bn_state_t *s;
+    const bn_kernels_t *K;
+    const bn_batch_entry_t *b;
+    int nt;
+    uint32_t layer;
+    /* per step */
+    const bn_tmat_t *mats[3];
+    float *outs[3];
+    int n_mats;
+    const int *logit_rows;  /* tokens whose logits are wanted */
+    int n_logit_rows;
+    float *logits;
+} ctx_t;
 
 static float *cache_at(const bn_state_t *s, float *cache, const bn_config_t *c, int seq, int layer, int pos)
 {
     return cache + (((size_t)seq * c->n_layer + layer) * s->n_ctx + pos) * s->kv_dim;
 }
 
-static void forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entry_t *b, int nt,
-                          float *logits, int *n_logits)
+static void run(ctx_t *cx, bn_pool_fn fn)
 {
-    const bn_kernels_t *K = bn_kernels_get();
+    if (cx->s->pool)
+        bn_pool_run(cx->s->pool, fn, cx);
+    else
+        fn(cx, 0, 1);
+}
+
+/* tokens [t0, t1) of this thread */
+static void my_tokens(const ctx_t *cx, int ith, int nth, int *t0, int *t1)
+{
+    bn_pool_split(cx->nt, ith, nth, 1, t0, t1);
+}
+
+/* quantize the BitLinear input xn (width n) of tokens [t0, t1) */
+static void quantize_tokens(ctx_t *cx, int n, int t0, int t1)
+{
+    bn_state_t *s = cx->s;
+    for (int t = t0; t < t1; t++)
+        cx->K->quantize_act(s->xn + (size_t)t * n, n, s->xq + (size_t)t * n, &s->xs[t], &s->xqsum[t]);
+}
+
+/* y = bitlinear(x) for the n_mats matrices of the step, sharing one quantized input */
+static void job_matmul(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    for (int i = 0; i < cx->n_mats; i++) {
+        const bn_tmat_t *w = cx->mats[i];
+        int r0, r1;
+        bn_pool_split((int)w->n_out, ith, nth, ROW_ALIGN, &r0, &r1);
+        if (r0 >= r1)
+            continue;
+        (w->bscale ? bn_ref_tgemm : cx->K->tgemm)(w, s->xq, s->xs, s->xqsum, cx->nt, cx->outs[i], w->n_out, r0, r1);
+    }
+}
+
+static void matmul(ctx_t *cx, const bn_tmat_t *a, float *ya, const bn_tmat_t *b, float *yb,
+                   const bn_tmat_t *c, float *yc)
+{
+    cx->mats[0] = a; cx->outs[0] = ya;
+    cx->mats[1] = b; cx->outs[1] = yb;
+    cx->mats[2] = c; cx->outs[2] = yc;
+    cx->n_mats = c ? 3 : b ? 2 : 1;
+    run(cx, job_matmul);
+}
+
+/* x = token_embd[token]; rope tables of the tokens' positions */
+static void job_embed(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    const bn_config_t *c = &cx->m->cfg;
+    int t0, t1;
+    my_tokens(cx, ith, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        bn_model_embed(cx->m, cx->b[t].token, cx->s->x + (size_t)t * c->n_embd);
+        bn_ref_rope_table(cx->b[t].pos, (int)c->rope_dim, c->rope_base, cx->s->rope + (size_t)t * c->rope_dim);
+    }
+}
+
+/* (the previous layer's x += bitlinear_down(f), when there is one;) n = rmsnorm(x) * attn_norm */
+static void job_attn_in(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const bn_config_t *c = &cx->m->cfg;
+    const int D = (int)c->n_embd;
+    int t0, t1;
+    my_tokens(cx, ith, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        float *x = s->x + (size_t)t * D;
+        if (cx->layer > 0)
+            for (int i = 0; i < D; i++)
+                x[i] += s->out[(size_t)t * D + i];
+        cx->K->rmsnorm(x, cx->m->w.layers[cx->layer].attn_norm, D, c->norm_eps, s->xn + (size_t)t * D);
+    }
+    quantize_tokens(cx, D, t0, t1);
+}
+
+/* q, k = rope_neox(q, k); k and v go into the cache at their positions */
+static void job_rope_cache(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const bn_config_t *c = &cx->m->cfg;
+    const int HD = (int)c->head_dim, QD = (int)s->q_dim, KVD = (int)s->kv_dim;
+    int t0, t1;
+    my_tokens(cx, ith, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        const float *cs = s->rope + (size_t)t * c->rope_dim;
+        cx->K->rope_neox(s->q + (size_t)t * QD, (int)c->n_head, HD, (int)c->rope_dim, cs);
+        cx->K->rope_neox(s->k + (size_t)t * KVD, (int)c->n_head_kv, HD, (int)c->rope_dim, cs);
+        memcpy(cache_at(s, s->key_cache, c, cx->b[t].seq, (int)cx->layer, cx->b[t].pos), s->k + (size_t)t * KVD,
+               (size_t)KVD * sizeof(float));
+        memcpy(cache_at(s, s->value_cache, c, cx->b[t].seq, (int)cx->layer, cx->b[t].pos), s->v + (size_t)t * KVD,
+               (size_t)KVD * sizeof(float));
+    }
+}
+
+/* a = causal_gqa_attention(q, k, v): query head h reads KV head h / (n_head / n_head_kv) */
+static void job_attention(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const bn_config_t *c = &cx->m->cfg;
+    const int H = (int)c->n_head, HD = (int)c->head_dim, QD = (int)s->q_dim, group = (int)(c->n_head / c->n_head_kv);
+    int i0, i1;
+    bn_pool_split(cx->nt * H, ith, nth, 1, &i0, &i1);
+    for (int i = i0; i < i1; i++) {
+        int t = i / H, h = i % H, kh = h / group;
+        const float *kc = cache_at(s, s->key_cache, c, cx->b[t].seq, (int)cx->layer, 0);
+        const float *vc = cache_at(s, s->value_cache, c, cx->b[t].seq, (int)cx->layer, 0);
+        cx->K->attention(s->q + (size_t)t * QD + h * HD, kc + kh * HD, vc + kh * HD, s->kv_dim, cx->b[t].pos + 1, HD,
+                         s->att + (size_t)t * QD + h * HD);
+    }
+}
+
+/* a = rmsnorm(a) * attn_sub_norm  (over all heads) */
+static void job_attn_sub_norm(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const int QD = (int)s->q_dim;
+    int t0, t1;
+    my_tokens(cx, ith, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++)
+        cx->K->rmsnorm(s->att + (size_t)t * QD, cx->m->w.layers[cx->layer].attn_sub_norm, QD, cx->m->cfg.norm_eps,
+                       s->xn + (size_t)t * QD);
+    quantize_tokens(cx, QD, t0, t1);
+}
+
+/* x = x + bitlinear_o(a); n = rmsnorm(x) * ffn_norm */
+static void job_ffn_in(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const bn_config_t *c = &cx->m->cfg;
+    const int D = (int)c->n_embd;
+    int t0, t1;
+    my_tokens(cx, ith, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        float *x = s->x + (size_t)t * D;
+        for (int i = 0; i < D; i++)
+            x[i] += s->out[(size_t)t * D + i];
+        cx->K->rmsnorm(x, cx->m->w.layers[cx->layer].ffn_norm, D, c->norm_eps, s->xn + (size_t)t * D);
+    }
+    quantize_tokens(cx, D, t0, t1);
+}
+
+/* f = act(gate) * up; f = rmsnorm(f) * ffn_sub_norm  (over the full FFN width) */
+static void job_ffn_mid(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const bn_config_t *c = &cx->m->cfg;
+    const int F = (int)c->n_ff;
+    int t0, t1;
+    my_tokens(cx, ith, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        float *g = s->gate + (size_t)t * F;
+        cx->K->ffn_act(g, s->up + (size_t)t * F, F, c->ffn_act == BN_FFN_RELU2, g);
+        cx->K->rmsnorm(g, cx->m->w.layers[cx->layer].ffn_sub_norm, F, c->norm_eps, s->xn + (size_t)t * F);
+    }
+    quantize_tokens(cx, F, t0, t1);
+}
+
+/* x = x + bitlinear_down(f) (last layer) and h = rmsnorm(x) * output_norm, for the
+ * tokens that want logits only (no later step reads the others' x), in the head's
+ * input format */
+static void job_head_in(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const bn_config_t *c = &cx->m->cfg;
+    const int D = (int)c->n_embd;
+    int i0, i1;
+    bn_pool_split(cx->n_logit_rows, ith, nth, 1, &i0, &i1);
+    for (int i = i0; i < i1; i++) {
+        int t = cx->logit_rows[i];
+        float *x = s->x + (size_t)t * D, *xn = s->xn + (size_t)i * D;
+        for (int k = 0; k < D; k++)
+            x[k] += s->out[(size_t)t * D + k];
+        cx->K->rmsnorm(x, cx->m->w.output_norm, D, c->norm_eps, xn);
+        if (cx->m->w.head.type != BN_HEAD_F16)
+            cx->K->head_quantize(xn, D, s->hq + (size_t)i * D, s->hd + (size_t)i * (D / 32));
+    }
+}
+
+/* logits = token_embd . h   (the tied LM head, split by vocabulary rows) */
+static void job_head(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const bn_hmat_t *h = &cx->m->w.head;
+    const int D = (int)h->n_in;
+    int r0, r1;
+    bn_pool_split((int)h->n_out, ith, nth, ROW_ALIGN, &r0, &r1);
+    if (r0 >= r1)
+        return;
+    for (int i = 0; i < cx->n_logit_rows; i++) {
+        bn_hact_t a = { s->xn + (size_t)i * D, s->hq + (size_t)i * D, s->hd + (size_t)i * (D / 32) };
+        cx->K->head_gemv(h, &a, cx->logits + (size_t)i * h->n_out, r0, r1);
+    }
+}
+
+static void forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entry_t *b, int nt, float *logits)
+{
     const bn_config_t *c = &m->cfg;
-    const int D = (int)c->n_embd, F = (int)c->n_ff, HD = (int)c->head_dim;
-    const int QD = (int)s->q_dim, KVD = (int)s->kv_dim, group = (int)(c->n_head / c->n_head_kv);
+    int rows[MAX_BATCH], n_rows = 0;
+    for (int t = 0; t < nt; t++)
+        if (b[t].want_logits)
+            rows[n_rows++] = t;
+    ctx_t cx = { .m = m, .s = s, .K = bn_kernels_get(), .b = b, .nt = nt,
+                 .logit_rows = rows, .n_logit_rows = n_rows, .logits = logits };
 
     /* x = token_embd[token] */
-    for (int t = 0; t < nt; t++)
-        bn_model_embed(m, b[t].token, s->x + (size_t)t * D);
-
-    for (uint32_t l = 0; l < c->n_layer; l++) {
-        const bn_layer_t *L = &m->w.layers[l];
+    run(&cx, job_embed);
+    for (cx.layer = 0; cx.layer < c->n_layer; cx.layer++) {
+        const bn_layer_t *L = &m->w.layers[cx.layer];
         /* n = rmsnorm(x) * attn_norm */
-        for (int t = 0; t < nt; t++)
-            K->rmsnorm(s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps, s->xn + (size_t)t * D);
+        run(&cx, job_attn_in);
         /* q, k, v = bitlinear(n) */
-        bitlinear(K, s, &L->wq, s->xn, nt, s->q);
-        bitlinear(K, s, &L->wk, s->xn, nt, s->k);
-        bitlinear(K, s, &L->wv, s->xn, nt, s->v);
-        /* q, k = rope_neox(q, k); k and v go into the cache at their positions */
-        for (int t = 0; t < nt; t++) {
-            K->rope_neox(s->q + (size_t)t * QD, (int)c->n_head, HD, (int)c->rope_dim, b[t].pos, c->rope_base);
-            K->rope_neox(s->k + (size_t)t * KVD, (int)c->n_head_kv, HD, (int)c->rope_dim, b[t].pos, c->rope_base);
-            memcpy(cache_at(s, s->key_cache, c, b[t].seq, (int)l, b[t].pos), s->k + (size_t)t * KVD,
-                   (size_t)KVD * sizeof(float));
-            memcpy(cache_at(s, s->value_cache, c, b[t].seq, (int)l, b[t].pos), s->v + (size_t)t * KVD,
-                   (size_t)KVD * sizeof(float));
-        }
-        /* a = causal_gqa_attention(q, k, v): query head h reads KV head h / group */
-        for (int t = 0; t < nt; t++) {
-            const float *kc = cache_at(s, s->key_cache, c, b[t].seq, (int)l, 0);
-            const float *vc = cache_at(s, s->value_cache, c, b[t].seq, (int)l, 0);
-            for (int h = 0; h < (int)c->n_head; h++) {
-                int kh = h / group;
-                K->attention(s->q + (size_t)t * QD + h * HD, kc + kh * HD, vc + kh * HD, (size_t)KVD,
-                             b[t].pos + 1, HD, s->scores, s->att + (size_t)t * QD + h * HD);
-            }
-        }
-        /* a = rmsnorm(a) * attn_sub_norm  (over all heads) */
-        for (int t = 0; t < nt; t++)
-            K->rmsnorm(s->att + (size_t)t * QD, L->attn_sub_norm, QD, c->norm_eps, s->xn + (size_t)t * QD);
-        /* x = x + bitlinear_o(a) */
-        bitlinear(K, s, &L->wo, s->xn, nt, s->out);
-        for (size_t i = 0; i < (size_t)nt * D; i++)
-            s->x[i] += s->out[i];
+        matmul(&cx, &L->wq, s->q, &L->wk, s->k, &L->wv, s->v);
+        /* q, k = rope_neox(q, k) */
+        run(&cx, job_rope_cache);
+        /* a = causal_gqa_attention(q, k, v) */
+        run(&cx, job_attention);
+        /* a = rmsnorm(a) * attn_sub_norm */
+        run(&cx, job_attn_sub_norm);
+        /* x = x + bitlinear_o(a)  (the sum is done by the next job) */
+        matmul(&cx, &L->wo, s->out, NULL, NULL, NULL, NULL);
         /* n = rmsnorm(x) * ffn_norm */
-        for (int t = 0; t < nt; t++)
-            K->rmsnorm(s->x + (size_t)t * D, L->ffn_norm, D, c->norm_eps, s->xn + (size_t)t * D);
+        run(&cx, job_ffn_in);
         /* f = act(bitlinear_gate(n)) * bitlinear_up(n); act = relu^2 (or silu for `bitnet`) */
-        bitlinear(K, s, &L->w_gate, s->xn, nt, s->gate);
-        bitlinear(K, s, &L->w_up, s->xn, nt, s->up);
-        for (int t = 0; t < nt; t++)
-            K->ffn_act(s->gate + (size_t)t * F, s->up + (size_t)t * F, F, c->ffn_act == BN_FFN_RELU2,
-                       s->gate + (size_t)t * F);
-        /* f = rmsnorm(f) * ffn_sub_norm  (over the full FFN width) */
-        for (int t = 0; t < nt; t++)
-            K->rmsnorm(s->gate + (size_t)t * F, L->ffn_sub_norm, F, c->norm_eps, s->xn + (size_t)t * F);
-        /* x = x + bitlinear_down(f) */
-        bitlinear(K, s, &L->w_down, s->xn, nt, s->out);
-        for (size_t i = 0; i < (size_t)nt * D; i++)
-            s->x[i] += s->out[i];
+        matmul(&cx, &L->w_gate, s->gate, &L->w_up, s->up, NULL, NULL);
+        /* f = rmsnorm(f) * ffn_sub_norm */
+        run(&cx, job_ffn_mid);
+        /* x = x + bitlinear_down(f)  (the sum is done by the next layer's first job) */
+        matmul(&cx, &L->w_down, s->out, NULL, NULL, NULL, NULL);
     }
-
     /* logits = token_embd . (rmsnorm(x) * output_norm), for the entries that want them */
-    for (int t = 0; t < nt; t++) {
-        if (!b[t].want_logits)
-            continue;
-        float *xn = s->xn;
-        K->rmsnorm(s->x + (size_t)t * D, m->w.output_norm, D, c->norm_eps, xn);
-        K->lm_head(m->w.embd_type, m->w.token_embd, m->w.embd_row_bytes, xn, D,
-                   logits + (size_t)(*n_logits) * c->n_vocab, 0, (int)c->n_vocab);
-        (*n_logits)++;
-    }
+    run(&cx, job_head_in);
+    if (n_rows)
+        run(&cx, job_head);
 }
 
 int bn_forward(const bn_model_t *m, bn_state_t *st, const bn_batch_entry_t *batch, int n,
@@ -186,10 +366,14 @@ int bn_forward(const bn_model_t *m, bn_state_t *st, const bn_batch_entry_t *batc
         if (e->want_logits && !logits)
             return bn_err(err, errlen, BN_EINVAL, "batch entry %d wants logits but no buffer was given", i);
     }
-    int n_logits = 0;
     for (int i = 0; i < n; i += (int)st->max_batch) {
         int nt = n - i < (int)st->max_batch ? n - i : (int)st->max_batch;
-        forward_chunk(m, st, batch + i, nt, logits, &n_logits);
+        int n_logits = 0;
+        for (int t = 0; t < nt; t++)
+            n_logits += batch[i + t].want_logits != 0;
+        forward_chunk(m, st, batch + i, nt, logits);
+        if (logits)
+            logits += (size_t)n_logits * c->n_vocab;
     }
     return BN_OK;
 }

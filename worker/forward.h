@@ -2,7 +2,9 @@
  *
  * What it is: bn_forward() evaluates a batch of (sequence, position, token)
  * entries: one call prefills a prompt, or advances many sequences by one token,
- * or mixes both. Each sequence slot has its own KV cache (f32 for now).
+ * or mixes both. Each sequence slot has its own KV cache (f32 for now). The work of
+ * each step is split over a thread pool by output rows (matrices), tokens (norms,
+ * quantization) or (token, head) pairs (attention).
  * What it is not: sampling or tokenization (coordinator/), sharding (worker/comm).
  * Invariants: an entry at position p of sequence s sees the cached keys/values of
  * positions 0..p of s, so positions 0..p-1 must have been evaluated before or in
@@ -10,6 +12,7 @@
 #ifndef BN_FORWARD_H
 #define BN_FORWARD_H
 
+#include "kernels/pool.h"
 #include "worker/model.h"
 
 typedef struct {
@@ -22,25 +25,29 @@ typedef struct {
 typedef struct {
     uint32_t n_ctx, n_seq, max_batch;
     uint32_t kv_dim, q_dim;
+    bn_pool_t *pool;      /* not owned; NULL = the calling thread alone */
     /* per token of the current chunk */
     float *x;             /* (max_batch, n_embd) residual stream */
-    float *xn;            /* (max_batch, max(n_embd, q_dim, n_ff)) normed input of a BitLinear */
-    int8_t *xq;           /* (max_batch, max(n_embd, q_dim, n_ff)) its int8 quantization */
+    float *xn;            /* (max_batch, wide) normed input of a BitLinear; wide = max(n_embd, q_dim, n_ff) */
+    int8_t *xq;           /* (max_batch, wide) its int8 quantization */
     float *xs;            /* (max_batch) quantization scales */
-    int32_t *xqsum;       /* (max_batch) sum of the int8 values */
+    int32_t *xqsum;       /* (max_batch) sums of the int8 values */
     float *q, *k, *v;     /* (max_batch, q_dim), (max_batch, kv_dim) x2 */
     float *att;           /* (max_batch, q_dim) attention output */
     float *gate, *up;     /* (max_batch, n_ff) */
     float *out;           /* (max_batch, n_embd) output of o/down projections */
-    float *scores;        /* (n_ctx) attention scratch */
+    float *rope;          /* (max_batch, rope_dim) cos/sin per token */
+    int8_t *hq;           /* (max_batch, n_embd) LM head input blocks */
+    float *hd;            /* (max_batch, n_embd/32) their scales */
     /* KV cache */
     float *key_cache;     /* (n_seq, n_layer, n_ctx, kv_dim) */
     float *value_cache;   /* (n_seq, n_layer, n_ctx, kv_dim) */
 } bn_state_t;
 
-/* Allocate run state for n_seq sequences of up to n_ctx positions. Cache pages are
- * touched only as positions are used. Returns BN_OK, BN_EINVAL or BN_ENOMEM. */
-int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_state_t **out,
+/* Allocate run state for n_seq sequences of up to n_ctx positions, computing with
+ * `pool` (may be NULL). Cache pages are touched only as positions are used.
+ * Returns BN_OK, BN_EINVAL or BN_ENOMEM. */
+int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t *pool, bn_state_t **out,
                  char *err, size_t errlen);
 void bn_state_destroy(bn_state_t **st);
 

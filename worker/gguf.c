@@ -335,6 +335,16 @@ void bn_gguf_close(bn_gguf_t **pg)
     *pg = NULL;
 }
 
+void bn_gguf_release(const bn_gguf_t *g, const void *p, uint64_t len)
+{
+    /* whole pages inside the range only: neighbours may still be in use */
+    long ps = sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)p + ps - 1) & ~(uintptr_t)(ps - 1), b = ((uintptr_t)p + len) & ~(uintptr_t)(ps - 1);
+    if ((const uint8_t *)p < g->map || (const uint8_t *)p + len > g->map + g->size || b <= a)
+        return;
+    madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 const bn_gguf_kv_t *bn_gguf_find(const bn_gguf_t *g, const char *key)
 {
     for (uint64_t i = 0; i < g->n_kv; i++)

@@ -19,6 +19,8 @@
 #ifndef BN_GGUF_H
 #define BN_GGUF_H
 
+#include "kernels/quants.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -28,13 +30,6 @@ enum {
     BN_GGUF_UINT32 = 4, BN_GGUF_INT32 = 5, BN_GGUF_FLOAT32 = 6, BN_GGUF_BOOL = 7,
     BN_GGUF_STRING = 8, BN_GGUF_ARRAY = 9, BN_GGUF_UINT64 = 10, BN_GGUF_INT64 = 11,
     BN_GGUF_FLOAT64 = 12,
-};
-
-/* Tensor types (ggml ids). Only these are accepted. */
-enum {
-    BN_TYPE_F32 = 0, BN_TYPE_F16 = 1, BN_TYPE_Q4_0 = 2, BN_TYPE_Q8_0 = 8,
-    BN_TYPE_Q6_K = 14, BN_TYPE_BF16 = 30, BN_TYPE_TQ1_0 = 34, BN_TYPE_TQ2_0 = 35,
-    BN_TYPE_I2_S = 36,
 };
 
 #define BN_GGUF_MAGIC 0x46554747u /* "GGUF" read as little-endian u32 */
@@ -85,6 +80,11 @@ typedef struct {
 int bn_gguf_open(const char *path, bn_gguf_t **out, char *err, size_t errlen);
 /* Unmap and free; accepts NULL and *g == NULL; sets *g to NULL. */
 void bn_gguf_close(bn_gguf_t **g);
+
+/* Tell the kernel we are done with [p, p + len) of the mapping for now (after a
+ * tensor was copied out of it): its pages leave our resident set, the page cache
+ * keeps them, and a later read maps them again. */
+void bn_gguf_release(const bn_gguf_t *g, const void *p, uint64_t len);
 
 /* Look-ups; NULL when absent. */
 const bn_gguf_kv_t *bn_gguf_find(const bn_gguf_t *g, const char *key);

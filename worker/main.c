@@ -26,7 +26,7 @@
 
 typedef struct {
     const char *model, *prompt, *prompt_file, *tokens, *dump_logits;
-    int n_predict, tokenize, chat, stats, print_ids, ctx;
+    int n_predict, tokenize, chat, stats, print_ids, ctx, threads, lm_head;
     int log_level;
     int seed_given;
     bn_sampler_params_t sp;
@@ -59,6 +59,9 @@ static void usage(FILE *f)
         "  --seed N             random seed (default: from the clock, logged)\n"
         "\n"
         "run:\n"
+        "  --threads N          compute threads (default: the CPUs this process may use)\n"
+        "  --lm-head T          LM head format: f16, q8, q6 or q4 (default f16; an F16\n"
+        "                       embedding is used in place, other types are converted)\n"
         "  --ctx N              context length (default: the model's, at most 4096)\n"
         "  --stats              print speed and memory; last line on stderr is\n"
         "                       'stats: prompt_tokens=N prompt_tps=X gen_tokens=N gen_tps=X peak_rss_mb=X'\n"
@@ -97,6 +100,7 @@ static int parse_args(int argc, char **argv, options_t *o)
 {
     memset(o, 0, sizeof *o);
     o->n_predict = 64;
+    o->lm_head = -1;
     o->log_level = BN_LOG_INFO;
     o->sp = (bn_sampler_params_t){ .temp = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f };
     for (int i = 1; i < argc; i++) {
@@ -127,6 +131,14 @@ static int parse_args(int argc, char **argv, options_t *o)
         else if (!strcmp(a, "--dump-logits")) o->dump_logits = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) rc = parse_int(a, v, 0, 1 << 24, &o->n_predict);
         else if (!strcmp(a, "--ctx")) rc = parse_int(a, v, 1, 1 << 24, &o->ctx);
+        else if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, 1024, &o->threads);
+        else if (!strcmp(a, "--lm-head")) {
+            o->lm_head = bn_head_type_parse(v);
+            if (o->lm_head < 0) {
+                fprintf(stderr, "bitnet-worker: --lm-head: '%s' is not f16, q8, q6 or q4\n", v);
+                rc = -1;
+            }
+        }
         else if (!strcmp(a, "--temp")) rc = parse_float(a, v, 0.0f, 100.0f, &o->sp.temp);
         else if (!strcmp(a, "--top-k")) rc = parse_int(a, v, 0, INT_MAX, &o->sp.top_k);
         else if (!strcmp(a, "--top-p")) {
@@ -384,18 +396,27 @@ static int run(const options_t *o, char *err, size_t errlen)
     bn_model_t *m = NULL;
     bn_tokenizer_t *tok = NULL;
     bn_state_t *st = NULL;
+    bn_pool_t *pool = NULL;
     int32_t *ids = NULL;
     char *text = NULL, *chat = NULL;
     size_t n_ids = 0, text_len = 0;
     run_stats_t rs = { 0 };
 
-    int rc = bn_model_load(o->model, &m, err, errlen);
+    double t_load = now_s();
+    bn_model_opts_t mo = { .head_type = o->lm_head };
+    int rc = bn_model_load(o->model, &mo, &m, err, errlen);
     if (rc)
         goto done;
     const bn_config_t *c = &m->cfg;
-    BN_INFO("model %s: %s, %u layers, width %u, ffn %u, heads %u/%u, vocab %u, weights %s, embedding %s",
+    BN_INFO("model %s: %s, %u layers, width %u, ffn %u, heads %u/%u, vocab %u, weights %s, embedding %s, "
+            "LM head %s; loaded in %.2f s",
             o->model, c->arch, c->n_layer, c->n_embd, c->n_ff, c->n_head, c->n_head_kv, c->n_vocab,
-            bn_type_name(m->w.layers[0].wq.type), bn_type_name(m->w.embd_type));
+            bn_type_name(m->w.wtype), bn_type_name(m->w.embd_type), bn_head_type_name(m->w.head.type),
+            now_s() - t_load);
+    int n_threads = o->threads ? o->threads : bn_pool_default_threads();
+    if ((rc = bn_pool_new(n_threads, &pool, err, errlen)))
+        goto done;
+    BN_INFO("%s, %d thread%s", bn_kernels_choice(), n_threads, n_threads == 1 ? "" : "s");
     if ((rc = bn_vocab_load(m->gguf, &tok, err, errlen)))
         goto done;
     if (bn_tokenizer_warning(tok))
@@ -455,7 +476,7 @@ static int run(const options_t *o, char *err, size_t errlen)
                     n_ids, n_ctx);
         goto done;
     }
-    if ((rc = bn_state_new(m, n_ctx, 1, &st, err, errlen)))
+    if ((rc = bn_state_new(m, n_ctx, 1, pool, &st, err, errlen)))
         goto done;
     if (o->dump_logits)
         rc = dump_logits(m, st, ids, n_ids, o->dump_logits, &rs, err, errlen);
@@ -466,7 +487,8 @@ static int run(const options_t *o, char *err, size_t errlen)
         double gtps = rs.t_gen > 0 ? rs.n_gen / rs.t_gen : 0;
         fprintf(stderr, "prompt: %d tokens in %.3f s (%.2f tokens/s)\n", rs.n_prompt, rs.t_prompt, ptps);
         fprintf(stderr, "generation: %d tokens in %.3f s (%.2f tokens/s)\n", rs.n_gen, rs.t_gen, gtps);
-        fprintf(stderr, "kernels: %s; peak memory %.1f MB\n", bn_kernels_get()->name, peak_rss_mb());
+        fprintf(stderr, "kernels: %s, %d threads, LM head %s; peak memory %.1f MB\n", bn_kernels_get()->name,
+                bn_pool_size(pool), bn_head_type_name(m->w.head.type), peak_rss_mb());
         fprintf(stderr, "stats: prompt_tokens=%d prompt_tps=%.3f gen_tokens=%d gen_tps=%.3f peak_rss_mb=%.1f\n",
                 rs.n_prompt, ptps, rs.n_gen, gtps, peak_rss_mb());
     }
@@ -475,6 +497,7 @@ done:
     free(text);
     free(chat);
     bn_state_destroy(&st);
+    bn_pool_destroy(&pool);
     bn_tokenizer_destroy(&tok);
     bn_model_destroy(&m);
     return rc;

@@ -5,6 +5,8 @@
 #include "worker/model.h"
 
 #include "kernels/quants.h"
+#include "kernels/ref/pack.h"
+#include "worker/repack.h"
 #include "proto/status.h"
 
 #include <math.h>
@@ -178,7 +180,21 @@ static int bind_norm(const bn_model_t *m, const char *name, uint64_t n, const fl
     return BN_OK;
 }
 
-static int bind_linear(const bn_model_t *m, const char *name, uint32_t n_in, uint32_t n_out,
+static int own(bn_model_t *m, void *p, char *err, size_t errlen)
+{
+    if (!p)
+        return BN_OK;
+    void **n = realloc(m->owned, (m->n_owned + 1) * sizeof *n);
+    if (!n) {
+        free(p);
+        return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", m->gguf->path);
+    }
+    m->owned = n;
+    m->owned[m->n_owned++] = p;
+    return BN_OK;
+}
+
+static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t n_out,
                        bn_tmat_t *w, char *err, size_t errlen)
 {
     const bn_gguf_tensor_t *t;
@@ -193,14 +209,18 @@ static int bind_linear(const bn_model_t *m, const char *name, uint32_t n_in, uin
                       "%s: tensor '%s' has type %s (linear weights must be I2_S, TQ2_0, TQ1_0, F16 or F32)",
                       m->gguf->path, name, bn_type_name(t->type));
     }
-    w->type = t->type;
-    w->n_in = n_in;
-    w->n_out = n_out;
-    w->data = t->data;
-    w->row_bytes = (size_t)bn_type_nbytes(t->type, n_in, 0);
-    w->scale = 1.0f;
-    if (t->type == BN_TYPE_I2_S)
-        memcpy(&w->scale, w->data + (size_t)n_in * n_out / 4, 4);
+    if (n_in % 128)
+        return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: tensor '%s' has rows of %u weights, not a multiple of 128",
+                      m->gguf->path, name, n_in);
+    void *owned = NULL;
+    char e2[384];
+    rc = bn_repack_ternary(name, t->type, t->data, n_in, n_out, 0, n_out, 0, n_in, w, &owned, e2, sizeof e2);
+    if (rc)
+        return bn_err(err, errlen, rc, "%s: %s", m->gguf->path, e2);
+    if ((rc = own(m, owned, err, errlen)))
+        return rc;
+    if (owned) /* the decoded copy replaces the file's pages: let them go */
+        bn_gguf_release(m->gguf, t->data, t->nbytes);
     /* optional per-tensor scale beside the weight: "<name without .weight>.scale" */
     char sname[256];
     size_t base = strlen(name);
@@ -221,7 +241,65 @@ static int bind_linear(const bn_model_t *m, const char *name, uint32_t n_in, uin
     return BN_OK;
 }
 
-static int bind_weights(bn_model_t *m, char *err, size_t errlen)
+const char *bn_head_type_name(int t)
+{
+    static const char *const names[] = { "f16", "q8", "q6", "q4" };
+    return t >= 0 && t < 4 ? names[t] : "?";
+}
+
+int bn_head_type_parse(const char *s)
+{
+    for (int t = 0; t < 4; t++)
+        if (strcmp(s, bn_head_type_name(t)) == 0)
+            return t;
+    return -1;
+}
+
+/* The LM head in format `type`: an F16 embedding is used in place for f16;
+ * anything else is converted row by row into a new buffer. */
+static int build_head(bn_model_t *m, int type, char *err, size_t errlen)
+{
+    const bn_config_t *c = &m->cfg;
+    bn_weights_t *w = &m->w;
+    bn_hmat_t *h = &w->head;
+    h->type = (bn_head_type_t)type;
+    h->n_in = c->n_embd;
+    h->n_out = c->n_vocab;
+    if (c->n_embd % 32)
+        return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: embedding_length %u is not a multiple of 32",
+                      m->gguf->path, c->n_embd);
+    static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
+    h->row_bytes = c->n_embd / 32 * block_bytes[type];
+    if (type == BN_HEAD_F16 && w->embd_type == BN_TYPE_F16) {
+        h->data = w->token_embd;
+        return BN_OK;
+    }
+    uint8_t *buf = malloc(h->row_bytes * c->n_vocab);
+    float *row = malloc(c->n_embd * sizeof(float));
+    if (!buf || !row) {
+        free(buf);
+        free(row);
+        return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for the LM head (%zu MB)", m->gguf->path,
+                      h->row_bytes * c->n_vocab >> 20);
+    }
+    for (uint32_t r = 0; r < c->n_vocab; r++) {
+        bn_ref_dequant_row(w->embd_type, w->token_embd + (size_t)r * w->embd_row_bytes, row, (int)c->n_embd);
+        uint8_t *dst = buf + (size_t)r * h->row_bytes;
+        switch (type) {
+        case BN_HEAD_F16: bn_pack_f16(row, c->n_embd, (bn_fp16_t *)dst); break;
+        case BN_HEAD_Q8: bn_pack_q8_0(row, c->n_embd, (bn_block_q8_0 *)dst); break;
+        case BN_HEAD_Q6: bn_pack_q6_h(row, c->n_embd, (bn_block_q6_h *)dst); break;
+        case BN_HEAD_Q4: bn_pack_q4_0(row, c->n_embd, (bn_block_q4_0 *)dst); break;
+        }
+    }
+    free(row);
+    h->data = buf;
+    /* the input embedding reads single rows from the mapping; the rest can go */
+    bn_gguf_release(m->gguf, w->token_embd, w->embd_row_bytes * c->n_vocab);
+    return own(m, buf, err, errlen);
+}
+
+static int bind_weights(bn_model_t *m, int head_type, char *err, size_t errlen)
 {
     const bn_config_t *c = &m->cfg;
     bn_weights_t *w = &m->w;
@@ -266,10 +344,11 @@ static int bind_weights(bn_model_t *m, char *err, size_t errlen)
             return rc;
 #undef NAME
     }
-    return BN_OK;
+    w->wtype = bn_gguf_tensor(m->gguf, "blk.0.attn_q.weight")->type;
+    return build_head(m, head_type, err, errlen);
 }
 
-int bn_model_load(const char *path, bn_model_t **out, char *err, size_t errlen)
+int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **out, char *err, size_t errlen)
 {
     *out = NULL;
     bn_model_t *m = calloc(1, sizeof *m);
@@ -279,7 +358,7 @@ int bn_model_load(const char *path, bn_model_t **out, char *err, size_t errlen)
     if (rc == BN_OK)
         rc = read_config(m, err, errlen);
     if (rc == BN_OK)
-        rc = bind_weights(m, err, errlen);
+        rc = bind_weights(m, opts && opts->head_type >= 0 ? opts->head_type : BN_HEAD_DEFAULT, err, errlen);
     if (rc != BN_OK) {
         bn_model_destroy(&m);
         return rc;
@@ -292,6 +371,9 @@ void bn_model_destroy(bn_model_t **pm)
 {
     if (!pm || !*pm)
         return;
+    for (size_t i = 0; i < (*pm)->n_owned; i++)
+        free((*pm)->owned[i]);
+    free((*pm)->owned);
     free((*pm)->w.layers);
     bn_gguf_close(&(*pm)->gguf);
     free(*pm);

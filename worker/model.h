@@ -45,21 +45,38 @@ typedef struct {
 
 typedef struct {
     uint32_t embd_type;          /* BN_TYPE_* of token_embd */
-    const uint8_t *token_embd;   /* (n_vocab, embd_row_bytes), also the tied LM head */
+    const uint8_t *token_embd;   /* (n_vocab, embd_row_bytes) in the mapping: input rows */
     size_t embd_row_bytes;
+    bn_hmat_t head;              /* (n_vocab, n_embd) the tied LM head, in --lm-head format */
     const float *output_norm;    /* (n_embd) */
     bn_layer_t *layers;          /* (n_layer) */
+    uint32_t wtype;              /* BN_TYPE_* of the file's ternary tensors (of attn_q) */
 } bn_weights_t;
 
 typedef struct {
     bn_gguf_t *gguf;             /* owns the mapping */
     bn_config_t cfg;
     bn_weights_t w;
+    void **owned;                /* (n_owned) repacked buffers behind the weights */
+    size_t n_owned;
 } bn_model_t;
 
-/* Load and validate a model file. Returns BN_OK or a status with a one-line message
- * naming the file and the key or tensor at fault. */
-int bn_model_load(const char *path, bn_model_t **out, char *err, size_t errlen);
+/* How to load: the LM head format. */
+typedef struct {
+    int head_type;               /* bn_head_type_t, or -1 for the default */
+} bn_model_opts_t;
+
+/* The default LM head format (the one chosen from the measurements in
+ * bench/RESULTS.md), and the names of the formats ("f16", "q8", "q6", "q4"). */
+#define BN_HEAD_DEFAULT BN_HEAD_F16
+const char *bn_head_type_name(int t);
+int bn_head_type_parse(const char *s); /* -1 when unknown */
+
+/* Load and validate a model file: ternary tensors are repacked into the kernels'
+ * layout (I2_S in place), the LM head built in its format. opts may be NULL.
+ * Returns BN_OK or a status with a one-line message naming the file and the key or
+ * tensor at fault. */
+int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **out, char *err, size_t errlen);
 void bn_model_destroy(bn_model_t **m);
 
 /* Embedding row of `token` dequantized to n_embd floats. token must be < n_vocab. */

@@ -1,8 +1,8 @@
-/* dequant.c - scalar reference dequantization of embedding-type rows (F32, F16,
- * BF16, Q8_0, Q4_0, Q6_K) and the LM head built on it. Block layouts: quants.h. */
+/* dequant.c - scalar references of the float-weight side: dequantization of
+ * embedding rows (F32, F16, BF16, Q8_0, Q4_0, Q6_K; block layouts in quants.h) and
+ * the LM head in its formats (kernels.h): q8 activation blocks and the row dots. */
 #include "kernels/kernels.h"
 #include "kernels/quants.h"
-#include "worker/gguf.h"
 
 #include <math.h>
 #include <string.h>
@@ -73,24 +73,89 @@ void bn_ref_dequant_row(uint32_t type, const void *row, float *out, int n)
     }
 }
 
-void bn_ref_lm_head(uint32_t type, const uint8_t *e, size_t row_bytes, const float *x, int n,
-                    float *logits, int r0, int r1)
+void bn_ref_head_quantize(const float *x, int n, int8_t *q, float *d)
 {
-    /* Dequantize in chunks that are whole blocks: the largest power of two <= 256
-     * dividing n (a valid row of a block type is a multiple of its block). */
-    int chunk = 256;
-    while (n % chunk)
-        chunk /= 2;
-    uint64_t chunk_bytes = bn_type_nbytes(type, (uint64_t)chunk, 0);
-    float buf[256];
+    for (int b = 0; b < n / 32; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++)
+            amax = fmaxf(amax, fabsf(x[32 * b + i]));
+        float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < 32; i++)
+            q[32 * b + i] = (int8_t)nearbyintf(x[32 * b + i] * id);
+        d[b] = db;
+    }
+}
+
+/* q6_h value j of a block, in [-32, 31] */
+static inline int q6h_value(const bn_block_q6_h *b, int j)
+{
+    int lo = (b->ql[j % 16] >> (4 * (j / 16))) & 15, hi = (b->qh[j % 8] >> (2 * (j / 8))) & 3;
+    return (lo | hi << 4) - 32;
+}
+
+void bn_ref_head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1)
+{
+    const int n = (int)h->n_in, nb = n / 32;
     for (int r = r0; r < r1; r++) {
-        const uint8_t *row = e + (size_t)r * row_bytes;
+        const uint8_t *row = h->data + (size_t)r * h->row_bytes;
         float acc = 0.0f;
-        for (int c = 0; c < n; c += chunk) {
-            bn_ref_dequant_row(type, row + (size_t)(c / chunk) * chunk_bytes, buf, chunk);
-            for (int i = 0; i < chunk; i++)
-                acc += buf[i] * x[c + i];
+        switch (h->type) {
+        case BN_HEAD_F16:
+            for (int i = 0; i < n; i++)
+                acc += bn_fp16_to_f32(((const bn_fp16_t *)row)[i]) * a->x[i];
+            break;
+        case BN_HEAD_Q8:
+            for (int b = 0; b < nb; b++) {
+                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)row + b;
+                int32_t s = 0;
+                for (int i = 0; i < 32; i++)
+                    s += blk->qs[i] * a->q[32 * b + i];
+                acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
+            }
+            break;
+        case BN_HEAD_Q4:
+            for (int b = 0; b < nb; b++) {
+                const bn_block_q4_0 *blk = (const bn_block_q4_0 *)row + b;
+                int32_t s = 0;
+                for (int i = 0; i < 16; i++)
+                    s += ((blk->qs[i] & 15) - 8) * a->q[32 * b + i] + ((blk->qs[i] >> 4) - 8) * a->q[32 * b + 16 + i];
+                acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
+            }
+            break;
+        case BN_HEAD_Q6:
+            for (int b = 0; b < nb; b++) {
+                const bn_block_q6_h *blk = (const bn_block_q6_h *)row + b;
+                int32_t s = 0;
+                for (int i = 0; i < 32; i++)
+                    s += q6h_value(blk, i) * a->q[32 * b + i];
+                acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
+            }
+            break;
         }
         logits[r] = acc;
+    }
+}
+
+void bn_ref_head_dequant_row(const bn_hmat_t *h, int r, float *out)
+{
+    const uint8_t *row = h->data + (size_t)r * h->row_bytes;
+    switch (h->type) {
+    case BN_HEAD_F16:
+        bn_ref_dequant_row(BN_TYPE_F16, row, out, (int)h->n_in);
+        break;
+    case BN_HEAD_Q8:
+        bn_ref_dequant_row(BN_TYPE_Q8_0, row, out, (int)h->n_in);
+        break;
+    case BN_HEAD_Q4:
+        bn_ref_dequant_row(BN_TYPE_Q4_0, row, out, (int)h->n_in);
+        break;
+    case BN_HEAD_Q6:
+        for (uint32_t b = 0; b < h->n_in / 32; b++) {
+            const bn_block_q6_h *blk = (const bn_block_q6_h *)row + b;
+            float d = bn_fp16_to_f32(blk->d);
+            for (int i = 0; i < 32; i++)
+                out[32 * b + i] = d * (float)q6h_value(blk, i);
+        }
+        break;
     }
 }

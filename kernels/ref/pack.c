@@ -252,3 +252,29 @@ int bn_pack_q6_k(const float *x, size_t n, bn_block_q6_k *dst)
     }
     return BN_OK;
 }
+
+int bn_pack_q6_h(const float *x, size_t n, bn_block_q6_h *dst)
+{
+    if (n % 32 != 0)
+        return BN_EINVAL;
+    for (size_t b = 0; b < n / 32; b++) {
+        const float *v = x + b * 32;
+        /* as Q4_0: the signed extreme maps to -32 exactly */
+        float amax = 0.0f, m = 0.0f;
+        for (int j = 0; j < 32; j++)
+            if (fabsf(v[j]) > amax) {
+                amax = fabsf(v[j]);
+                m = v[j];
+            }
+        bn_block_q6_h *o = &dst[b];
+        memset(o, 0, sizeof *o);
+        o->d = bn_f32_to_fp16(m / -32.0f);
+        float d16 = bn_fp16_to_f32(o->d), id = d16 != 0.0f ? 1.0f / d16 : 0.0f;
+        for (int j = 0; j < 32; j++) {
+            int q = qround(v[j] * id, -32, 31) + 32;
+            o->ql[j % 16] |= (uint8_t)((q & 15) << (4 * (j / 16)));
+            o->qh[j % 8] |= (uint8_t)((q >> 4) << (2 * (j / 8)));
+        }
+    }
+    return BN_OK;
+}

@@ -26,6 +26,7 @@
 #ifndef BN_PACK_H
 #define BN_PACK_H
 
+#include "kernels/kernels.h"
 #include "kernels/quants.h"
 
 #include <stddef.h>
@@ -53,5 +54,8 @@ int bn_pack_q4_0(const float *x, size_t n, bn_block_q4_0 *dst);                 
  * Error: about half a step (amax/64 of the block's largest sub-block); never more
  * than one step (amax/32) plus the fp16 floor of d for values below ~1e-4. */
 int bn_pack_q6_k(const float *x, size_t n, bn_block_q6_k *dst);
+/* The LM head's Q6 format (kernels.h), n/32 blocks: d = m/-32 with m the signed
+ * value of largest magnitude (stored as fp16), q = clamp(round(x/d), -32, 31). */
+int bn_pack_q6_h(const float *x, size_t n, bn_block_q6_h *dst);
 
 #endif

@@ -1,0 +1,317 @@
+/* test_kernels.c - every kernel table of this CPU against the scalar reference,
+ * on random inputs (seed printed) and edge cases. Integer results (the int8
+ * activations, their sums, BitLinear outputs) must be bit-identical; float kernels
+ * agree within a relative tolerance. A table this CPU cannot run is skipped with a
+ * line saying so; the test then checks only what runs (and says so). */
+#include "test.h"
+
+#include "kernels/kernels.h"
+#include "kernels/ref/pack.h"
+
+#include <math.h>
+#include <string.h>
+
+static uint64_t rng_state;
+
+static uint64_t rnd(void)
+{
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static float frand(void) /* uniform in [-1, 1) */
+{
+    return (float)((double)(rnd() >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+static float gauss(void)
+{
+    double u = ((rnd() >> 11) + 1.0) / 9007199254740993.0, v = (rnd() >> 11) / 9007199254740992.0;
+    return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
+}
+
+/* The SIMD tables to test; each name is reported as tested or skipped. */
+static const char *const simd_names[] = { "avx2", "avx512", "neon" };
+
+static int for_each_table(void (*fn)(const bn_kernels_t *K))
+{
+    int tested = 0;
+    for (size_t i = 0; i < sizeof simd_names / sizeof simd_names[0]; i++) {
+        const bn_kernels_t *K = bn_kernels_by_name(simd_names[i]);
+        if (!K) {
+            fprintf(stderr, "  SKIP %s: not compiled for or not supported by this CPU\n", simd_names[i]);
+            continue;
+        }
+        fprintf(stderr, "  testing %s\n", K->name);
+        fn(K);
+        tested++;
+    }
+    return tested;
+}
+
+/* A random ternary matrix in the kernels' layout; mode: 0 random, 1 all -1,
+ * 2 all 0, 3 all +1 */
+static bn_tmat_t make_tmat(int n_in, int n_out, int mode, uint8_t **buf)
+{
+    bn_tmat_t w = { .n_in = (uint32_t)n_in, .n_out = (uint32_t)n_out, .row_bytes = (size_t)n_in / 4,
+                    .scale = 0.5f + (float)(rnd() % 1000) / 1000.0f };
+    *buf = calloc((size_t)n_out, w.row_bytes);
+    for (int r = 0; r < n_out; r++)
+        for (int i = 0; i < n_in; i++) {
+            int u = mode == 0 ? (int)(rnd() % 3) : mode == 1 ? 0 : mode == 2 ? 1 : 2;
+            int b = i >> 7, g = (i >> 5) & 3, j = i & 31;
+            (*buf)[(size_t)r * w.row_bytes + 32 * b + j] |= (uint8_t)(u << (6 - 2 * g));
+        }
+    w.data = *buf;
+    return w;
+}
+
+static void fill_x(float *x, int n, int mode)
+{
+    for (int i = 0; i < n; i++) {
+        switch (mode) {
+        case 0: x[i] = gauss(); break;
+        case 1: x[i] = gauss() * ((rnd() % 50) == 0 ? 100.0f : 1.0f); break; /* outliers */
+        case 2: x[i] = 0.0f; break;
+        case 3: x[i] = 1e-7f * frand(); break;                               /* below the 1e-5 floor */
+        case 4: x[i] = (i % 2) ? -1000.0f : 999.0f; break;                  /* saturate to -128 */
+        case 5: x[i] = (float)((int)(rnd() % 255) - 127) / 127.0f * 3.0f; break; /* exact ties */
+        }
+    }
+}
+
+static void check_quantize(const bn_kernels_t *K)
+{
+    static const int sizes[] = { 32, 128, 256, 384, 2560, 6912, 8192 };
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++)
+        for (int mode = 0; mode < 6; mode++) {
+            int n = sizes[si];
+            float *x = malloc(n * sizeof(float));
+            int8_t *qa = malloc(n), *qb = malloc(n);
+            fill_x(x, n, mode);
+            float sa, sb;
+            int32_t ca, cb;
+            bn_ref_quantize_act(x, n, qa, &sa, &ca);
+            K->quantize_act(x, n, qb, &sb, &cb);
+            if (sa != sb || ca != cb || memcmp(qa, qb, n) != 0)
+                BN_FAIL("%s quantize_act n=%d mode=%d: s %.9g vs %.9g, qsum %d vs %d, q %s", K->name, n, mode,
+                        (double)sb, (double)sa, cb, ca, memcmp(qa, qb, n) ? "differ" : "equal");
+            free(x); free(qa); free(qb);
+        }
+}
+
+static void check_tgemm_case(const bn_kernels_t *K, int n_in, int n_out, int nt, int wmode, int xmode)
+{
+    uint8_t *buf;
+    bn_tmat_t w = make_tmat(n_in, n_out, wmode, &buf);
+    float *x = malloc((size_t)nt * n_in * sizeof(float));
+    int8_t *q = malloc((size_t)nt * n_in);
+    float *s = malloc(nt * sizeof(float));
+    int32_t *qs = malloc(nt * sizeof(int32_t));
+    for (int t = 0; t < nt; t++) {
+        fill_x(x + (size_t)t * n_in, n_in, xmode);
+        bn_ref_quantize_act(x + (size_t)t * n_in, n_in, q + (size_t)t * n_in, &s[t], &qs[t]);
+    }
+    size_t ldy = (size_t)n_out + 3;
+    float *ya = calloc((size_t)nt * ldy, sizeof(float)), *yb = calloc((size_t)nt * ldy, sizeof(float));
+    bn_ref_tgemm(&w, q, s, qs, nt, ya, ldy, 0, n_out);
+    /* in two row ranges, as two threads would call it; odd split point on purpose */
+    int mid = n_out > 8 ? (n_out / 2) | 1 : n_out;
+    K->tgemm(&w, q, s, qs, nt, yb, ldy, 0, mid);
+    if (mid < n_out)
+        K->tgemm(&w, q, s, qs, nt, yb, ldy, mid, n_out);
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < n_out; r++)
+            if (memcmp(&ya[t * ldy + r], &yb[t * ldy + r], sizeof(float)) != 0)
+                BN_FAIL("%s tgemm n_in=%d n_out=%d nt=%d wmode=%d xmode=%d: token %d row %d: %.9g vs ref %.9g",
+                        K->name, n_in, n_out, nt, wmode, xmode, t, r, (double)yb[t * ldy + r], (double)ya[t * ldy + r]);
+    free(buf); free(x); free(q); free(s); free(qs); free(ya); free(yb);
+}
+
+static void check_tgemm(const bn_kernels_t *K)
+{
+    /* shapes: one block, odd block counts (384 = 3 blocks), the 2B4T widths; tokens
+     * 1 (decode), odd and larger batches; rows not multiples of any unroll */
+    static const int shapes[][2] = { { 128, 1 }, { 128, 37 }, { 256, 16 }, { 384, 29 }, { 640, 64 },
+                                     { 2560, 40 }, { 6912, 33 } };
+    static const int tokens[] = { 1, 2, 3, 5, 8, 13 };
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (size_t ti = 0; ti < sizeof tokens / sizeof tokens[0]; ti++)
+            check_tgemm_case(K, shapes[si][0], shapes[si][1], tokens[ti], 0, (int)(rnd() % 2));
+    /* edge cases: all -1, all 0, all +1 weights against every activation kind */
+    for (int wmode = 1; wmode <= 3; wmode++)
+        for (int xmode = 0; xmode < 6; xmode++)
+            check_tgemm_case(K, 640, 24, 3, wmode, xmode);
+}
+
+/* The largest sums: every weight +1 (u = 2) against activations at +127 and at
+ * -128 over K = 6912 (and 16384): any 16-bit accumulation that wraps shows here. */
+static void check_no_overflow(const bn_kernels_t *K)
+{
+    static const int ks[] = { 6912, 16384 };
+    for (int ki = 0; ki < 2; ki++)
+        for (int sign = 0; sign < 2; sign++) {
+            int n = ks[ki];
+            uint8_t *buf;
+            bn_tmat_t w = make_tmat(n, 16, 3, &buf);
+            w.scale = 1.0f;
+            int8_t *q = malloc(n);
+            memset(q, sign ? -128 : 127, n);
+            float s = 1.0f;
+            int32_t qs = (sign ? -128 : 127) * n;
+            float y[16];
+            K->tgemm(&w, q, &s, &qs, 1, y, 16, 0, 16);
+            double want = (double)(sign ? -128 : 127) * n; /* (2 - 1) * q summed */
+            for (int r = 0; r < 16; r++)
+                if ((double)y[r] != want)
+                    BN_FAIL("%s overflow K=%d q=%d: row %d gives %.1f, want %.1f", K->name, n, sign ? -128 : 127, r,
+                            (double)y[r], want);
+            free(buf);
+            free(q);
+        }
+}
+
+static void check_floats(const char *what, const char *name, const float *a, const float *b, int n, double rel)
+{
+    double scale = 0;
+    for (int i = 0; i < n; i++)
+        scale = fmax(scale, fabs(a[i]));
+    for (int i = 0; i < n; i++)
+        if (!(fabs((double)a[i] - b[i]) <= rel * scale + 1e-30))
+            BN_FAIL("%s %s: element %d of %d: %.9g vs ref %.9g (scale %.3g)", name, what, i, n, (double)b[i],
+                    (double)a[i], scale);
+}
+
+static void check_head(const bn_kernels_t *K)
+{
+    static const int dims[] = { 32, 256, 384, 2560 };
+    for (size_t di = 0; di < 4; di++)
+        for (int type = 0; type < 4; type++) {
+            int n = dims[di], rows = 45;
+            float *e = malloc((size_t)rows * n * sizeof(float)), *x = malloc(n * sizeof(float));
+            for (int i = 0; i < rows * n; i++)
+                e[i] = gauss() * 0.02f;
+            fill_x(x, n, di % 2);
+            static const size_t bb[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
+            bn_hmat_t h = { .type = (bn_head_type_t)type, .n_in = (uint32_t)n, .n_out = (uint32_t)rows,
+                            .row_bytes = (size_t)n / 32 * bb[type] };
+            uint8_t *data = malloc(h.row_bytes * rows);
+            for (int r = 0; r < rows; r++) {
+                uint8_t *dst = data + (size_t)r * h.row_bytes;
+                const float *src = e + (size_t)r * n;
+                if (type == BN_HEAD_F16) bn_pack_f16(src, n, (bn_fp16_t *)dst);
+                if (type == BN_HEAD_Q8) bn_pack_q8_0(src, n, (bn_block_q8_0 *)dst);
+                if (type == BN_HEAD_Q6) bn_pack_q6_h(src, n, (bn_block_q6_h *)dst);
+                if (type == BN_HEAD_Q4) bn_pack_q4_0(src, n, (bn_block_q4_0 *)dst);
+            }
+            h.data = data;
+            int8_t *qa = malloc(n), *qb = malloc(n);
+            float *da = malloc(n / 32 * sizeof(float)), *db = malloc(n / 32 * sizeof(float));
+            bn_ref_head_quantize(x, n, qa, da);
+            K->head_quantize(x, n, qb, db);
+            if (memcmp(qa, qb, n) || memcmp(da, db, n / 32 * sizeof(float)))
+                BN_FAIL("%s head_quantize n=%d differs from the reference", K->name, n);
+            bn_hact_t a = { x, qa, da };
+            float la[45], lb[45];
+            bn_ref_head_gemv(&h, &a, la, 0, rows);
+            K->head_gemv(&h, &a, lb, 0, 19);
+            K->head_gemv(&h, &a, lb, 19, rows);
+            char what[64];
+            snprintf(what, sizeof what, "head_gemv type %d n %d", type, n);
+            check_floats(what, K->name, la, lb, rows, 1e-5);
+            free(e); free(x); free(data); free(qa); free(qb); free(da); free(db);
+        }
+}
+
+static void check_float_ops(const bn_kernels_t *K)
+{
+    static const int ns[] = { 32, 256, 640, 2560, 6912 };
+    for (size_t i = 0; i < 5; i++) {
+        int n = ns[i];
+        float *x = malloc(n * sizeof(float)), *w = malloc(n * sizeof(float)), *u = malloc(n * sizeof(float));
+        float *a = malloc(n * sizeof(float)), *b = malloc(n * sizeof(float));
+        fill_x(x, n, 1);
+        for (int k = 0; k < n; k++) {
+            w[k] = 1.0f + 0.1f * gauss();
+            u[k] = gauss();
+        }
+        bn_ref_rmsnorm(x, w, n, 1e-5f, a);
+        K->rmsnorm(x, w, n, 1e-5f, b);
+        check_floats("rmsnorm", K->name, a, b, n, 1e-5);
+        for (int relu2 = 0; relu2 < 2; relu2++) {
+            bn_ref_ffn_act(x, u, n, relu2, a);
+            K->ffn_act(x, u, n, relu2, b);
+            check_floats(relu2 ? "ffn_act relu2" : "ffn_act silu", K->name, a, b, n, 1e-5);
+        }
+        free(x); free(w); free(u); free(a); free(b);
+    }
+    /* RoPE: head_dim 32/64/128, partial rotary */
+    static const int hd[][2] = { { 32, 32 }, { 64, 64 }, { 128, 128 }, { 128, 64 } };
+    for (int i = 0; i < 4; i++) {
+        int n = 5 * hd[i][0];
+        float *x = malloc(n * sizeof(float)), *a = malloc(n * sizeof(float)), *b = malloc(n * sizeof(float));
+        float cs[128];
+        fill_x(x, n, 0);
+        bn_ref_rope_table(1234, hd[i][1], 500000.0f, cs);
+        memcpy(a, x, n * sizeof(float));
+        memcpy(b, x, n * sizeof(float));
+        bn_ref_rope_neox(a, 5, hd[i][0], hd[i][1], cs);
+        K->rope_neox(b, 5, hd[i][0], hd[i][1], cs);
+        check_floats("rope_neox", K->name, a, b, n, 1e-6);
+        free(x); free(a); free(b);
+    }
+    /* attention: positions 1..700, head_dim 32/64/128, a KV stride wider than a head */
+    static const int ahd[] = { 32, 64, 128 };
+    static const int npos[] = { 1, 2, 7, 64, 700 };
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 5; j++) {
+            int d = ahd[i], np = npos[j];
+            size_t stride = (size_t)d * 3;
+            float *k = malloc(np * stride * sizeof(float)), *v = malloc(np * stride * sizeof(float));
+            float q[128], a[128], b[128];
+            for (size_t t = 0; t < np * stride; t++) {
+                k[t] = gauss();
+                v[t] = gauss();
+            }
+            for (int t = 0; t < d; t++)
+                q[t] = gauss() * (j == 4 ? 4.0f : 1.0f); /* sharp softmax too */
+            bn_ref_attention(q, k + d, v + d, stride, np, d, a);
+            K->attention(q, k + d, v + d, stride, np, d, b);
+            check_floats("attention", K->name, a, b, d, 1e-5);
+            free(k);
+            free(v);
+        }
+}
+
+BN_TEST(kernels_quantize_act)
+{
+    rng_state = bn_test_seed();
+    fprintf(stderr, "  %d SIMD table(s) tested\n", for_each_table(check_quantize));
+}
+
+BN_TEST(kernels_tgemm)
+{
+    rng_state = bn_test_seed();
+    fprintf(stderr, "  %d SIMD table(s) tested\n", for_each_table(check_tgemm));
+}
+
+BN_TEST(kernels_no_int16_overflow)
+{
+    rng_state = bn_test_seed();
+    check_no_overflow(bn_kernels_by_name("ref"));
+    fprintf(stderr, "  %d SIMD table(s) tested\n", for_each_table(check_no_overflow));
+}
+
+BN_TEST(kernels_head)
+{
+    rng_state = bn_test_seed();
+    fprintf(stderr, "  %d SIMD table(s) tested\n", for_each_table(check_head));
+}
+
+BN_TEST(kernels_float_ops)
+{
+    rng_state = bn_test_seed();
+    fprintf(stderr, "  %d SIMD table(s) tested\n", for_each_table(check_float_ops));
+}

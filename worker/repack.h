@@ -1,0 +1,25 @@
+/* repack.h - ternary tensors from the file into the kernels' layout (kernels.h).
+ *
+ * Runs once at load. An I2_S tensor whose full rows are wanted is used in place
+ * (no copy); TQ2_0 and TQ1_0 tensors, column slices, and F16/F32 tensors whose
+ * values are w * scale with w in {-1, 0, +1} (llama.cpp writes such rows when they
+ * are not a multiple of 256) are decoded into a new buffer. */
+#ifndef BN_REPACK_H
+#define BN_REPACK_H
+
+#include "kernels/kernels.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Rows [r0, r1) and columns [c0, c1) of the tensor `name` (type, n_in x n_out,
+ * data at src) into *out. Columns must be multiples of 128 (256 for TQ types).
+ * *owned is NULL when out points into src, else a malloc'd buffer behind out's
+ * data and bscale, for the caller to free. Returns BN_OK, BN_EUNSUPPORTED (a type
+ * that is not ternary, or a float tensor whose values are not), BN_EINVAL (ranges)
+ * or BN_ENOMEM, naming the tensor. Thread safe (pure function of its inputs). */
+int bn_repack_ternary(const char *name, uint32_t type, const void *src, uint32_t n_in, uint32_t n_out,
+                      uint32_t r0, uint32_t r1, uint32_t c0, uint32_t c1, bn_tmat_t *out, void **owned,
+                      char *err, size_t errlen);
+
+#endif
