@@ -1,14 +1,373 @@
-/* avx2.c - the avx2 kernel table (placeholder: reference kernels until written). */
+/* avx2.c - the AVX2 kernel table (with FMA and F16C, as on every x86-64 node of
+ * the last decade: Haswell, Zen 1-3).
+ *
+ * What it is: the kernels of kernels.h with 256-bit vectors, compiled with only
+ * -mavx2 -mfma -mf16c; dispatch.c calls them only when CPUID says so.
+ * Invariants: BitLinear integer results equal the reference exactly. The ternary
+ * products use vpmaddubsw (u8 weights in {0,1,2} times s8 activations, pairs summed
+ * in int16: |pair| <= 2 * 2 * 128 = 512) and add the four groups of a 128-weight
+ * block in int16 (<= 2048) before widening to int32 with vpmaddwd: no int16 sum can
+ * wrap, whatever the row length. The float epilogue is the reference's expression. */
 #include "kernels/kernels.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+/* ---- helpers ---- */
+
+static inline float hsum_ps(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int32_t hsum_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float hmax_ps(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* 32 floats -> 32 int8 in order, each already rounded and within [-128, 127] */
+static inline __m256i pack32(__m256 a, __m256 b, __m256 c, __m256 d, __m256i *sum)
+{
+    __m256i ia = _mm256_cvtps_epi32(a), ib = _mm256_cvtps_epi32(b);
+    __m256i ic = _mm256_cvtps_epi32(c), id = _mm256_cvtps_epi32(d);
+    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(_mm256_add_epi32(ia, ib), _mm256_add_epi32(ic, id)));
+    __m256i ab = _mm256_packs_epi32(ia, ib), cd = _mm256_packs_epi32(ic, id);
+    __m256i abcd = _mm256_packs_epi16(ab, cd);
+    /* packs work per 128-bit lane: dwords come out as a0 b0 c0 d0 a1 b1 c1 d1 */
+    return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* ---- BitLinear ---- */
+
+static void quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qsum)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
+    float amax = hmax_ps(vmax);
+    for (; i < n; i++)
+        amax = fmaxf(amax, fabsf(x[i]));
+    const float sc = 127.0f / fmaxf(amax, 1e-5f);
+    const __m256 vs = _mm256_set1_ps(sc), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i vsum = _mm256_setzero_si256();
+    i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 v[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), vs),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v[k] = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+        }
+        _mm256_storeu_si256((__m256i *)(q + i), pack32(v[0], v[1], v[2], v[3], &vsum));
+    }
+    int32_t sum = hsum_epi32(vsum);
+    for (; i < n; i++) {
+        float v = fminf(fmaxf(nearbyintf(x[i] * sc), -128.0f), 127.0f);
+        q[i] = (int8_t)v;
+        sum += q[i];
+    }
+    *s = sc;
+    *qsum = sum;
+}
+
+/* The four u-vectors of a 32-byte chunk: group g (weights 32g..32g+31 of the block)
+ * sits in bits 6-2g..7-2g of every byte. */
+#define UNPACK(w, m3, u0, u1, u2, u3)                          \
+    do {                                                       \
+        u0 = _mm256_and_si256(_mm256_srli_epi16(w, 6), m3);    \
+        u1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m3);    \
+        u2 = _mm256_and_si256(_mm256_srli_epi16(w, 2), m3);    \
+        u3 = _mm256_and_si256(w, m3);                          \
+    } while (0)
+
+/* int32 partial sums of one block: 4 groups against q[0..127], int16 inside */
+static inline __m256i block_dot(__m256i u0, __m256i u1, __m256i u2, __m256i u3, const int8_t *q, __m256i ones)
+{
+    __m256i p0 = _mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i *)(q)));
+    __m256i p1 = _mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i *)(q + 32)));
+    __m256i p2 = _mm256_maddubs_epi16(u2, _mm256_loadu_si256((const __m256i *)(q + 64)));
+    __m256i p3 = _mm256_maddubs_epi16(u3, _mm256_loadu_si256((const __m256i *)(q + 96)));
+    __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+    return _mm256_madd_epi16(s16, ones);
+}
+
+/* Decode: 4 rows at a time share the activation loads. */
+static void gemv_rows(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r0, int r1)
+{
+    const int nb = (int)(w->n_in / 128);
+    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint8_t *w0 = w->data + (size_t)r * w->row_bytes;
+        __m256i acc[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                           _mm256_setzero_si256() };
+        for (int b = 0; b < nb; b++) {
+            const int8_t *qb = q + 128 * b;
+            __m256i q0 = _mm256_loadu_si256((const __m256i *)qb), q1 = _mm256_loadu_si256((const __m256i *)(qb + 32));
+            __m256i q2 = _mm256_loadu_si256((const __m256i *)(qb + 64)), q3 = _mm256_loadu_si256((const __m256i *)(qb + 96));
+            for (int k = 0; k < 4; k++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + (size_t)k * w->row_bytes + 32 * b)), u0, u1, u2, u3;
+                UNPACK(wv, m3, u0, u1, u2, u3);
+                __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, q0), _mm256_maddubs_epi16(u1, q1)),
+                                               _mm256_add_epi16(_mm256_maddubs_epi16(u2, q2), _mm256_maddubs_epi16(u3, q3)));
+                acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(s16, ones));
+            }
+        }
+        for (int k = 0; k < 4; k++)
+            y[r + k] = (float)(hsum_epi32(acc[k]) - qsum) * w->scale / s;
+    }
+    for (; r < r1; r++) {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        __m256i acc = _mm256_setzero_si256();
+        for (int b = 0; b < nb; b++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(row + 32 * b)), u0, u1, u2, u3;
+            UNPACK(wv, m3, u0, u1, u2, u3);
+            acc = _mm256_add_epi32(acc, block_dot(u0, u1, u2, u3, q + 128 * b, ones));
+        }
+        y[r] = (float)(hsum_epi32(acc) - qsum) * w->scale / s;
+    }
+}
+
+/* Prefill / batches: each 32-byte weight chunk is unpacked once and used for a
+ * tile of up to 4 tokens. */
+static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int32_t *qsum, int nt,
+                  float *y, size_t ldy, int r0, int r1)
+{
+    if (nt == 1) {
+        gemv_rows(w, q, s[0], qsum[0], y, r0, r1);
+        return;
+    }
+    const int n = (int)w->n_in, nb = n / 128;
+    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    for (int t0 = 0; t0 < nt; t0 += 4) {
+        const int tn = nt - t0 < 4 ? nt - t0 : 4;
+        const int8_t *q0 = q + (size_t)t0 * n;
+        for (int r = r0; r < r1; r++) {
+            const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+            __m256i acc[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                               _mm256_setzero_si256() };
+            for (int b = 0; b < nb; b++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(row + 32 * b)), u0, u1, u2, u3;
+                UNPACK(wv, m3, u0, u1, u2, u3);
+                for (int t = 0; t < tn; t++)
+                    acc[t] = _mm256_add_epi32(acc[t], block_dot(u0, u1, u2, u3, q0 + (size_t)t * n + 128 * b, ones));
+            }
+            for (int t = 0; t < tn; t++)
+                y[(size_t)(t0 + t) * ldy + r] = (float)(hsum_epi32(acc[t]) - qsum[t0 + t]) * w->scale / s[t0 + t];
+        }
+    }
+}
+
+/* ---- LM head ---- */
+
+static void head_quantize(const float *x, int n, int8_t *q, float *d)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256i unused = _mm256_setzero_si256();
+    for (int b = 0; b < n / 32; b++) {
+        const float *xb = x + 32 * b;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+               v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)),
+                                 _mm256_max_ps(_mm256_and_ps(v2, absmask), _mm256_and_ps(v3, absmask)));
+        float amax = hmax_ps(m);
+        d[b] = amax / 127.0f;
+        const __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        _mm256_storeu_si256((__m256i *)(q + 32 * b),
+                            pack32(_mm256_round_ps(_mm256_mul_ps(v0, id), rnd), _mm256_round_ps(_mm256_mul_ps(v1, id), rnd),
+                                   _mm256_round_ps(_mm256_mul_ps(v2, id), rnd), _mm256_round_ps(_mm256_mul_ps(v3, id), rnd),
+                                   &unused));
+    }
+}
+
+/* s8 weights (32) . s8 activations (32) as 8 int32 lanes; both within [-127, 127]
+ * so the sign trick (|w| times sign(w)*x) fits vpmaddubsw's int16 pairs */
+static inline __m256i dot_s8(__m256i wq, __m256i xq, __m256i ones)
+{
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+    return _mm256_madd_epi16(p, ones);
+}
+
+static void head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1)
+{
+    const int n = (int)h->n_in, nb = n / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = h->data + (size_t)r * h->row_bytes;
+        __m256 acc = _mm256_setzero_ps();
+        if (h->type == BN_HEAD_F16) {
+            __m256 acc1 = _mm256_setzero_ps();
+            const bn_fp16_t *e = (const bn_fp16_t *)row;
+            int i = 0;
+            for (; i + 16 <= n; i += 16) {
+                acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i))), _mm256_loadu_ps(a->x + i), acc);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i + 8))),
+                                       _mm256_loadu_ps(a->x + i + 8), acc1);
+            }
+            for (; i < n; i += 8) /* n is a multiple of 32 */
+                acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i))), _mm256_loadu_ps(a->x + i), acc);
+            logits[r] = hsum_ps(_mm256_add_ps(acc, acc1));
+            continue;
+        }
+        for (int b = 0; b < nb; b++) {
+            __m256i wq, xq = _mm256_loadu_si256((const __m256i *)(a->q + 32 * b));
+            float dw;
+            if (h->type == BN_HEAD_Q8) {
+                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)row + b;
+                wq = _mm256_loadu_si256((const __m256i *)blk->qs);
+                dw = bn_fp16_to_f32(blk->d);
+            } else if (h->type == BN_HEAD_Q4) {
+                const bn_block_q4_0 *blk = (const bn_block_q4_0 *)row + b;
+                __m128i p = _mm_loadu_si128((const __m128i *)blk->qs), m15 = _mm_set1_epi8(15);
+                wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m15), _mm_and_si128(p, m15));
+                wq = _mm256_sub_epi8(wq, _mm256_set1_epi8(8));
+                dw = bn_fp16_to_f32(blk->d);
+            } else { /* BN_HEAD_Q6 */
+                const bn_block_q6_h *blk = (const bn_block_q6_h *)row + b;
+                __m128i l = _mm_loadu_si128((const __m128i *)blk->ql), m15 = _mm_set1_epi8(15);
+                __m256i lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l, 4), m15), _mm_and_si128(l, m15));
+                int64_t qh;
+                memcpy(&qh, blk->qh, 8);
+                /* byte j of 64-bit lane k holds element 8k + j in bits 2k..2k+1 */
+                __m256i hi = _mm256_srlv_epi64(_mm256_set1_epi64x(qh), _mm256_setr_epi64x(0, 2, 4, 6));
+                hi = _mm256_and_si256(hi, _mm256_set1_epi8(3));
+                wq = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+                dw = bn_fp16_to_f32(blk->d);
+            }
+            /* Q4 (-8..7) and Q6 (-32..31) stay inside [-127, 127] as dot_s8 needs */
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8(wq, xq, ones)), _mm256_set1_ps(dw * a->d[b]), acc);
+        }
+        logits[r] = hsum_ps(acc);
+    }
+}
+
+/* ---- float ops ---- */
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+    }
+    float ss = hsum_ps(_mm256_add_ps(a0, a1));
+    for (; i < n; i++)
+        ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    const __m256 vr = _mm256_set1_ps(r);
+    i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vr), _mm256_loadu_ps(w + i)));
+    for (; i < n; i++)
+        out[i] = x[i] * r * w[i];
+}
+
+static void rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const float *cs)
+{
+    const int half = rope_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + (size_t)h * head_dim;
+        int i = 0;
+        for (; i + 8 <= half; i += 8) {
+            __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + i + half);
+            __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(cs + half + i);
+            _mm256_storeu_ps(v + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+            _mm256_storeu_ps(v + i + half, _mm256_add_ps(_mm256_mul_ps(a, s), _mm256_mul_ps(b, c)));
+        }
+        for (; i < half; i++) {
+            float c = cs[i], s = cs[half + i], a = v[i], b = v[i + half];
+            v[i] = a * c - b * s;
+            v[i + half] = a * s + b * c;
+        }
+    }
+}
+
+static void attention(const float *q, const float *k, const float *v, size_t stride, int n_pos, int head_dim,
+                      float *out)
+{
+    if (head_dim % 8 || head_dim > 256) {
+        bn_ref_attention(q, k, v, stride, n_pos, head_dim, out);
+        return;
+    }
+    const int nv = head_dim / 8;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    __m256 qv[32], acc[32];
+    for (int i = 0; i < nv; i++) {
+        qv[i] = _mm256_loadu_ps(q + 8 * i);
+        acc[i] = _mm256_setzero_ps();
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int t = 0; t < n_pos; t++) {
+        const float *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
+        __m256 d = _mm256_setzero_ps();
+        for (int i = 0; i < nv; i++)
+            d = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(kt + 8 * i), d);
+        float sc = hsum_ps(d) * scale;
+        if (sc > m) { /* a new maximum: rescale what was summed so far */
+            float alpha = expf(m - sc);
+            __m256 va = _mm256_set1_ps(alpha);
+            for (int i = 0; i < nv; i++)
+                acc[i] = _mm256_mul_ps(acc[i], va);
+            l *= alpha;
+            m = sc;
+        }
+        float p = expf(sc - m);
+        l += p;
+        __m256 vp = _mm256_set1_ps(p);
+        for (int i = 0; i < nv; i++)
+            acc[i] = _mm256_fmadd_ps(vp, _mm256_loadu_ps(vt + 8 * i), acc[i]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / l);
+    for (int i = 0; i < nv; i++)
+        _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inv));
+}
+
+static void ffn_act(const float *g, const float *u, int n, int relu2, float *out)
+{
+    if (!relu2) { /* silu needs exp: the reference's per-element expf */
+        bn_ref_ffn_act(g, u, n, relu2, out);
+        return;
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 r = _mm256_max_ps(_mm256_loadu_ps(g + i), zero);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(r, r), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) {
+        float r = g[i] > 0.0f ? g[i] : 0.0f;
+        out[i] = r * r * u[i];
+    }
+}
 
 const bn_kernels_t bn_kernels_avx2 = {
     .name = "avx2",
-    .quantize_act = bn_ref_quantize_act,
-    .tgemm = bn_ref_tgemm,
-    .head_quantize = bn_ref_head_quantize,
-    .head_gemv = bn_ref_head_gemv,
-    .rmsnorm = bn_ref_rmsnorm,
-    .rope_neox = bn_ref_rope_neox,
-    .attention = bn_ref_attention,
-    .ffn_act = bn_ref_ffn_act,
+    .quantize_act = quantize_act,
+    .tgemm = tgemm,
+    .head_quantize = head_quantize,
+    .head_gemv = head_gemv,
+    .rmsnorm = rmsnorm,
+    .rope_neox = rope_neox,
+    .attention = attention,
+    .ffn_act = ffn_act,
 };
