@@ -10,6 +10,7 @@
     X(greedy_golden) \
     X(forward_batch_contract) \
     X(formats_same_logits) \
+    X(lm_head_formats) \
     X(shapes_vs_naive) \
     X(sampler_filters) \
     X(sampler_bad_params) \

@@ -161,3 +161,59 @@ BN_TEST(formats_same_logits)
     for (int f = 0; f < 3; f++)
         free(out[f]);
 }
+
+/* The LM head formats against f16 on the fixtures' golden sequences: max |logit
+ * diff|, mean |diff| and top-1 agreement, printed (bench/RESULTS.md records them)
+ * and bounded (about twice the measured figures) so that a broken format fails. */
+BN_TEST(lm_head_formats)
+{
+    static const char *const golden = FIX "tiny-b158-i2_s.logits.txt";
+    golden_seq_t seqs[3];
+    CHECK_EQ_INT(golden_logits_read(golden, 512, seqs, 3), 3);
+    int n_pos = 0;
+    for (int k = 0; k < 3; k++)
+        n_pos += seqs[k].n;
+    float *ref = NULL;
+    static const double max_bound[4] = { 0, 0.1, 0.25, 0.8 };
+    for (int type = 0; type < 4; type++) {
+        char err[512];
+        bn_model_opts_t o = { .head_type = type };
+        bn_model_t *m = NULL;
+        CHECK(bn_model_load(FIX "tiny-b158-i2_s.gguf", &o, &m, err, sizeof err) == BN_OK);
+        float *l = malloc((size_t)n_pos * 512 * sizeof(float));
+        int row = 0;
+        for (int k = 0; k < 3; k++) {
+            bn_state_t *st = NULL;
+            CHECK(bn_state_new(m, 64, 1, NULL, &st, err, sizeof err) == BN_OK);
+            bn_batch_entry_t b[64];
+            for (int p = 0; p < seqs[k].n; p++)
+                b[p] = (bn_batch_entry_t){ 0, p, seqs[k].ids[p], 1 };
+            CHECK(bn_forward(m, st, b, seqs[k].n, l + (size_t)row * 512, err, sizeof err) == BN_OK);
+            row += seqs[k].n;
+            bn_state_destroy(&st);
+        }
+        if (type == BN_HEAD_F16) {
+            ref = l;
+        } else {
+            double md = 0, sum = 0;
+            int agree = 0;
+            for (int r = 0; r < n_pos; r++) {
+                for (int v = 0; v < 512; v++) {
+                    double d = fabs(l[(size_t)r * 512 + v] - ref[(size_t)r * 512 + v]);
+                    md = fmax(md, d);
+                    sum += d;
+                }
+                agree += bn_argmax(l + (size_t)r * 512, 512) == bn_argmax(ref + (size_t)r * 512, 512);
+            }
+            fprintf(stderr, "  lm-head %s vs f16: max |diff| %.4f, mean |diff| %.5f, top-1 agreement %d/%d\n",
+                    bn_head_type_name(type), md, sum / (n_pos * 512.0), agree, n_pos);
+            CHECK(md < max_bound[type]);
+            CHECK(agree >= n_pos * 8 / 10);
+            free(l);
+        }
+        bn_model_destroy(&m);
+    }
+    free(ref);
+    for (int k = 0; k < 3; k++)
+        golden_seq_free(&seqs[k]);
+}
