@@ -489,8 +489,12 @@ static int run(const options_t *o, char *err, size_t errlen)
         fprintf(stderr, "generation: %d tokens in %.3f s (%.2f tokens/s)\n", rs.n_gen, rs.t_gen, gtps);
         fprintf(stderr, "kernels: %s, %d threads, LM head %s; peak memory %.1f MB\n", bn_kernels_get()->name,
                 bn_pool_size(pool), bn_head_type_name(m->w.head.type), peak_rss_mb());
-        fprintf(stderr, "stats: prompt_tokens=%d prompt_tps=%.3f gen_tokens=%d gen_tps=%.3f peak_rss_mb=%.1f\n",
-                rs.n_prompt, ptps, rs.n_gen, gtps, peak_rss_mb());
+        double wmb = bn_model_bytes_per_token(m) / 1e6;
+        fprintf(stderr, "weights read per generated token: %.1f MB (%.2f GB/s at this speed)\n", wmb, wmb * gtps / 1e3);
+        fprintf(stderr, "stats: prompt_tokens=%d prompt_tps=%.3f gen_tokens=%d gen_tps=%.3f peak_rss_mb=%.1f "
+                "threads=%d kernels=%s lm_head=%s weight_mb_per_token=%.1f\n",
+                rs.n_prompt, ptps, rs.n_gen, gtps, peak_rss_mb(), bn_pool_size(pool), bn_kernels_get()->name,
+                bn_head_type_name(m->w.head.type), wmb);
     }
 done:
     free(ids);

@@ -385,3 +385,15 @@ void bn_model_embed(const bn_model_t *m, int32_t token, float *out)
     bn_ref_dequant_row(m->w.embd_type, m->w.token_embd + (size_t)token * m->w.embd_row_bytes, out,
                        (int)m->cfg.n_embd);
 }
+
+uint64_t bn_model_bytes_per_token(const bn_model_t *m)
+{
+    uint64_t b = (uint64_t)m->w.head.row_bytes * m->w.head.n_out;
+    for (uint32_t l = 0; l < m->cfg.n_layer; l++) {
+        const bn_layer_t *L = &m->w.layers[l];
+        const bn_tmat_t *ws[] = { &L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down };
+        for (int i = 0; i < 7; i++)
+            b += (uint64_t)ws[i]->row_bytes * ws[i]->n_out;
+    }
+    return b;
+}

@@ -79,6 +79,10 @@ int bn_head_type_parse(const char *s); /* -1 when unknown */
 int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **out, char *err, size_t errlen);
 void bn_model_destroy(bn_model_t **m);
 
+/* Bytes of weights a decoder reads per generated token: every ternary matrix in the
+ * kernels' layout plus the whole LM head (the input embedding row is negligible). */
+uint64_t bn_model_bytes_per_token(const bn_model_t *m);
+
 /* Embedding row of `token` dequantized to n_embd floats. token must be < n_vocab. */
 void bn_model_embed(const bn_model_t *m, int32_t token, float *out);
 
