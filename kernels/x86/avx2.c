@@ -133,7 +133,8 @@ static void gemv_rows(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum
 }
 
 /* Prefill / batches: each 32-byte weight chunk is unpacked once and used for a
- * tile of up to 4 tokens. */
+ * tile of up to 8 tokens (measured best among 1-4 rows x 2-8 tokens). */
+#define TILE_T 8
 static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int32_t *qsum, int nt,
                   float *y, size_t ldy, int r0, int r1)
 {
@@ -143,13 +144,14 @@ static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int
     }
     const int n = (int)w->n_in, nb = n / 128;
     const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    for (int t0 = 0; t0 < nt; t0 += 4) {
-        const int tn = nt - t0 < 4 ? nt - t0 : 4;
+    for (int t0 = 0; t0 < nt; t0 += TILE_T) {
+        const int tn = nt - t0 < TILE_T ? nt - t0 : TILE_T;
         const int8_t *q0 = q + (size_t)t0 * n;
         for (int r = r0; r < r1; r++) {
             const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-            __m256i acc[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                               _mm256_setzero_si256() };
+            __m256i acc[TILE_T];
+            for (int t = 0; t < TILE_T; t++)
+                acc[t] = _mm256_setzero_si256();
             for (int b = 0; b < nb; b++) {
                 __m256i wv = _mm256_loadu_si256((const __m256i *)(row + 32 * b)), u0, u1, u2, u3;
                 UNPACK(wv, m3, u0, u1, u2, u3);
