@@ -31,7 +31,7 @@ LIB_SRC := proto/status.c $(ISA_SRC) \
 LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o)
 TEST_OBJ := $(patsubst %.c,$(O)/%.o,$(wildcard tests/*.c))
 
-.PHONY: all clean demo test deps bench
+.PHONY: all clean demo test deps bench cross
 all: $(BIN)/bitnet-worker $(BIN)/bitnet-mkmodel $(BIN)/bitnet-tests
 
 $(O)/libbn.a: $(LIB_OBJ)
@@ -74,10 +74,22 @@ demo: deps
 	$(BIN)/bitnet-worker --model $(DEMO_MODEL) --prompt "Once upon a time" -n 48 --seed 7 --temp 0.8 --stats
 
 test: deps
-	@$(MAKE) --no-print-directory -j2 all
+	@$(MAKE) --no-print-directory -j2 all cross
 	BN_BIN=$(BIN) $(BIN)/bitnet-tests $(T)
 
+# The test runner and library for aarch64 (not the worker: MPI has no cross
+# package), built with the Debian cross compiler for tests/test_cross.c, which runs
+# the NEON kernels under qemu-user. Never sanitized: ASan does not run under qemu.
+CROSS_CC := aarch64-linux-gnu-gcc
+cross:
+	@$(MAKE) --no-print-directory CC=$(CROSS_CC) SAN= \
+	    O=build-aarch64 BIN=bin-aarch64 bin-aarch64/bitnet-tests
+
+# Speed against llama.cpp, same weights (not part of the tests; knobs in bench/README.md).
+bench:
+	@sh bench/run.sh
+
 clean:
-	rm -rf build build-san bin bin-san
+	rm -rf build build-san bin bin-san build-aarch64 bin-aarch64
 
 -include $(shell find $(O) -name '*.d' 2>/dev/null)

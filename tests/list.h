@@ -46,4 +46,6 @@
     X(pool_idle_no_cpu) \
     X(pool_slow_worker_no_spin) \
     X(pool_many_short_jobs) \
-    X(pool_destroy_while_idle)
+    X(pool_destroy_while_idle) \
+    X(kernels_neon_qemu) \
+    X(model_neon_qemu)

@@ -186,8 +186,8 @@ static void check_floats(const char *what, const char *name, const float *a, con
 
 static void check_head(const bn_kernels_t *K)
 {
-    static const int dims[] = { 32, 256, 384, 2560 };
-    for (size_t di = 0; di < 4; di++)
+    static const int dims[] = { 32, 64, 96, 160, 256, 384, 2560 };
+    for (size_t di = 0; di < 7; di++)
         for (int type = 0; type < 4; type++) {
             int n = dims[di], rows = 45;
             float *e = malloc((size_t)rows * n * sizeof(float)), *x = malloc(n * sizeof(float));

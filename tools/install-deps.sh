@@ -3,6 +3,8 @@
 # Idempotent and quiet when everything is there; needs root (or sudo) otherwise.
 set -e
 PKGS="gcc make libc6-dev pkg-config openmpi-bin libopenmpi-dev libzmq3-dev libprotobuf-c-dev protobuf-c-compiler python3"
+# the aarch64 cross build of the tests and qemu to run it (make cross, tests/test_cross.c)
+PKGS="$PKGS gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -42,7 +42,7 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t 
     size_t cache = (size_t)n_seq * c->n_layer * n_ctx * s->kv_dim;
     s->x = malloc(B * c->n_embd * sizeof(float));
     s->xn = malloc(B * wide * sizeof(float));
-    s->xq = malloc(B * wide);
+    s->xq = aligned_alloc(64, (B * wide + 63) / 64 * 64); /* whole cache lines for the SIMD loads */
     s->xs = malloc(B * sizeof(float));
     s->xqsum = malloc(B * sizeof(int32_t));
     s->q = malloc(B * s->q_dim * sizeof(float));

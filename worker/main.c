@@ -484,7 +484,9 @@ static int run(const options_t *o, char *err, size_t errlen)
         rc = generate(m, st, tok, ids, n_ids, o, &rs, err, errlen);
     if (rc == BN_OK && o->stats) {
         double ptps = rs.t_prompt > 0 ? rs.n_prompt / rs.t_prompt : 0;
-        double gtps = rs.t_gen > 0 ? rs.n_gen / rs.t_gen : 0;
+        /* the first generated token comes from the prompt's logits and the last is
+         * never evaluated: the timed loop holds n_gen - 1 forward passes */
+        double gtps = rs.t_gen > 0 && rs.n_gen > 1 ? (rs.n_gen - 1) / rs.t_gen : 0;
         fprintf(stderr, "prompt: %d tokens in %.3f s (%.2f tokens/s)\n", rs.n_prompt, rs.t_prompt, ptps);
         fprintf(stderr, "generation: %d tokens in %.3f s (%.2f tokens/s)\n", rs.n_gen, rs.t_gen, gtps);
         fprintf(stderr, "kernels: %s, %d threads, LM head %s; peak memory %.1f MB\n", bn_kernels_get()->name,

@@ -291,11 +291,15 @@ static int build_head(bn_model_t *m, int type, char *err, size_t errlen)
         case BN_HEAD_Q6: bn_pack_q6_h(row, c->n_embd, (bn_block_q6_h *)dst); break;
         case BN_HEAD_Q4: bn_pack_q4_0(row, c->n_embd, (bn_block_q4_0 *)dst); break;
         }
+        /* release the source rows as we go, so the peak is one copy, not two */
+        if ((r + 1) % 4096 == 0 || r + 1 == c->n_vocab) {
+            uint32_t r0 = r + 1 - ((r + 1) % 4096 ? (r + 1) % 4096 : 4096);
+            bn_gguf_release(m->gguf, w->token_embd + (size_t)r0 * w->embd_row_bytes,
+                            (uint64_t)(r + 1 - r0) * w->embd_row_bytes);
+        }
     }
     free(row);
     h->data = buf;
-    /* the input embedding reads single rows from the mapping; the rest can go */
-    bn_gguf_release(m->gguf, w->token_embd, w->embd_row_bytes * c->n_vocab);
     return own(m, buf, err, errlen);
 }
 

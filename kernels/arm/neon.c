@@ -1,0 +1,444 @@
+/* neon.c - the NEON (Advanced SIMD) kernel table for aarch64.
+ *
+ * What it is: the kernels of kernels.h with 128-bit vectors, compiled for the
+ * aarch64 baseline (armv8-a, no -march flag), so it runs on every aarch64 CPU. One
+ * optional extension is used when the CPU reports it at run time: the int8 dot
+ * product (SDOT, HWCAP_ASIMDDP: Cortex-A55, A75 and later, Neoverse, Apple), in the
+ * functions marked DOTPROD below, which only run after getauxval() says so.
+ * What it is not: a faster LM head or float path for newer cores; the head and the
+ * float kernels use baseline NEON only.
+ * Invariants: BitLinear integer results equal the reference exactly and the float
+ * epilogue is the reference's expression, so BitLinear outputs are bit-identical
+ * to kernels/ref/. Without SDOT, u*q products (|u*q| <= 2 * 128 = 256) are summed
+ * in int16 lanes 8 at a time (|sum| <= 2048, far below 32767) and widened to int32
+ * after every 128-weight block, so no int16 sum can wrap whatever the row length.
+ * Float kernels agree with the reference to float rounding (sums in other orders,
+ * explicit FMAs); the BitLinear epilogue has no a*b+c a compiler could contract. */
+#include "kernels/kernels.h"
+
+#include <arm_neon.h>
+#include <math.h>
+#include <sys/auxv.h>
+
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20) /* Linux arm64 uapi value, for older headers */
+#endif
+
+/* Functions using SDOT. arm_neon.h declares vdotq_s32 for armv8.2-a+dotprod, so a
+ * caller must target at least that for the intrinsic to inline. Nothing in these
+ * functions uses another armv8.2 feature; they only run when the CPU has SDOT. */
+#define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+static int cpu_has_sdot(void)
+{
+    /* glibc answers AT_HWCAP from a cached copy: cheap enough to ask per call,
+     * which keeps this file free of mutable global state */
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+}
+
+/* ---- BitLinear ---- */
+
+/* Same float operations as the reference: |x| max ignoring NaN (vmaxnm is fmaxf),
+ * x * s, round half to even (vrndn), clamp with max then min (NaN -> -128 as
+ * fmaxf/fminf do), then an exact conversion of an integral float. */
+static void quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qsum)
+{
+    float32x4_t m0 = vdupq_n_f32(0.0f), m1 = m0, m2 = m0, m3 = m0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        m0 = vmaxnmq_f32(m0, vabsq_f32(vld1q_f32(x + i)));
+        m1 = vmaxnmq_f32(m1, vabsq_f32(vld1q_f32(x + i + 4)));
+        m2 = vmaxnmq_f32(m2, vabsq_f32(vld1q_f32(x + i + 8)));
+        m3 = vmaxnmq_f32(m3, vabsq_f32(vld1q_f32(x + i + 12)));
+    }
+    float amax = vmaxnmvq_f32(vmaxnmq_f32(vmaxnmq_f32(m0, m1), vmaxnmq_f32(m2, m3)));
+    for (; i < n; i++)
+        amax = fmaxf(amax, fabsf(x[i]));
+    const float sc = 127.0f / fmaxf(amax, 1e-5f);
+    const float32x4_t vs = vdupq_n_f32(sc), lo = vdupq_n_f32(-128.0f), hi = vdupq_n_f32(127.0f);
+    int32x4_t vsum = vdupq_n_s32(0);
+    for (i = 0; i + 16 <= n; i += 16) {
+        int32x4_t v[4];
+        for (int k = 0; k < 4; k++) {
+            float32x4_t r = vrndnq_f32(vmulq_f32(vld1q_f32(x + i + 4 * k), vs));
+            v[k] = vcvtq_s32_f32(vminnmq_f32(vmaxnmq_f32(r, lo), hi));
+        }
+        vsum = vaddq_s32(vsum, vaddq_s32(vaddq_s32(v[0], v[1]), vaddq_s32(v[2], v[3])));
+        /* values are within [-128, 127]: the truncating narrows are exact */
+        int16x8_t h0 = vcombine_s16(vmovn_s32(v[0]), vmovn_s32(v[1]));
+        int16x8_t h1 = vcombine_s16(vmovn_s32(v[2]), vmovn_s32(v[3]));
+        vst1q_s8(q + i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+    }
+    int32_t sum = vaddvq_s32(vsum);
+    for (; i < n; i++) {
+        float v = fminf(fmaxf(nearbyintf(x[i] * sc), -128.0f), 127.0f);
+        q[i] = (int8_t)v;
+        sum += q[i];
+    }
+    *s = sc;
+    *qsum = sum;
+}
+
+/* The eight u-vectors (u = w + 1 in {0,1,2}) of one 128-weight block, 32 bytes at
+ * p: u[2g] holds weights 32g..32g+15 and u[2g+1] weights 32g+16..32g+31, the ones
+ * that meet activations q[32g..32g+15] and q[32g+16..32g+31]. Group g sits in bits
+ * 6-2g..7-2g of every byte (kernels.h). */
+static ALWAYS_INLINE void unpack_block(const uint8_t *p, int8x16_t u[8])
+{
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    const uint8x16_t lo = vld1q_u8(p), hi = vld1q_u8(p + 16);
+    u[0] = vreinterpretq_s8_u8(vshrq_n_u8(lo, 6)); /* the top bits need no mask */
+    u[1] = vreinterpretq_s8_u8(vshrq_n_u8(hi, 6));
+    u[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(lo, 4), m3));
+    u[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(hi, 4), m3));
+    u[4] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(lo, 2), m3));
+    u[5] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(hi, 2), m3));
+    u[6] = vreinterpretq_s8_u8(vandq_u8(lo, m3));
+    u[7] = vreinterpretq_s8_u8(vandq_u8(hi, m3));
+}
+
+/* One block (u against q[0..127]) added to two int32 accumulators, baseline NEON:
+ * widening multiply-adds into int16 lanes, each lane summing 8 products of
+ * |u*q| <= 256 (|sum| <= 2048), then pairwise-widened into int32. Two chains so
+ * consecutive multiply-adds do not wait on each other. */
+static ALWAYS_INLINE void block_dot_mla(const int8x16_t u[8], const int8_t *q, int32x4_t *acc0, int32x4_t *acc1)
+{
+    int16x8_t s01 = vdupq_n_s16(0), s23 = vdupq_n_s16(0); /* groups 0-1 and 2-3 */
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        const int8x16_t qa = vld1q_s8(q + 16 * k), qb = vld1q_s8(q + 64 + 16 * k);
+        s01 = vmlal_s8(s01, vget_low_s8(u[k]), vget_low_s8(qa));
+        s01 = vmlal_high_s8(s01, u[k], qa);
+        s23 = vmlal_s8(s23, vget_low_s8(u[4 + k]), vget_low_s8(qb));
+        s23 = vmlal_high_s8(s23, u[4 + k], qb);
+    }
+    *acc0 = vpadalq_s16(*acc0, s01);
+    *acc1 = vpadalq_s16(*acc1, s23);
+}
+
+/* The same with SDOT: four u8*s8 products summed straight into each int32 lane. */
+static DOTPROD ALWAYS_INLINE void block_dot_sdot(const int8x16_t u[8], const int8_t *q, int32x4_t *acc0,
+                                                 int32x4_t *acc1)
+{
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        *acc0 = vdotq_s32(*acc0, u[2 * k], vld1q_s8(q + 32 * k));
+        *acc1 = vdotq_s32(*acc1, u[2 * k + 1], vld1q_s8(q + 32 * k + 16));
+    }
+}
+
+/* Each row's blocks are unpacked once and used for a tile of up to TILE_T tokens;
+ * with 2 accumulators a token, a full tile keeps 8 u-vectors and 8 accumulators
+ * in registers (of 32). */
+#define TILE_T 4
+
+/* dot[t] = sum(u*q) of one row (nb blocks) against tokens q + t*ldq, t < tn.
+ * tn is a compile-time constant at each call, so the token loops unroll and the
+ * accumulators stay in registers. */
+static ALWAYS_INLINE void row_dots_mla_n(const uint8_t *row, int nb, const int8_t *q, size_t ldq, int tn,
+                                         int32_t *dot)
+{
+    int32x4_t acc[TILE_T][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < tn; t++)
+        acc[t][0] = acc[t][1] = vdupq_n_s32(0);
+    for (int b = 0; b < nb; b++) {
+        int8x16_t u[8];
+        unpack_block(row + 32 * b, u);
+#pragma GCC unroll 4
+        for (int t = 0; t < tn; t++)
+            block_dot_mla(u, q + (size_t)t * ldq + 128 * b, &acc[t][0], &acc[t][1]);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < tn; t++)
+        dot[t] = vaddvq_s32(vaddq_s32(acc[t][0], acc[t][1]));
+}
+
+static DOTPROD ALWAYS_INLINE void row_dots_sdot_n(const uint8_t *row, int nb, const int8_t *q, size_t ldq,
+                                                  int tn, int32_t *dot)
+{
+    int32x4_t acc[TILE_T][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < tn; t++)
+        acc[t][0] = acc[t][1] = vdupq_n_s32(0);
+    for (int b = 0; b < nb; b++) {
+        int8x16_t u[8];
+        unpack_block(row + 32 * b, u);
+#pragma GCC unroll 4
+        for (int t = 0; t < tn; t++)
+            block_dot_sdot(u, q + (size_t)t * ldq + 128 * b, &acc[t][0], &acc[t][1]);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < tn; t++)
+        dot[t] = vaddvq_s32(vaddq_s32(acc[t][0], acc[t][1]));
+}
+
+/* A full tile at once; a partial one (the batch's tail, or decode's single
+ * token) one token at a time, the row then coming from L1. */
+typedef void row_dots_fn(const uint8_t *row, int nb, const int8_t *q, size_t ldq, int tn, int32_t *dot);
+
+static void row_dots_mla(const uint8_t *row, int nb, const int8_t *q, size_t ldq, int tn, int32_t *dot)
+{
+    if (tn == TILE_T)
+        row_dots_mla_n(row, nb, q, ldq, TILE_T, dot);
+    else
+        for (int t = 0; t < tn; t++)
+            row_dots_mla_n(row, nb, q + (size_t)t * ldq, ldq, 1, dot + t);
+}
+
+static DOTPROD void row_dots_sdot(const uint8_t *row, int nb, const int8_t *q, size_t ldq, int tn, int32_t *dot)
+{
+    if (tn == TILE_T)
+        row_dots_sdot_n(row, nb, q, ldq, TILE_T, dot);
+    else
+        for (int t = 0; t < tn; t++)
+            row_dots_sdot_n(row, nb, q + (size_t)t * ldq, ldq, 1, dot + t);
+}
+
+static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int32_t *qsum, int nt,
+                  float *y, size_t ldy, int r0, int r1)
+{
+    if (w->bscale) { /* per-block factors: the reference's job (kernels.h) */
+        bn_ref_tgemm(w, q, s, qsum, nt, y, ldy, r0, r1);
+        return;
+    }
+    row_dots_fn *row_dots = cpu_has_sdot() ? row_dots_sdot : row_dots_mla;
+    const int n = (int)w->n_in, nb = n / 128;
+    for (int t0 = 0; t0 < nt; t0 += TILE_T) {
+        const int tn = nt - t0 < TILE_T ? nt - t0 : TILE_T;
+        for (int r = r0; r < r1; r++) {
+            int32_t dot[TILE_T];
+            row_dots(w->data + (size_t)r * w->row_bytes, nb, q + (size_t)t0 * n, (size_t)n, tn, dot);
+            for (int t = 0; t < tn; t++) /* the reference's epilogue, operation for operation */
+                y[(size_t)(t0 + t) * ldy + r] = (float)(dot[t] - qsum[t0 + t]) * w->scale / s[t0 + t];
+        }
+    }
+}
+
+/* ---- LM head ---- */
+
+static void head_quantize(const float *x, int n, int8_t *q, float *d)
+{
+    for (int b = 0; b < n / 32; b++) {
+        const float *xb = x + 32 * b;
+        float32x4_t v[8];
+        for (int k = 0; k < 8; k++)
+            v[k] = vld1q_f32(xb + 4 * k);
+        float32x4_t m = vabsq_f32(v[0]);
+        for (int k = 1; k < 8; k++)
+            m = vmaxnmq_f32(m, vabsq_f32(v[k]));
+        const float amax = vmaxnmvq_f32(m);
+        d[b] = amax / 127.0f;
+        const float32x4_t id = vdupq_n_f32(amax > 0.0f ? 127.0f / amax : 0.0f);
+        /* vcvtn: round half to even, as nearbyintf; |x * id| rounds to <= 127 */
+        int16x8_t h[4];
+        for (int k = 0; k < 4; k++)
+            h[k] = vcombine_s16(vmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[2 * k], id))),
+                                vmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[2 * k + 1], id))));
+        vst1q_s8(q + 32 * b, vcombine_s8(vmovn_s16(h[0]), vmovn_s16(h[1])));
+        vst1q_s8(q + 32 * b + 16, vcombine_s8(vmovn_s16(h[2]), vmovn_s16(h[3])));
+    }
+}
+
+/* fp16 -> f32 in hardware (FCVTL is baseline on aarch64; exact for every half) */
+static inline float h2f(bn_fp16_t h)
+{
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
+/* sum of w[i] * q[i] over one block of 32 (w0: 0..15, w1: 16..31), each int16
+ * lane holding a single product (|w*q| <= 128 * 128 = 16384) before the pairwise
+ * widening, so any s8 weights are safe. */
+static inline int32_t dot32(int8x16_t w0, int8x16_t w1, const int8_t *q)
+{
+    const int8x16_t q0 = vld1q_s8(q), q1 = vld1q_s8(q + 16);
+    int32x4_t acc = vpaddlq_s16(vmull_s8(vget_low_s8(w0), vget_low_s8(q0)));
+    acc = vpadalq_s16(acc, vmull_high_s8(w0, q0));
+    acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(w1), vget_low_s8(q1)));
+    acc = vpadalq_s16(acc, vmull_high_s8(w1, q1));
+    return vaddvq_s32(acc);
+}
+
+static float head_row_f16(const bn_fp16_t *e, const float *x, int n)
+{
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (int i = 0; i < n; i += 16) { /* n is a multiple of 32 */
+        const float16x8_t h0 = vreinterpretq_f16_u16(vld1q_u16(e + i));
+        const float16x8_t h1 = vreinterpretq_f16_u16(vld1q_u16(e + i + 8));
+        a0 = vfmaq_f32(a0, vcvt_f32_f16(vget_low_f16(h0)), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, vcvt_high_f32_f16(h0), vld1q_f32(x + i + 4));
+        a2 = vfmaq_f32(a2, vcvt_f32_f16(vget_low_f16(h1)), vld1q_f32(x + i + 8));
+        a3 = vfmaq_f32(a3, vcvt_high_f32_f16(h1), vld1q_f32(x + i + 12));
+    }
+    return vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+}
+
+static void head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1)
+{
+    const int n = (int)h->n_in, nb = n / 32;
+    const uint8x16_t m15 = vdupq_n_u8(15), m3 = vdupq_n_u8(3);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = h->data + (size_t)r * h->row_bytes;
+        if (h->type == BN_HEAD_F16) {
+            logits[r] = head_row_f16((const bn_fp16_t *)row, a->x, n);
+            continue;
+        }
+        /* Quantized rows: the block's exact int32 dot, then the reference's float
+         * expression in the reference's order, so these logits equal its own. */
+        float acc = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            int8x16_t w0, w1;
+            bn_fp16_t d;
+            if (h->type == BN_HEAD_Q8) {
+                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)row + b;
+                w0 = vld1q_s8(blk->qs);
+                w1 = vld1q_s8(blk->qs + 16);
+                d = blk->d;
+            } else if (h->type == BN_HEAD_Q4) { /* low nibbles 0..15, high 16..31, minus 8 */
+                const bn_block_q4_0 *blk = (const bn_block_q4_0 *)row + b;
+                const uint8x16_t p = vld1q_u8(blk->qs);
+                w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(p, m15)), vdupq_n_s8(8));
+                w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(p, 4)), vdupq_n_s8(8));
+                d = blk->d;
+            } else { /* BN_HEAD_Q6: lo nibble from ql[j % 16], 2 high bits from qh[j % 8] */
+                const bn_block_q6_h *blk = (const bn_block_q6_h *)row + b;
+                const uint8x16_t l = vld1q_u8(blk->ql);
+                const uint8x8_t qh = vld1_u8(blk->qh);
+                /* element j takes bits 2(j/8)..2(j/8)+1 of qh[j % 8] */
+                const uint8x16_t h0 = vandq_u8(vcombine_u8(qh, vshr_n_u8(qh, 2)), m3);
+                const uint8x16_t h1 = vcombine_u8(vand_u8(vshr_n_u8(qh, 4), vget_low_u8(m3)), vshr_n_u8(qh, 6));
+                w0 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(l, m15), vshlq_n_u8(h0, 4))), vdupq_n_s8(32));
+                w1 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(l, 4), vshlq_n_u8(h1, 4))), vdupq_n_s8(32));
+                d = blk->d;
+            }
+            acc += h2f(d) * a->d[b] * (float)dot32(w0, w1, a->q + 32 * b);
+        }
+        logits[r] = acc;
+    }
+}
+
+/* ---- float ops ---- */
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out)
+{
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float32x4_t v0 = vld1q_f32(x + i), v1 = vld1q_f32(x + i + 4);
+        a0 = vfmaq_f32(a0, v0, v0);
+        a1 = vfmaq_f32(a1, v1, v1);
+    }
+    float ss = vaddvq_f32(vaddq_f32(a0, a1));
+    for (; i < n; i++)
+        ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    const float32x4_t vr = vdupq_n_f32(r);
+    for (i = 0; i + 4 <= n; i += 4)
+        vst1q_f32(out + i, vmulq_f32(vmulq_f32(vld1q_f32(x + i), vr), vld1q_f32(w + i)));
+    for (; i < n; i++)
+        out[i] = x[i] * r * w[i];
+}
+
+/* The reference's products and sums, operation for operation (no FMA). */
+static void rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const float *cs)
+{
+    const int half = rope_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + (size_t)h * head_dim;
+        int i = 0;
+        for (; i + 4 <= half; i += 4) {
+            const float32x4_t a = vld1q_f32(v + i), b = vld1q_f32(v + i + half);
+            const float32x4_t c = vld1q_f32(cs + i), s = vld1q_f32(cs + half + i);
+            vst1q_f32(v + i, vsubq_f32(vmulq_f32(a, c), vmulq_f32(b, s)));
+            vst1q_f32(v + i + half, vaddq_f32(vmulq_f32(a, s), vmulq_f32(b, c)));
+        }
+        for (; i < half; i++) {
+            const float c = cs[i], s = cs[half + i], a = v[i], b = v[i + half];
+            v[i] = a * c - b * s;
+            v[i + half] = a * s + b * c;
+        }
+    }
+}
+
+/* Online softmax as in the reference, summing straight into out (a head of 128
+ * floats is 32 vectors: too many to keep in registers beside q, and L1 is near). */
+static void attention(const float *q, const float *k, const float *v, size_t stride, int n_pos, int head_dim,
+                      float *out)
+{
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const int hv = head_dim & ~3; /* the vector part; the rest element by element */
+    float m = -INFINITY, l = 0.0f;
+    for (int i = 0; i < head_dim; i++)
+        out[i] = 0.0f;
+    for (int t = 0; t < n_pos; t++) {
+        const float *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
+        float32x4_t d0 = vdupq_n_f32(0.0f), d1 = d0;
+        int i = 0;
+        for (; i + 8 <= hv; i += 8) {
+            d0 = vfmaq_f32(d0, vld1q_f32(q + i), vld1q_f32(kt + i));
+            d1 = vfmaq_f32(d1, vld1q_f32(q + i + 4), vld1q_f32(kt + i + 4));
+        }
+        for (; i < hv; i += 4)
+            d0 = vfmaq_f32(d0, vld1q_f32(q + i), vld1q_f32(kt + i));
+        float d = vaddvq_f32(vaddq_f32(d0, d1));
+        for (; i < head_dim; i++)
+            d += q[i] * kt[i];
+        d *= scale;
+        if (d > m) { /* a new maximum: rescale what was summed so far */
+            const float alpha = expf(m - d);
+            const float32x4_t va = vdupq_n_f32(alpha);
+            for (i = 0; i < hv; i += 4)
+                vst1q_f32(out + i, vmulq_f32(vld1q_f32(out + i), va));
+            for (; i < head_dim; i++)
+                out[i] *= alpha;
+            l *= alpha;
+            m = d;
+        }
+        const float p = expf(d - m);
+        l += p;
+        const float32x4_t vp = vdupq_n_f32(p);
+        for (i = 0; i < hv; i += 4)
+            vst1q_f32(out + i, vfmaq_f32(vld1q_f32(out + i), vp, vld1q_f32(vt + i)));
+        for (; i < head_dim; i++)
+            out[i] += p * vt[i];
+    }
+    const float inv = 1.0f / l;
+    const float32x4_t vi = vdupq_n_f32(inv);
+    int i = 0;
+    for (; i < hv; i += 4)
+        vst1q_f32(out + i, vmulq_f32(vld1q_f32(out + i), vi));
+    for (; i < head_dim; i++)
+        out[i] *= inv;
+}
+
+static void ffn_act(const float *g, const float *u, int n, int relu2, float *out)
+{
+    if (!relu2) { /* silu needs exp: the reference's per-element expf */
+        bn_ref_ffn_act(g, u, n, relu2, out);
+        return;
+    }
+    /* vmaxnm(g, 0) is 0 for NaN, as the reference's g > 0 ? g : 0 */
+    const float32x4_t zero = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t r = vmaxnmq_f32(vld1q_f32(g + i), zero);
+        vst1q_f32(out + i, vmulq_f32(vmulq_f32(r, r), vld1q_f32(u + i)));
+    }
+    for (; i < n; i++) {
+        const float r = g[i] > 0.0f ? g[i] : 0.0f;
+        out[i] = r * r * u[i];
+    }
+}
+
+const bn_kernels_t bn_kernels_neon = {
+    .name = "neon",
+    .quantize_act = quantize_act,
+    .tgemm = tgemm,
+    .head_quantize = head_quantize,
+    .head_gemv = head_gemv,
+    .rmsnorm = rmsnorm,
+    .rope_neox = rope_neox,
+    .attention = attention,
+    .ffn_act = ffn_act,
+};
