@@ -42,6 +42,7 @@ typedef struct {
     /* KV cache */
     float *key_cache;     /* (n_seq, n_layer, n_ctx, kv_dim) */
     float *value_cache;   /* (n_seq, n_layer, n_ctx, kv_dim) */
+    size_t cache_bytes;   /* of each */
 } bn_state_t;
 
 /* Allocate run state for n_seq sequences of up to n_ctx positions, computing with
