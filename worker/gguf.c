@@ -201,6 +201,8 @@ int bn_gguf_open(const char *path, bn_gguf_t **out, char *err, size_t errlen)
 {
     *out = NULL;
     bn_gguf_t *g = calloc(1, sizeof *g);
+    if (g)
+        g->fd = -1;
     if (!g || !(g->path = strdup(path))) {
         free(g);
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", path);
@@ -226,9 +228,9 @@ int bn_gguf_open(const char *path, bn_gguf_t **out, char *err, size_t errlen)
         rc = bn_err(err, errlen, BN_EIO, "%s: cannot map: %s", path, strerror(errno));
         goto fail;
     }
-    close(fd);
-    fd = -1;
     g->map = m;
+    g->fd = fd; /* kept for bn_gguf_pread */
+    fd = -1;
 
     cursor_t c = { g->map, g->map + g->size };
     uint32_t magic = 0;
@@ -330,9 +332,30 @@ void bn_gguf_close(bn_gguf_t **pg)
     free(g->tensors);
     if (g->map)
         munmap((void *)g->map, g->size);
+    if (g->fd >= 0)
+        close(g->fd);
     free(g->path);
     free(g);
     *pg = NULL;
+}
+
+int bn_gguf_pread(const bn_gguf_t *g, const void *p, size_t len, void *dst)
+{
+    const uint8_t *b = p;
+    if (b < g->map || b + len > g->map + g->size)
+        return BN_EINVAL;
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(g->fd, (uint8_t *)dst + done, len - done, (off_t)(b - g->map + done));
+        if (r <= 0) {
+            if (r < 0 && errno == EINTR)
+                continue;
+            memcpy((uint8_t *)dst + done, b + done, len - done); /* fall back to the mapping */
+            break;
+        }
+        done += (size_t)r;
+    }
+    return BN_OK;
 }
 
 void bn_gguf_release(const bn_gguf_t *g, const void *p, uint64_t len)

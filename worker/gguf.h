@@ -72,6 +72,7 @@ typedef struct {
     uint64_t n_tensors;
     bn_gguf_tensor_t *tensors; /* (n_tensors) */
     uint64_t data_offset;   /* file offset of the data section */
+    int fd;                 /* the open file, for bn_gguf_pread */
 } bn_gguf_t;
 
 /* Map and validate `path`. On success *out owns the mapping (close with
@@ -85,6 +86,12 @@ void bn_gguf_close(bn_gguf_t **g);
  * tensor was copied out of it): its pages leave our resident set, the page cache
  * keeps them, and a later read maps them again. */
 void bn_gguf_release(const bn_gguf_t *g, const void *p, uint64_t len);
+
+/* Copy [p, p + len) of the mapping into dst with pread(), not through the mapping:
+ * for scattered small reads (embedding rows of the tokens in a step) that must not
+ * map pages into our resident set (the kernel maps whole large folios on a fault).
+ * BN_OK, or BN_EINVAL when the range is outside the file. Thread safe. */
+int bn_gguf_pread(const bn_gguf_t *g, const void *p, size_t len, void *dst);
 
 /* Look-ups; NULL when absent. */
 const bn_gguf_kv_t *bn_gguf_find(const bn_gguf_t *g, const char *key);

@@ -166,20 +166,6 @@ static int find_tensor(const bn_model_t *m, const char *name, uint64_t ne0, uint
     return BN_OK;
 }
 
-static int bind_norm(const bn_model_t *m, const char *name, uint64_t n, const float **out,
-                     char *err, size_t errlen)
-{
-    const bn_gguf_tensor_t *t;
-    int rc = find_tensor(m, name, n, 1, &t, err, errlen);
-    if (rc)
-        return rc;
-    if (t->type != BN_TYPE_F32)
-        return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: tensor '%s' has type %s (norm weights must be F32)",
-                      m->gguf->path, name, bn_type_name(t->type));
-    *out = t->data;
-    return BN_OK;
-}
-
 static int own(bn_model_t *m, void *p, char *err, size_t errlen)
 {
     if (!p)
@@ -192,6 +178,27 @@ static int own(bn_model_t *m, void *p, char *err, size_t errlen)
     m->owned = n;
     m->owned[m->n_owned++] = p;
     return BN_OK;
+}
+
+static int bind_norm(bn_model_t *m, const char *name, uint64_t n, const float **out,
+                     char *err, size_t errlen)
+{
+    const bn_gguf_tensor_t *t;
+    int rc = find_tensor(m, name, n, 1, &t, err, errlen);
+    if (rc)
+        return rc;
+    if (t->type != BN_TYPE_F32)
+        return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: tensor '%s' has type %s (norm weights must be F32)",
+                      m->gguf->path, name, bn_type_name(t->type));
+    /* A copy, read with pread: the norms sit between the large tensors in the file,
+     * and reading them through the mapping every step would map the large folios
+     * around them (megabytes of weights already repacked elsewhere). */
+    float *copy = malloc(n * sizeof(float));
+    if (!copy)
+        return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", m->gguf->path);
+    bn_gguf_pread(m->gguf, t->data, n * sizeof(float), copy);
+    *out = copy;
+    return own(m, copy, err, errlen);
 }
 
 static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t n_out,
@@ -386,8 +393,13 @@ void bn_model_destroy(bn_model_t **pm)
 
 void bn_model_embed(const bn_model_t *m, int32_t token, float *out)
 {
-    bn_ref_dequant_row(m->w.embd_type, m->w.token_embd + (size_t)token * m->w.embd_row_bytes, out,
-                       (int)m->cfg.n_embd);
+    const uint8_t *row = m->w.token_embd + (size_t)token * m->w.embd_row_bytes;
+    uint8_t buf[16384];
+    /* read the row with pread: touching it through the mapping would map a whole
+     * large folio of the file (megabytes) into the resident set per token */
+    if (m->w.embd_row_bytes <= sizeof buf && bn_gguf_pread(m->gguf, row, m->w.embd_row_bytes, buf) == BN_OK)
+        row = buf;
+    bn_ref_dequant_row(m->w.embd_type, row, out, (int)m->cfg.n_embd);
 }
 
 uint64_t bn_model_bytes_per_token(const bn_model_t *m)
