@@ -2,6 +2,7 @@
 # install any missing Debian packages (tools/install-deps.sh), then build.
 #   make test T=name     run one test        make test SAN=1   ASan + UBSan build
 #   make bench           benchmarks (not part of the tests)
+#   make cross           the aarch64 test binary (NEON), run under qemu by make test
 
 CC      := gcc
 SAN     ?=
