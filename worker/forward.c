@@ -183,10 +183,10 @@ static void job_embed(void *arg, int ith, int nth)
     }
 }
 
-/* (the previous layer's x += bitlinear_down(f), when there is one;) n = rmsnorm(x) * attn_norm */
-static void job_attn_in(void *arg, int ith, int nth)
+/* x = x + out (when add_out), then n = rmsnorm(x) * norm, quantized: the input of
+ * the attention and FFN blocks */
+static void residual_norm(ctx_t *cx, int ith, int nth, int add_out, const float *norm)
 {
-    ctx_t *cx = arg;
     bn_state_t *s = cx->s;
     const bn_config_t *c = &cx->m->cfg;
     const int D = (int)c->n_embd;
@@ -194,12 +194,19 @@ static void job_attn_in(void *arg, int ith, int nth)
     my_tokens(cx, ith, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
         float *x = s->x + (size_t)t * D;
-        if (cx->layer > 0)
+        if (add_out)
             for (int i = 0; i < D; i++)
                 x[i] += s->out[(size_t)t * D + i];
-        cx->K->rmsnorm(x, cx->m->w.layers[cx->layer].attn_norm, D, c->norm_eps, s->xn + (size_t)t * D);
+        cx->K->rmsnorm(x, norm, D, c->norm_eps, s->xn + (size_t)t * D);
     }
     quantize_tokens(cx, D, t0, t1);
+}
+
+/* (the previous layer's x += bitlinear_down(f), when there is one;) n = rmsnorm(x) * attn_norm */
+static void job_attn_in(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    residual_norm(cx, ith, nth, cx->layer > 0, cx->m->w.layers[cx->layer].attn_norm);
 }
 
 /* q, k = rope_neox(q, k); k and v go into the cache at their positions */
@@ -258,18 +265,7 @@ static void job_attn_sub_norm(void *arg, int ith, int nth)
 static void job_ffn_in(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
-    bn_state_t *s = cx->s;
-    const bn_config_t *c = &cx->m->cfg;
-    const int D = (int)c->n_embd;
-    int t0, t1;
-    my_tokens(cx, ith, nth, &t0, &t1);
-    for (int t = t0; t < t1; t++) {
-        float *x = s->x + (size_t)t * D;
-        for (int i = 0; i < D; i++)
-            x[i] += s->out[(size_t)t * D + i];
-        cx->K->rmsnorm(x, cx->m->w.layers[cx->layer].ffn_norm, D, c->norm_eps, s->xn + (size_t)t * D);
-    }
-    quantize_tokens(cx, D, t0, t1);
+    residual_norm(cx, ith, nth, 1, cx->m->w.layers[cx->layer].ffn_norm);
 }
 
 /* f = act(gate) * up; f = rmsnorm(f) * ffn_sub_norm  (over the full FFN width) */
