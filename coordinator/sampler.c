@@ -5,13 +5,16 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct bn_sampler {
     bn_sampler_params_t p;
     uint32_t n_vocab;
     uint64_t rng[4];          /* xoshiro256** state */
-    struct cand { float logit; int32_t id; } *cand; /* (n_vocab) */
-    float *prob;              /* (n_vocab) */
+    bn_cand_t *cand;          /* (cap) the union of the slices' candidates */
+    float *prob;              /* (cap) their unnormalised probabilities */
+    uint32_t cap;
+    bn_cand_t slice[BN_SAMPLER_CAP]; /* one slice's candidates, for bn_sampler_sample */
 };
 
 static uint64_t splitmix64(uint64_t *x)
@@ -64,8 +67,9 @@ int bn_sampler_new(const bn_sampler_params_t *p, uint32_t n_vocab, bn_sampler_t 
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the sampler");
     s->p = *p;
     s->n_vocab = n_vocab;
-    s->cand = malloc((size_t)n_vocab * sizeof *s->cand);
-    s->prob = malloc((size_t)n_vocab * sizeof *s->prob);
+    s->cap = n_vocab > BN_SAMPLER_CAP ? n_vocab : BN_SAMPLER_CAP;
+    s->cand = malloc((size_t)s->cap * sizeof *s->cand);
+    s->prob = malloc((size_t)s->cap * sizeof *s->prob);
     if (!s->cand || !s->prob) {
         bn_sampler_destroy(&s);
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the sampler");
@@ -96,59 +100,206 @@ int32_t bn_argmax(const float *logits, uint32_t n)
     return best;
 }
 
+/* a is worse than b: lower logit, or the same logit and a higher id */
+static int worse(bn_cand_t a, bn_cand_t b)
+{
+    return a.logit < b.logit || (a.logit == b.logit && a.id > b.id);
+}
+
 /* descending by logit, ascending id on ties: a total order, so qsort is deterministic */
 static int cmp_cand(const void *a, const void *b)
 {
-    const struct cand *x = a, *y = b;
-    if (x->logit != y->logit)
-        return x->logit > y->logit ? -1 : 1;
-    return (x->id > y->id) - (x->id < y->id);
+    const bn_cand_t *x = a, *y = b;
+    return worse(*x, *y) ? 1 : worse(*y, *x) ? -1 : 0;
 }
 
-int32_t bn_sampler_sample(bn_sampler_t *s, const float *logits)
+uint32_t bn_sampler_n_cand(const bn_sampler_params_t *p, uint32_t n)
 {
-    if (s->p.temp == 0.0f)
-        return bn_argmax(logits, s->n_vocab);
-    uint32_t n = s->n_vocab;
-    for (uint32_t i = 0; i < n; i++) {
-        s->cand[i].logit = logits[i] / s->p.temp;
-        s->cand[i].id = (int32_t)i;
+    uint32_t k = p->temp == 0.0f ? 1 : BN_SAMPLER_CAP;
+    if (p->top_k > 0 && (uint32_t)p->top_k < k)
+        k = (uint32_t)p->top_k;
+    return k < n ? k : n;
+}
+
+/* the root h[0] is the worst of the k kept */
+static void sift_down(bn_cand_t *h, uint32_t k, uint32_t i)
+{
+    for (;;) {
+        uint32_t l = 2 * i + 1, m = i;
+        if (l < k && worse(h[l], h[m]))
+            m = l;
+        if (l + 1 < k && worse(h[l + 1], h[m]))
+            m = l + 1;
+        if (m == i)
+            return;
+        bn_cand_t t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
     }
-    qsort(s->cand, n, sizeof *s->cand, cmp_cand);
-    if (s->p.top_k > 0 && (uint32_t)s->p.top_k < n)
-        n = (uint32_t)s->p.top_k;
-    double sum = 0.0;
-    float mx = s->cand[0].logit;
-    for (uint32_t i = 0; i < n; i++) {
-        s->prob[i] = expf(s->cand[i].logit - mx);
-        sum += s->prob[i];
+}
+
+void bn_sample_slice(const bn_sampler_params_t *p, const float *logits, uint32_t n, int32_t off,
+                     bn_cand_t *cand, bn_slice_stats_t *st)
+{
+    const uint32_t k = bn_sampler_n_cand(p, n);
+    memset(st, 0, sizeof *st);
+    st->n_cand = k;
+    st->max = -INFINITY;
+    if (k == 0)
+        return;
+    /* a min-heap of the k best: one comparison per token once it is full */
+    for (uint32_t i = 0; i < k; i++)
+        cand[i] = (bn_cand_t){ logits[i], off + (int32_t)i };
+    for (uint32_t i = k / 2; i-- > 0;)
+        sift_down(cand, k, i);
+    for (uint32_t i = k; i < n; i++) {
+        bn_cand_t c = { logits[i], off + (int32_t)i };
+        if (worse(cand[0], c)) {
+            cand[0] = c;
+            sift_down(cand, k, 0);
+        }
     }
-    /* top-p: the smallest prefix whose mass reaches top_p */
-    if (s->p.top_p < 1.0f) {
+    qsort(cand, k, sizeof *cand, cmp_cand);
+    st->max = cand[0].logit;
+    if (p->temp > 0.0f && p->top_k == 0) {
+        const float inv = 1.0f / p->temp;
+        double sum = 0.0;
+        for (uint32_t i = 0; i < n; i++)
+            sum += expf((logits[i] - st->max) * inv);
+        st->sumexp = sum;
+    }
+}
+
+const bn_sampler_params_t *bn_sampler_params(const bn_sampler_t *s)
+{
+    return &s->p;
+}
+
+/* weight of slice i's tokens outside the kept candidates, in units of exp((logit - mx) / temp) */
+static double tail_weight(const bn_slice_stats_t *st, const bn_cand_t *cand, size_t first, bn_cand_t last,
+                          float mx, float inv)
+{
+    if (!st->n_cand)
+        return 0.0;
+    double in = 0.0;
+    for (uint32_t j = 0; j < st->n_cand; j++)
+        if (!worse(cand[first + j], last))
+            in += expf((cand[first + j].logit - st->max) * inv);
+    double t = (st->sumexp - in) * exp((double)(st->max - mx) * inv);
+    return t > 0.0 ? t : 0.0;
+}
+
+bn_pick_t bn_sampler_pick(bn_sampler_t *s, const bn_slice_stats_t *st, int n_slices, const bn_cand_t *cand)
+{
+    const bn_sampler_params_t *p = &s->p;
+    bn_pick_t none = { .token = -1, .slice = -1 };
+    size_t n_all = 0;
+    for (int i = 0; i < n_slices; i++)
+        n_all += st[i].n_cand;
+    if (n_all == 0)
+        return none;
+    if (n_all > s->cap) {
+        bn_cand_t *c = realloc(s->cand, n_all * sizeof *c);
+        if (c)
+            s->cand = c;
+        float *w = realloc(s->prob, n_all * sizeof *w);
+        if (w)
+            s->prob = w;
+        if (!c || !w)
+            return none;
+        s->cap = (uint32_t)n_all;
+    }
+    memcpy(s->cand, cand, n_all * sizeof *cand);
+    qsort(s->cand, n_all, sizeof *s->cand, cmp_cand);
+    if (p->temp == 0.0f)
+        return (bn_pick_t){ .token = s->cand[0].id, .slice = -1 };
+    /* the kept candidates are the best n of the union, whatever the slicing: the
+     * same set a single slice would send */
+    uint32_t n = bn_sampler_n_cand(p, (uint32_t)n_all);
+    const bn_cand_t last = s->cand[n - 1];
+    const float mx = s->cand[0].logit, inv = 1.0f / p->temp;
+    double z = 0.0; /* the softmax's denominator: over the top-k, or the whole vocabulary */
+    for (uint32_t i = 0; i < n; i++) {
+        s->prob[i] = expf((s->cand[i].logit - mx) * inv);
+        z += s->prob[i];
+    }
+    if (p->top_k == 0) {
+        z = 0.0;
+        for (int i = 0; i < n_slices; i++)
+            if (st[i].n_cand)
+                z += st[i].sumexp * exp((double)(st[i].max - mx) * inv);
+    }
+    /* top-p: the smallest prefix whose mass reaches top_p (or every candidate: the cap) */
+    if (p->top_p < 1.0f) {
         double acc = 0.0;
         for (uint32_t i = 0; i < n; i++) {
-            acc += s->prob[i] / sum;
-            if (acc >= s->p.top_p) {
+            acc += s->prob[i] / z;
+            if (acc >= p->top_p) {
                 n = i + 1;
                 break;
             }
         }
     }
     /* min-p: drop tokens below min_p times the best probability (prob[0] = 1 here) */
-    if (s->p.min_p > 0.0f) {
+    if (p->min_p > 0.0f) {
         uint32_t keep = 1;
-        while (keep < n && s->prob[keep] >= s->p.min_p)
+        while (keep < n && s->prob[keep] >= p->min_p)
             keep++;
         n = keep;
     }
+    /* plain temperature sampling also draws from what lies outside the candidates */
+    const int tails = p->top_k == 0 && p->top_p >= 1.0f && p->min_p == 0.0f;
     double total = 0.0;
     for (uint32_t i = 0; i < n; i++)
         total += s->prob[i];
+    size_t first = 0;
+    for (int i = 0; tails && i < n_slices; first += st[i].n_cand, i++)
+        total += tail_weight(&st[i], cand, first, last, mx, inv);
     double r = next_unit(s->rng) * total, acc = 0.0;
     for (uint32_t i = 0; i < n; i++) {
         acc += s->prob[i];
         if (r < acc)
-            return s->cand[i].id;
+            return (bn_pick_t){ .token = s->cand[i].id, .slice = -1 };
     }
-    return s->cand[n - 1].id;
+    first = 0;
+    for (int i = 0; tails && i < n_slices; first += st[i].n_cand, i++) {
+        double t = tail_weight(&st[i], cand, first, last, mx, inv);
+        if (t > 0.0 && r < acc + t)
+            return (bn_pick_t){ .token = -1, .slice = i, .last = last,
+                                .target = (r - acc) / exp((double)(st[i].max - mx) * inv) };
+        acc += t;
+    }
+    return (bn_pick_t){ .token = s->cand[n - 1].id, .slice = -1 };
+}
+
+int32_t bn_sample_tail(const bn_sampler_params_t *p, const float *logits, uint32_t n, int32_t off,
+                       const bn_slice_stats_t *st, bn_cand_t last, double target)
+{
+    const float inv = 1.0f / p->temp;
+    double acc = 0.0;
+    int32_t pick = -1;
+    for (uint32_t i = 0; i < n; i++) {
+        bn_cand_t c = { logits[i], off + (int32_t)i };
+        if (!worse(c, last))
+            continue; /* a kept candidate */
+        pick = c.id;
+        acc += expf((c.logit - st->max) * inv);
+        if (target < acc)
+            break;
+    }
+    return pick;
+}
+
+int32_t bn_sampler_sample(bn_sampler_t *s, const float *logits)
+{
+    if (s->p.temp == 0.0f)
+        return bn_argmax(logits, s->n_vocab);
+    bn_slice_stats_t st;
+    bn_sample_slice(&s->p, logits, s->n_vocab, 0, s->slice, &st);
+    bn_pick_t pk = bn_sampler_pick(s, &st, 1, s->slice);
+    if (pk.token >= 0 || pk.slice < 0)
+        return pk.token >= 0 ? pk.token : 0;
+    int32_t t = bn_sample_tail(&s->p, logits, s->n_vocab, 0, &st, pk.last, pk.target);
+    return t >= 0 ? t : pk.last.id;
 }

@@ -14,6 +14,8 @@
     X(shapes_vs_naive) \
     X(sampler_filters) \
     X(sampler_bad_params) \
+    X(sampler_slices) \
+    X(sampler_tail_uniform) \
     X(cli_tokenize_golden) \
     X(cli_dump_logits_golden) \
     X(cli_generate_golden) \
