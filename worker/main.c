@@ -402,10 +402,13 @@ static int run(const options_t *o, char *err, size_t errlen)
     size_t n_ids = 0, text_len = 0;
     run_stats_t rs = { 0 };
 
-    double t_load = now_s();
-    bn_model_opts_t mo = { .head_type = o->lm_head };
-    int rc = bn_model_load(o->model, &mo, &m, err, errlen);
+    int n_threads = o->threads ? o->threads : bn_pool_default_threads();
+    int rc = bn_pool_new(n_threads, &pool, err, errlen);
     if (rc)
+        goto done;
+    double t_load = now_s();
+    bn_model_opts_t mo = { .head_type = o->lm_head, .pool = pool };
+    if ((rc = bn_model_load(o->model, &mo, &m, err, errlen)))
         goto done;
     const bn_config_t *c = &m->cfg;
     BN_INFO("model %s: %s, %u layers, width %u, ffn %u, heads %u/%u, vocab %u, weights %s, embedding %s, "
@@ -413,9 +416,6 @@ static int run(const options_t *o, char *err, size_t errlen)
             o->model, c->arch, c->n_layer, c->n_embd, c->n_ff, c->n_head, c->n_head_kv, c->n_vocab,
             bn_type_name(m->w.wtype), bn_type_name(m->w.embd_type), bn_head_type_name(m->w.head.type),
             now_s() - t_load);
-    int n_threads = o->threads ? o->threads : bn_pool_default_threads();
-    if ((rc = bn_pool_new(n_threads, &pool, err, errlen)))
-        goto done;
     BN_INFO("%s, %d thread%s", bn_kernels_choice(), n_threads, n_threads == 1 ? "" : "s");
     if ((rc = bn_vocab_load(m->gguf, &tok, err, errlen)))
         goto done;

@@ -264,7 +264,45 @@ int bn_head_type_parse(const char *s)
 
 /* The LM head in format `type`: an F16 embedding is used in place for f16;
  * anything else is converted row by row into a new buffer. */
-static int build_head(bn_model_t *m, int type, char *err, size_t errlen)
+/* rows [r0, r1) of the LM head, converted from the embedding, split over a pool */
+#define HEAD_CHUNK 4096u
+typedef struct {
+    bn_model_t *m;
+    uint8_t *dst;
+    int type;
+    uint32_t r0, r1;
+    volatile int failed;
+} head_job_t;
+
+static void head_rows(void *arg, int ith, int nth)
+{
+    head_job_t *j = arg;
+    const bn_config_t *c = &j->m->cfg;
+    const bn_weights_t *w = &j->m->w;
+    const size_t rb = w->head.row_bytes;
+    int a, b;
+    bn_pool_split((int)(j->r1 - j->r0), ith, nth, 1, &a, &b);
+    if (a >= b)
+        return;
+    float *row = malloc(c->n_embd * sizeof(float));
+    if (!row) {
+        j->failed = 1;
+        return;
+    }
+    for (uint32_t r = j->r0 + (uint32_t)a; r < j->r0 + (uint32_t)b; r++) {
+        bn_ref_dequant_row(w->embd_type, w->token_embd + (size_t)r * w->embd_row_bytes, row, (int)c->n_embd);
+        uint8_t *dst = j->dst + (size_t)r * rb;
+        switch (j->type) {
+        case BN_HEAD_F16: bn_pack_f16(row, c->n_embd, (bn_fp16_t *)dst); break;
+        case BN_HEAD_Q8: bn_pack_q8_0(row, c->n_embd, (bn_block_q8_0 *)dst); break;
+        case BN_HEAD_Q6: bn_pack_q6_h(row, c->n_embd, (bn_block_q6_h *)dst); break;
+        case BN_HEAD_Q4: bn_pack_q4_0(row, c->n_embd, (bn_block_q4_0 *)dst); break;
+        }
+    }
+    free(row);
+}
+
+static int build_head(bn_model_t *m, int type, bn_pool_t *pool, char *err, size_t errlen)
 {
     const bn_config_t *c = &m->cfg;
     bn_weights_t *w = &m->w;
@@ -282,35 +320,30 @@ static int build_head(bn_model_t *m, int type, char *err, size_t errlen)
         return BN_OK;
     }
     uint8_t *buf = malloc(h->row_bytes * c->n_vocab);
-    float *row = malloc(c->n_embd * sizeof(float));
-    if (!buf || !row) {
-        free(buf);
-        free(row);
+    if (!buf)
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for the LM head (%zu MB)", m->gguf->path,
                       h->row_bytes * c->n_vocab >> 20);
+    /* in chunks of rows, each split over the pool; the source rows of a chunk
+     * are released after it, so the peak is one copy, not two */
+    head_job_t job = { .m = m, .dst = buf, .type = type };
+    for (uint32_t r0 = 0; r0 < c->n_vocab; r0 += HEAD_CHUNK) {
+        job.r0 = r0;
+        job.r1 = c->n_vocab - r0 < HEAD_CHUNK ? c->n_vocab : r0 + HEAD_CHUNK;
+        bn_pool_run(pool, head_rows, &job);
+        if (job.failed)
+            break;
+        bn_gguf_release(m->gguf, w->token_embd + (size_t)r0 * w->embd_row_bytes,
+                        (uint64_t)(job.r1 - r0) * w->embd_row_bytes);
     }
-    for (uint32_t r = 0; r < c->n_vocab; r++) {
-        bn_ref_dequant_row(w->embd_type, w->token_embd + (size_t)r * w->embd_row_bytes, row, (int)c->n_embd);
-        uint8_t *dst = buf + (size_t)r * h->row_bytes;
-        switch (type) {
-        case BN_HEAD_F16: bn_pack_f16(row, c->n_embd, (bn_fp16_t *)dst); break;
-        case BN_HEAD_Q8: bn_pack_q8_0(row, c->n_embd, (bn_block_q8_0 *)dst); break;
-        case BN_HEAD_Q6: bn_pack_q6_h(row, c->n_embd, (bn_block_q6_h *)dst); break;
-        case BN_HEAD_Q4: bn_pack_q4_0(row, c->n_embd, (bn_block_q4_0 *)dst); break;
-        }
-        /* release the source rows as we go, so the peak is one copy, not two */
-        if ((r + 1) % 4096 == 0 || r + 1 == c->n_vocab) {
-            uint32_t r0 = r + 1 - ((r + 1) % 4096 ? (r + 1) % 4096 : 4096);
-            bn_gguf_release(m->gguf, w->token_embd + (size_t)r0 * w->embd_row_bytes,
-                            (uint64_t)(r + 1 - r0) * w->embd_row_bytes);
-        }
+    if (job.failed) {
+        free(buf);
+        return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory converting the LM head", m->gguf->path);
     }
-    free(row);
     h->data = buf;
     return own(m, buf, err, errlen);
 }
 
-static int bind_weights(bn_model_t *m, int head_type, char *err, size_t errlen)
+static int bind_weights(bn_model_t *m, int head_type, bn_pool_t *pool, char *err, size_t errlen)
 {
     const bn_config_t *c = &m->cfg;
     bn_weights_t *w = &m->w;
@@ -356,7 +389,7 @@ static int bind_weights(bn_model_t *m, int head_type, char *err, size_t errlen)
 #undef NAME
     }
     w->wtype = bn_gguf_tensor(m->gguf, "blk.0.attn_q.weight")->type;
-    return build_head(m, head_type, err, errlen);
+    return build_head(m, head_type, pool, err, errlen);
 }
 
 int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **out, char *err, size_t errlen)
@@ -369,7 +402,8 @@ int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **ou
     if (rc == BN_OK)
         rc = read_config(m, err, errlen);
     if (rc == BN_OK)
-        rc = bind_weights(m, opts && opts->head_type >= 0 ? opts->head_type : BN_HEAD_DEFAULT, err, errlen);
+        rc = bind_weights(m, opts && opts->head_type >= 0 ? opts->head_type : BN_HEAD_DEFAULT,
+                          opts ? opts->pool : NULL, err, errlen);
     if (rc != BN_OK) {
         bn_model_destroy(&m);
         return rc;

@@ -10,6 +10,7 @@
 #define BN_MODEL_H
 
 #include "kernels/kernels.h"
+#include "kernels/pool.h"
 #include "worker/gguf.h"
 
 #include <stddef.h>
@@ -61,9 +62,10 @@ typedef struct {
     size_t n_owned;
 } bn_model_t;
 
-/* How to load: the LM head format. */
+/* How to load: the LM head format, and threads for converting it. */
 typedef struct {
     int head_type;               /* bn_head_type_t, or -1 for the default */
+    bn_pool_t *pool;             /* may be NULL: one thread */
 } bn_model_opts_t;
 
 /* The default LM head format, chosen from the measurements in bench/RESULTS.md
