@@ -9,6 +9,7 @@
 
 #include "proto/status.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -40,10 +41,16 @@ static void cache_free(float *p, size_t bytes)
         munmap(p, bytes);
 }
 
+static uint32_t my_layers(const bn_model_t *m)
+{
+    return m->shard.layer1 - m->shard.layer0;
+}
+
 int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t *pool, bn_state_t **out,
                  char *err, size_t errlen)
 {
     const bn_config_t *c = &m->cfg;
+    const bn_shard_t *sh = &m->shard;
     *out = NULL;
     if (n_ctx == 0 || n_seq == 0 || n_ctx > (1u << 24) || n_seq > 4096)
         return bn_err(err, errlen, BN_EINVAL, "context %u and sequences %u must be in 1..%u and 1..4096",
@@ -55,30 +62,39 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t 
     s->n_seq = n_seq;
     s->pool = pool;
     s->max_batch = MAX_BATCH;
-    s->q_dim = c->n_head * c->head_dim;
-    s->kv_dim = c->n_head_kv * c->head_dim;
-    size_t B = s->max_batch, wide = umax3(c->n_embd, s->q_dim, c->n_ff);
-    size_t cache = (size_t)n_seq * c->n_layer * n_ctx * s->kv_dim;
+    s->q_dim = (sh->head1 - sh->head0) * c->head_dim;
+    s->kv_dim = (sh->kv1 - sh->kv0) * c->head_dim;
+    s->n_ff = sh->ff1 - sh->ff0;
+    /* widths of the o and down inputs: this rank's columns, padded to whole blocks */
+    s->q_pad = (s->q_dim + 127) / 128 * 128;
+    s->ff_pad = (s->n_ff + 127) / 128 * 128;
+    size_t B = s->max_batch, wide = umax3(c->n_embd, s->q_pad, s->ff_pad);
+    size_t cache = (size_t)n_seq * my_layers(m) * n_ctx * s->kv_dim;
     s->x = malloc(B * c->n_embd * sizeof(float));
     s->xn = malloc(B * wide * sizeof(float));
     s->xq = aligned_alloc(64, (B * wide + 63) / 64 * 64); /* whole cache lines for the SIMD loads */
     s->xs = malloc(B * sizeof(float));
+    s->xr = malloc(B * sizeof(float));
     s->xqsum = malloc(B * sizeof(int32_t));
-    s->q = malloc(B * s->q_dim * sizeof(float));
-    s->k = malloc(B * s->kv_dim * sizeof(float));
-    s->v = malloc(B * s->kv_dim * sizeof(float));
-    s->att = malloc(B * s->q_dim * sizeof(float));
-    s->gate = malloc(B * c->n_ff * sizeof(float));
-    s->up = malloc(B * c->n_ff * sizeof(float));
+    s->stats = malloc(2 * B * sizeof(float));
+    s->q = malloc(B * (s->q_dim + 1) * sizeof(float));
+    s->k = malloc(B * (s->kv_dim + 1) * sizeof(float));
+    s->v = malloc(B * (s->kv_dim + 1) * sizeof(float));
+    s->att = malloc(B * (s->q_dim + 1) * sizeof(float));
+    s->gate = malloc(B * (s->n_ff + 1) * sizeof(float));
+    s->up = malloc(B * (s->n_ff + 1) * sizeof(float));
     s->out = malloc(B * c->n_embd * sizeof(float));
     s->rope = malloc(B * c->rope_dim * sizeof(float));
     s->hq = malloc(B * c->n_embd);
     s->hd = malloc(B * (c->n_embd / 32 + 1) * sizeof(float));
     s->cache_bytes = cache * sizeof(float);
-    s->key_cache = cache_alloc(s->cache_bytes);
-    s->value_cache = cache_alloc(s->cache_bytes);
-    if (!s->x || !s->xn || !s->xq || !s->xs || !s->xqsum || !s->q || !s->k || !s->v || !s->att || !s->gate ||
-        !s->up || !s->out || !s->rope || !s->hq || !s->hd || !s->key_cache || !s->value_cache) {
+    if (cache) {
+        s->key_cache = cache_alloc(s->cache_bytes);
+        s->value_cache = cache_alloc(s->cache_bytes);
+    }
+    if (!s->x || !s->xn || !s->xq || !s->xs || !s->xr || !s->xqsum || !s->stats || !s->q ||
+        !s->k || !s->v || !s->att || !s->gate || !s->up || !s->out || !s->rope || !s->hq || !s->hd ||
+        (cache && (!s->key_cache || !s->value_cache))) {
         bn_state_destroy(&s);
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state (KV cache of %zu MB)",
                       cache * 2 * sizeof(float) >> 20);
@@ -92,13 +108,24 @@ void bn_state_destroy(bn_state_t **ps)
     if (!ps || !*ps)
         return;
     bn_state_t *s = *ps;
-    free(s->x); free(s->xn); free(s->xq); free(s->xs); free(s->xqsum);
+    free(s->x); free(s->xn); free(s->xq); free(s->xs); free(s->xr); free(s->xqsum); free(s->stats);
+    free(s->stats_all);
     free(s->q); free(s->k); free(s->v); free(s->att); free(s->gate); free(s->up);
     free(s->out); free(s->rope); free(s->hq); free(s->hd);
     cache_free(s->key_cache, s->cache_bytes);
     cache_free(s->value_cache, s->cache_bytes);
     free(s);
     *ps = NULL;
+}
+
+int bn_state_set_dist(bn_state_t *s, const bn_dist_t *d, char *err, size_t errlen)
+{
+    s->dist = d;
+    free(s->stats_all);
+    s->stats_all = NULL;
+    if (d && d->tp > 1 && !(s->stats_all = malloc(2 * (size_t)s->max_batch * d->tp * sizeof(float))))
+        return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state");
+    return BN_OK;
 }
 
 /* One chunk's shared context, read by every job. */
@@ -109,18 +136,24 @@ typedef struct {
     const bn_batch_entry_t *b;
     int nt;
     uint32_t layer;
+    int tp;                 /* tensor ranks of this stage: 1 = the whole layer is here */
     /* per step */
     const bn_tmat_t *mats[3];
     float *outs[3];
     int n_mats;
+    const float *sub_in;    /* the sub-norm's input (att or gate), its width here, */
+    int sub_w, sub_pad;     /* padded width of the next matrix's input, */
+    int sub_n;              /* the full width over every tensor rank, */
+    const float *sub_norm;  /* and this rank's norm weights */
     const int *logit_rows;  /* tokens whose logits are wanted */
     int n_logit_rows;
     float *logits;
 } ctx_t;
 
-static float *cache_at(const bn_state_t *s, float *cache, const bn_config_t *c, int seq, int layer, int pos)
+static float *cache_at(const bn_state_t *s, float *cache, const bn_model_t *m, int seq, int layer, int pos)
 {
-    return cache + (((size_t)seq * c->n_layer + layer) * s->n_ctx + pos) * s->kv_dim;
+    const uint32_t nl = my_layers(m);
+    return cache + (((size_t)seq * nl + (layer - (int)m->shard.layer0)) * s->n_ctx + pos) * s->kv_dim;
 }
 
 static void run(ctx_t *cx, bn_pool_fn fn)
@@ -170,21 +203,23 @@ static void matmul(ctx_t *cx, const bn_tmat_t *a, float *ya, const bn_tmat_t *b,
     run(cx, job_matmul);
 }
 
-/* x = token_embd[token]; rope tables of the tokens' positions */
+/* rope tables of the tokens' positions; x = token_embd[token] on the first stage */
 static void job_embed(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
     const bn_config_t *c = &cx->m->cfg;
+    const int first = cx->m->shard.layer0 == 0;
     int t0, t1;
     my_tokens(cx, ith, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
-        bn_model_embed(cx->m, cx->b[t].token, cx->s->x + (size_t)t * c->n_embd);
+        if (first)
+            bn_model_embed(cx->m, cx->b[t].token, cx->s->x + (size_t)t * c->n_embd);
         bn_ref_rope_table(cx->b[t].pos, (int)c->rope_dim, c->rope_base, cx->s->rope + (size_t)t * c->rope_dim);
     }
 }
 
 /* x = x + out (when add_out), then n = rmsnorm(x) * norm, quantized: the input of
- * the attention and FFN blocks */
+ * the attention and FFN blocks (x is the same on every tensor rank) */
 static void residual_norm(ctx_t *cx, int ith, int nth, int add_out, const float *norm)
 {
     bn_state_t *s = cx->s;
@@ -197,16 +232,24 @@ static void residual_norm(ctx_t *cx, int ith, int nth, int add_out, const float 
         if (add_out)
             for (int i = 0; i < D; i++)
                 x[i] += s->out[(size_t)t * D + i];
-        cx->K->rmsnorm(x, norm, D, c->norm_eps, s->xn + (size_t)t * D);
+        if (norm)
+            cx->K->rmsnorm(x, norm, D, c->norm_eps, s->xn + (size_t)t * D);
     }
-    quantize_tokens(cx, D, t0, t1);
+    if (norm)
+        quantize_tokens(cx, D, t0, t1);
 }
 
-/* (the previous layer's x += bitlinear_down(f), when there is one;) n = rmsnorm(x) * attn_norm */
+/* (the previous layer's x += bitlinear_down(f), when it was computed here;) n = rmsnorm(x) * attn_norm */
 static void job_attn_in(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
-    residual_norm(cx, ith, nth, cx->layer > 0, cx->m->w.layers[cx->layer].attn_norm);
+    residual_norm(cx, ith, nth, cx->layer > cx->m->shard.layer0, cx->m->w.layers[cx->layer].attn_norm);
+}
+
+/* x = x + bitlinear_down(f): the last layer of a stage that hands x on */
+static void job_residual(void *arg, int ith, int nth)
+{
+    residual_norm(arg, ith, nth, 1, NULL);
 }
 
 /* q, k = rope_neox(q, k); k and v go into the cache at their positions */
@@ -216,16 +259,19 @@ static void job_rope_cache(void *arg, int ith, int nth)
     bn_state_t *s = cx->s;
     const bn_config_t *c = &cx->m->cfg;
     const int HD = (int)c->head_dim, QD = (int)s->q_dim, KVD = (int)s->kv_dim;
+    const bn_shard_t *sh = &cx->m->shard;
     int t0, t1;
     my_tokens(cx, ith, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
         const float *cs = s->rope + (size_t)t * c->rope_dim;
-        cx->K->rope_neox(s->q + (size_t)t * QD, (int)c->n_head, HD, (int)c->rope_dim, cs);
-        cx->K->rope_neox(s->k + (size_t)t * KVD, (int)c->n_head_kv, HD, (int)c->rope_dim, cs);
-        memcpy(cache_at(s, s->key_cache, c, cx->b[t].seq, (int)cx->layer, cx->b[t].pos), s->k + (size_t)t * KVD,
+        cx->K->rope_neox(s->q + (size_t)t * QD, (int)(sh->head1 - sh->head0), HD, (int)c->rope_dim, cs);
+        cx->K->rope_neox(s->k + (size_t)t * KVD, (int)(sh->kv1 - sh->kv0), HD, (int)c->rope_dim, cs);
+        if (!KVD)
+            continue;
+        memcpy(cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos), s->k + (size_t)t * KVD,
                (size_t)KVD * sizeof(float));
-        memcpy(cache_at(s, s->value_cache, c, cx->b[t].seq, (int)cx->layer, cx->b[t].pos), s->v + (size_t)t * KVD,
-               (size_t)KVD * sizeof(float));
+        memcpy(cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos),
+               s->v + (size_t)t * KVD, (size_t)KVD * sizeof(float));
     }
 }
 
@@ -235,30 +281,108 @@ static void job_attention(void *arg, int ith, int nth)
     ctx_t *cx = arg;
     bn_state_t *s = cx->s;
     const bn_config_t *c = &cx->m->cfg;
-    const int H = (int)c->n_head, HD = (int)c->head_dim, QD = (int)s->q_dim, group = (int)(c->n_head / c->n_head_kv);
+    const bn_shard_t *sh = &cx->m->shard;
+    const int H = (int)(sh->head1 - sh->head0), HD = (int)c->head_dim, QD = (int)s->q_dim;
+    const int group = (int)(c->n_head / c->n_head_kv);
     int i0, i1;
     bn_pool_split(cx->nt * H, ith, nth, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        int t = i / H, h = i % H, kh = h / group;
-        const float *kc = cache_at(s, s->key_cache, c, cx->b[t].seq, (int)cx->layer, 0);
-        const float *vc = cache_at(s, s->value_cache, c, cx->b[t].seq, (int)cx->layer, 0);
+        int t = i / H, h = i % H, kh = ((int)sh->head0 + h) / group - (int)sh->kv0;
+        const float *kc = cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0);
+        const float *vc = cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0);
         cx->K->attention(s->q + (size_t)t * QD + h * HD, kc + kh * HD, vc + kh * HD, s->kv_dim, cx->b[t].pos + 1, HD,
                          s->att + (size_t)t * QD + h * HD);
     }
 }
 
-/* a = rmsnorm(a) * attn_sub_norm  (over all heads) */
-static void job_attn_sub_norm(void *arg, int ith, int nth)
+/* One rank holds the whole width: v = rmsnorm(v) * norm, quantized */
+static void job_sub_norm(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
     bn_state_t *s = cx->s;
-    const int QD = (int)s->q_dim;
+    const int W = cx->sub_w;
     int t0, t1;
     my_tokens(cx, ith, nth, &t0, &t1);
     for (int t = t0; t < t1; t++)
-        cx->K->rmsnorm(s->att + (size_t)t * QD, cx->m->w.layers[cx->layer].attn_sub_norm, QD, cx->m->cfg.norm_eps,
-                       s->xn + (size_t)t * QD);
-    quantize_tokens(cx, QD, t0, t1);
+        cx->K->rmsnorm(cx->sub_in + (size_t)t * W, cx->sub_norm, W, cx->m->cfg.norm_eps, s->xn + (size_t)t * W);
+    quantize_tokens(cx, W, t0, t1);
+}
+
+/* Tensor ranks each hold a slice of the width. Before the exchange: this slice's
+ * sum of squares and max|v * norm| per token. (max|v * norm / rms| is
+ * max|v * norm| / rms, so one exchange gives both the norm and the int8 scale.) */
+static void job_sub_stats(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    const int W = cx->sub_w;
+    int t0, t1;
+    my_tokens(cx, ith, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        const float *v = cx->sub_in + (size_t)t * W;
+        float ss = 0.0f, am = 0.0f;
+        for (int i = 0; i < W; i++) {
+            ss += v[i] * v[i];
+            am = fmaxf(am, fabsf(v[i] * cx->sub_norm[i]));
+        }
+        cx->s->stats[2 * t] = ss;
+        cx->s->stats[2 * t + 1] = am;
+    }
+}
+
+/* After the exchange (xr = 1 / rms, xs = the int8 scale of the whole width): the
+ * slice normed and quantized as the reference does it, zeros in the padding */
+static void job_sub_apply(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const int W = cx->sub_w, P = cx->sub_pad;
+    int t0, t1;
+    my_tokens(cx, ith, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        const float *v = cx->sub_in + (size_t)t * W;
+        int8_t *q = s->xq + (size_t)t * P;
+        const float r = s->xr[t], sc = s->xs[t];
+        int32_t sum = 0;
+        for (int i = 0; i < W; i++) {
+            float y = nearbyintf(v[i] * r * cx->sub_norm[i] * sc);
+            y = fminf(fmaxf(y, -128.0f), 127.0f);
+            q[i] = (int8_t)y;
+            sum += q[i];
+        }
+        memset(q + W, 0, (size_t)(P - W));
+        s->xqsum[t] = sum;
+    }
+}
+
+/* v = rmsnorm(v) * norm over the full width n, quantized for the next BitLinear */
+static int sub_norm(ctx_t *cx, const float *in, int w, int pad, int n, const float *norm, char *err, size_t errlen)
+{
+    bn_state_t *s = cx->s;
+    cx->sub_in = in;
+    cx->sub_w = w;
+    cx->sub_pad = pad;
+    cx->sub_n = n;
+    cx->sub_norm = norm;
+    if (cx->tp == 1) {
+        run(cx, job_sub_norm);
+        return BN_OK;
+    }
+    run(cx, job_sub_stats);
+    const bn_dist_t *d = s->dist;
+    int rc = d->allgather(d->ctx, s->stats, 2 * (size_t)cx->nt, s->stats_all, err, errlen);
+    if (rc)
+        return rc;
+    for (int t = 0; t < cx->nt; t++) {
+        float ss = 0.0f, am = 0.0f;
+        for (int r = 0; r < cx->tp; r++) { /* in rank order: the same sums on every rank */
+            ss += s->stats_all[(size_t)r * 2 * cx->nt + 2 * t];
+            am = fmaxf(am, s->stats_all[(size_t)r * 2 * cx->nt + 2 * t + 1]);
+        }
+        s->xr[t] = 1.0f / sqrtf(ss / (float)n + cx->m->cfg.norm_eps);
+        s->xs[t] = 127.0f / fmaxf(am * s->xr[t], 1e-5f);
+    }
+    run(cx, job_sub_apply);
+    return BN_OK;
 }
 
 /* x = x + bitlinear_o(a); n = rmsnorm(x) * ffn_norm */
@@ -268,21 +392,18 @@ static void job_ffn_in(void *arg, int ith, int nth)
     residual_norm(cx, ith, nth, 1, cx->m->w.layers[cx->layer].ffn_norm);
 }
 
-/* f = act(gate) * up; f = rmsnorm(f) * ffn_sub_norm  (over the full FFN width) */
-static void job_ffn_mid(void *arg, int ith, int nth)
+/* f = act(gate) * up, for this rank's FFN rows */
+static void job_ffn_act(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
     bn_state_t *s = cx->s;
-    const bn_config_t *c = &cx->m->cfg;
-    const int F = (int)c->n_ff;
+    const int F = (int)s->n_ff;
     int t0, t1;
     my_tokens(cx, ith, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
         float *g = s->gate + (size_t)t * F;
-        cx->K->ffn_act(g, s->up + (size_t)t * F, F, c->ffn_act == BN_FFN_RELU2, g);
-        cx->K->rmsnorm(g, cx->m->w.layers[cx->layer].ffn_sub_norm, F, c->norm_eps, s->xn + (size_t)t * F);
+        cx->K->ffn_act(g, s->up + (size_t)t * F, F, cx->m->cfg.ffn_act == BN_FFN_RELU2, g);
     }
-    quantize_tokens(cx, F, t0, t1);
 }
 
 /* x = x + bitlinear_down(f) (last layer) and h = rmsnorm(x) * output_norm, for the
@@ -307,7 +428,8 @@ static void job_head_in(void *arg, int ith, int nth)
     }
 }
 
-/* logits = token_embd . h   (the tied LM head, split by vocabulary rows) */
+/* logits = token_embd . h   (the tied LM head: this rank's vocabulary rows, split
+ * over the threads) */
 static void job_head(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
@@ -324,45 +446,80 @@ static void job_head(void *arg, int ith, int nth)
     }
 }
 
-static void forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entry_t *b, int nt, float *logits)
+/* y = bitlinear(v) of a row-parallel matrix (o, down): this rank's columns give a
+ * partial sum, the tensor ranks' partial sums add up to y */
+static int row_parallel(ctx_t *cx, const bn_tmat_t *w, float *y, char *err, size_t errlen)
+{
+    const size_t n = (size_t)cx->nt * cx->m->cfg.n_embd;
+    if (w->n_out)
+        matmul(cx, w, y, NULL, NULL, NULL, NULL);
+    else
+        memset(y, 0, n * sizeof(float)); /* no heads or FFN rows here: adds nothing */
+    if (cx->tp == 1)
+        return BN_OK;
+    const bn_dist_t *d = cx->s->dist;
+    return d->allreduce_sum(d->ctx, y, n, err, errlen);
+}
+
+static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entry_t *b, int nt, float *logits,
+                         char *err, size_t errlen)
 {
     const bn_config_t *c = &m->cfg;
-    int rows[MAX_BATCH], n_rows = 0;
+    const bn_shard_t *sh = &m->shard;
+    const bn_dist_t *d = s->dist;
+    int rows[MAX_BATCH], n_rows = 0, rc;
     for (int t = 0; t < nt; t++)
         if (b[t].want_logits)
             rows[n_rows++] = t;
-    ctx_t cx = { .m = m, .s = s, .K = bn_kernels_get(), .b = b, .nt = nt,
+    ctx_t cx = { .m = m, .s = s, .K = bn_kernels_get(), .b = b, .nt = nt, .tp = d ? d->tp : 1,
                  .logit_rows = rows, .n_logit_rows = n_rows, .logits = logits };
+    const size_t xn = (size_t)nt * c->n_embd;
 
-    /* x = token_embd[token] */
+    /* x = token_embd[token]  (or x from the previous stage) */
     run(&cx, job_embed);
-    for (cx.layer = 0; cx.layer < c->n_layer; cx.layer++) {
+    if (sh->layer0 > 0 && (rc = d->recv_prev(d->ctx, s->x, xn, err, errlen)))
+        return rc;
+    for (cx.layer = sh->layer0; cx.layer < sh->layer1; cx.layer++) {
         const bn_layer_t *L = &m->w.layers[cx.layer];
         /* n = rmsnorm(x) * attn_norm */
         run(&cx, job_attn_in);
-        /* q, k, v = bitlinear(n) */
+        /* q, k, v = bitlinear(n)  (this rank's heads) */
         matmul(&cx, &L->wq, s->q, &L->wk, s->k, &L->wv, s->v);
         /* q, k = rope_neox(q, k) */
         run(&cx, job_rope_cache);
         /* a = causal_gqa_attention(q, k, v) */
         run(&cx, job_attention);
-        /* a = rmsnorm(a) * attn_sub_norm */
-        run(&cx, job_attn_sub_norm);
+        /* a = rmsnorm(a) * attn_sub_norm  (over all heads of every tensor rank) */
+        if ((rc = sub_norm(&cx, s->att, (int)s->q_dim, (int)s->q_pad, (int)(c->n_head * c->head_dim),
+                           L->attn_sub_norm + sh->head0 * c->head_dim, err, errlen)))
+            return rc;
         /* x = x + bitlinear_o(a)  (the sum is done by the next job) */
-        matmul(&cx, &L->wo, s->out, NULL, NULL, NULL, NULL);
+        if ((rc = row_parallel(&cx, &L->wo, s->out, err, errlen)))
+            return rc;
         /* n = rmsnorm(x) * ffn_norm */
         run(&cx, job_ffn_in);
         /* f = act(bitlinear_gate(n)) * bitlinear_up(n); act = relu^2 (or silu for `bitnet`) */
-        matmul(&cx, &L->w_gate, s->gate, &L->w_up, s->up, NULL, NULL);
-        /* f = rmsnorm(f) * ffn_sub_norm */
-        run(&cx, job_ffn_mid);
+        if (s->n_ff) {
+            matmul(&cx, &L->w_gate, s->gate, &L->w_up, s->up, NULL, NULL);
+            run(&cx, job_ffn_act);
+        }
+        /* f = rmsnorm(f) * ffn_sub_norm  (over the full FFN width) */
+        if ((rc = sub_norm(&cx, s->gate, (int)s->n_ff, (int)s->ff_pad, (int)c->n_ff, L->ffn_sub_norm + sh->ff0,
+                           err, errlen)))
+            return rc;
         /* x = x + bitlinear_down(f)  (the sum is done by the next layer's first job) */
-        matmul(&cx, &L->w_down, s->out, NULL, NULL, NULL, NULL);
+        if ((rc = row_parallel(&cx, &L->w_down, s->out, err, errlen)))
+            return rc;
+    }
+    if (sh->layer1 < c->n_layer) { /* hand x to the next stage */
+        run(&cx, job_residual);
+        return d->send_next(d->ctx, s->x, xn, err, errlen);
     }
     /* logits = token_embd . (rmsnorm(x) * output_norm), for the entries that want them */
     run(&cx, job_head_in);
-    if (n_rows)
+    if (n_rows && m->w.head.n_out)
         run(&cx, job_head);
+    return BN_OK;
 }
 
 int bn_forward(const bn_model_t *m, bn_state_t *st, const bn_batch_entry_t *batch, int n,
@@ -380,7 +537,7 @@ int bn_forward(const bn_model_t *m, bn_state_t *st, const bn_batch_entry_t *batc
         if (e->pos < 0 || (uint32_t)e->pos >= st->n_ctx)
             return bn_err(err, errlen, BN_ECONTEXT, "batch entry %d: position %d beyond the context of %u",
                           i, e->pos, st->n_ctx);
-        if (e->want_logits && !logits)
+        if (e->want_logits && !logits && m->w.head.n_out)
             return bn_err(err, errlen, BN_EINVAL, "batch entry %d wants logits but no buffer was given", i);
     }
     for (int i = 0; i < n; i += (int)st->max_batch) {
@@ -388,9 +545,11 @@ int bn_forward(const bn_model_t *m, bn_state_t *st, const bn_batch_entry_t *batc
         int n_logits = 0;
         for (int t = 0; t < nt; t++)
             n_logits += batch[i + t].want_logits != 0;
-        forward_chunk(m, st, batch + i, nt, logits);
+        int rc = forward_chunk(m, st, batch + i, nt, logits, err, errlen);
+        if (rc)
+            return rc;
         if (logits)
-            logits += (size_t)n_logits * c->n_vocab;
+            logits += (size_t)n_logits * m->w.head.n_out;
     }
     return BN_OK;
 }

@@ -5,7 +5,8 @@
  * or mixes both. Each sequence slot has its own KV cache (f32 for now). The work of
  * each step is split over a thread pool by output rows (matrices), tokens (norms,
  * quantization) or (token, head) pairs (attention).
- * What it is not: sampling or tokenization (coordinator/), sharding (worker/comm).
+ * What it is not: sampling or tokenization (coordinator/), MPI (worker/comm.c,
+ * reached through bn_dist_t).
  * Invariants: an entry at position p of sequence s sees the cached keys/values of
  * positions 0..p of s, so positions 0..p-1 must have been evaluated before or in
  * the same batch. Not thread safe: one state per caller. */
@@ -22,26 +23,47 @@ typedef struct {
     int32_t want_logits;  /* nonzero: write this entry's logits */
 } bn_batch_entry_t;
 
+/* How a rank that holds part of the model talks to the others (worker/comm.c
+ * fills it; forward.c never calls MPI). Each call returns BN_OK or a status with
+ * a message naming the rank and the MPI call. */
+typedef struct {
+    int tp;                 /* tensor ranks in this stage; 1 = no exchanges */
+    void *ctx;
+    /* x (n floats) = the sum of every tensor rank's x, the same on all of them */
+    int (*allreduce_sum)(void *ctx, float *x, size_t n, char *err, size_t errlen);
+    /* out (tp * n floats) = every tensor rank's `in`, in rank order */
+    int (*allgather)(void *ctx, const float *in, size_t n, float *out, char *err, size_t errlen);
+    /* the residual stream (n floats) from the previous stage / to the next one */
+    int (*recv_prev)(void *ctx, float *x, size_t n, char *err, size_t errlen);
+    int (*send_next)(void *ctx, const float *x, size_t n, char *err, size_t errlen);
+} bn_dist_t;
+
 typedef struct {
     uint32_t n_ctx, n_seq, max_batch;
-    uint32_t kv_dim, q_dim;
+    uint32_t kv_dim, q_dim; /* this rank's KV heads and query heads, times head_dim */
+    uint32_t n_ff;          /* this rank's FFN rows */
+    uint32_t q_pad, ff_pad; /* q_dim and n_ff rounded up to 128: the o and down inputs */
+    const bn_dist_t *dist;  /* NULL: the whole model is here */
     bn_pool_t *pool;      /* not owned; NULL = the calling thread alone */
     /* per token of the current chunk */
     float *x;             /* (max_batch, n_embd) residual stream */
-    float *xn;            /* (max_batch, wide) normed input of a BitLinear; wide = max(n_embd, q_dim, n_ff) */
+    float *xn;            /* (max_batch, wide) normed input of a BitLinear; wide = max(n_embd, q_pad, ff_pad) */
     int8_t *xq;           /* (max_batch, wide) its int8 quantization */
     float *xs;            /* (max_batch) quantization scales */
+    float *xr;            /* (max_batch) 1 / rms of a sub-norm over every tensor rank */
+    float *stats;         /* (max_batch, 2) a sub-norm's sum of squares and max here */
+    float *stats_all;     /* (tp, max_batch, 2) the same from every tensor rank */
     int32_t *xqsum;       /* (max_batch) sums of the int8 values */
     float *q, *k, *v;     /* (max_batch, q_dim), (max_batch, kv_dim) x2 */
     float *att;           /* (max_batch, q_dim) attention output */
-    float *gate, *up;     /* (max_batch, n_ff) */
+    float *gate, *up;     /* (max_batch, n_ff) this rank's FFN rows */
     float *out;           /* (max_batch, n_embd) output of o/down projections */
     float *rope;          /* (max_batch, rope_dim) cos/sin per token */
     int8_t *hq;           /* (max_batch, n_embd) LM head input blocks */
     float *hd;            /* (max_batch, n_embd/32) their scales */
     /* KV cache */
-    float *key_cache;     /* (n_seq, n_layer, n_ctx, kv_dim) */
-    float *value_cache;   /* (n_seq, n_layer, n_ctx, kv_dim) */
+    float *key_cache;     /* (n_seq, layers of this stage, n_ctx, kv_dim); NULL when kv_dim is 0 */
+    float *value_cache;   /* (n_seq, layers of this stage, n_ctx, kv_dim) */
     size_t cache_bytes;   /* of each */
 } bn_state_t;
 
@@ -51,10 +73,17 @@ typedef struct {
 int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t *pool, bn_state_t **out,
                  char *err, size_t errlen);
 void bn_state_destroy(bn_state_t **st);
+/* Compute as one rank of a sharded model (d not owned; NULL = alone). BN_OK or BN_ENOMEM. */
+int bn_state_set_dist(bn_state_t *st, const bn_dist_t *d, char *err, size_t errlen);
 
-/* Evaluate n entries. logits (n_with_logits, n_vocab) gets one row per entry with
- * want_logits, in entry order; may be NULL when none want logits. Returns BN_OK,
- * or BN_EINVAL/BN_ECONTEXT naming the bad entry (then nothing was evaluated). */
+/* Evaluate n entries with this rank's part of the model: the first stage embeds
+ * the tokens, later stages receive x from the one before, every stage but the
+ * last hands x on. On the last stage logits (n_with_logits, head.n_out) gets one
+ * row per entry with want_logits, in entry order, for this rank's vocabulary rows
+ * [shard.vocab0, shard.vocab1); logits may be NULL when none want them or on other
+ * stages. Every rank of a replica must make the same call. Returns BN_OK,
+ * BN_EINVAL/BN_ECONTEXT naming the bad entry (then nothing was evaluated), or
+ * the status of a failed exchange. */
 int bn_forward(const bn_model_t *m, bn_state_t *st, const bn_batch_entry_t *batch, int n,
                float *logits, char *err, size_t errlen);
 

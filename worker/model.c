@@ -180,6 +180,14 @@ static int own(bn_model_t *m, void *p, char *err, size_t errlen)
     return BN_OK;
 }
 
+/* let the file pages of tensor t outside bytes [b0, b1) go (another rank's rows) */
+static void release_outside(bn_model_t *m, const bn_gguf_tensor_t *t, size_t b0, size_t b1)
+{
+    const uint8_t *p = t->data;
+    bn_gguf_release(m->gguf, p, b0);
+    bn_gguf_release(m->gguf, p + b1, t->nbytes - b1);
+}
+
 static int bind_norm(bn_model_t *m, const char *name, uint64_t n, const float **out,
                      char *err, size_t errlen)
 {
@@ -201,8 +209,10 @@ static int bind_norm(bn_model_t *m, const char *name, uint64_t n, const float **
     return own(m, copy, err, errlen);
 }
 
-static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t n_out,
-                       bn_tmat_t *w, char *err, size_t errlen)
+/* rows [r0, r1) and columns [c0, c1) of a linear weight; an empty range leaves
+ * an empty matrix (a tensor rank without heads or FFN rows) */
+static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t n_out, uint32_t r0, uint32_t r1,
+                       uint32_t c0, uint32_t c1, bn_tmat_t *w, char *err, size_t errlen)
 {
     const bn_gguf_tensor_t *t;
     int rc = find_tensor(m, name, n_in, n_out, &t, err, errlen);
@@ -219,15 +229,20 @@ static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t 
     if (n_in % 128)
         return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: tensor '%s' has rows of %u weights, not a multiple of 128",
                       m->gguf->path, name, n_in);
+    memset(w, 0, sizeof *w);
+    if (r0 >= r1 || c0 >= c1)
+        return BN_OK;
     void *owned = NULL;
     char e2[384];
-    rc = bn_repack_ternary(name, t->type, t->data, n_in, n_out, 0, n_out, 0, n_in, w, &owned, e2, sizeof e2);
+    rc = bn_repack_ternary(name, t->type, t->data, n_in, n_out, r0, r1, c0, c1, w, &owned, e2, sizeof e2);
     if (rc)
         return bn_err(err, errlen, rc, "%s: %s", m->gguf->path, e2);
     if ((rc = own(m, owned, err, errlen)))
         return rc;
     if (owned) /* the decoded copy replaces the file's pages: let them go */
         bn_gguf_release(m->gguf, t->data, t->nbytes);
+    else if (r1 - r0 < n_out) /* in place: only this rank's rows stay mapped */
+        release_outside(m, t, (size_t)r0 * (n_in / 4), (size_t)r1 * (n_in / 4));
     /* optional per-tensor scale beside the weight: "<name without .weight>.scale" */
     char sname[256];
     size_t base = strlen(name);
@@ -291,7 +306,7 @@ static void head_rows(void *arg, int ith, int nth)
     }
     for (uint32_t r = j->r0 + (uint32_t)a; r < j->r0 + (uint32_t)b; r++) {
         bn_ref_dequant_row(w->embd_type, w->token_embd + (size_t)r * w->embd_row_bytes, row, (int)c->n_embd);
-        uint8_t *dst = j->dst + (size_t)r * rb;
+        uint8_t *dst = j->dst + (size_t)(r - j->m->shard.vocab0) * rb;
         switch (j->type) {
         case BN_HEAD_F16: bn_pack_f16(row, c->n_embd, (bn_fp16_t *)dst); break;
         case BN_HEAD_Q8: bn_pack_q8_0(row, c->n_embd, (bn_block_q8_0 *)dst); break;
@@ -307,28 +322,31 @@ static int build_head(bn_model_t *m, int type, bn_pool_t *pool, char *err, size_
     const bn_config_t *c = &m->cfg;
     bn_weights_t *w = &m->w;
     bn_hmat_t *h = &w->head;
+    const uint32_t v0 = m->shard.vocab0, v1 = m->shard.vocab1;
     h->type = (bn_head_type_t)type;
     h->n_in = c->n_embd;
-    h->n_out = c->n_vocab;
+    h->n_out = v1 - v0;
     if (c->n_embd % 32)
         return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: embedding_length %u is not a multiple of 32",
                       m->gguf->path, c->n_embd);
     static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
     h->row_bytes = c->n_embd / 32 * block_bytes[type];
+    if (h->n_out == 0)
+        return BN_OK; /* not the last stage: no LM head here */
     if (type == BN_HEAD_F16 && w->embd_type == BN_TYPE_F16) {
-        h->data = w->token_embd;
+        h->data = w->token_embd + (size_t)v0 * w->embd_row_bytes;
         return BN_OK;
     }
-    uint8_t *buf = malloc(h->row_bytes * c->n_vocab);
+    uint8_t *buf = malloc(h->row_bytes * h->n_out);
     if (!buf)
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for the LM head (%zu MB)", m->gguf->path,
-                      h->row_bytes * c->n_vocab >> 20);
+                      h->row_bytes * h->n_out >> 20);
     /* in chunks of rows, each split over the pool; the source rows of a chunk
      * are released after it, so the peak is one copy, not two */
     head_job_t job = { .m = m, .dst = buf, .type = type };
-    for (uint32_t r0 = 0; r0 < c->n_vocab; r0 += HEAD_CHUNK) {
+    for (uint32_t r0 = v0; r0 < v1; r0 += HEAD_CHUNK) {
         job.r0 = r0;
-        job.r1 = c->n_vocab - r0 < HEAD_CHUNK ? c->n_vocab : r0 + HEAD_CHUNK;
+        job.r1 = v1 - r0 < HEAD_CHUNK ? v1 : r0 + HEAD_CHUNK;
         bn_pool_run(pool, head_rows, &job);
         if (job.failed)
             break;
@@ -369,27 +387,56 @@ static int bind_weights(bn_model_t *m, int head_type, bn_pool_t *pool, char *err
     w->layers = calloc(c->n_layer, sizeof *w->layers);
     if (!w->layers)
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", m->gguf->path);
-    uint32_t q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
-    for (uint32_t l = 0; l < c->n_layer; l++) {
+    const bn_shard_t *sh = &m->shard;
+    const uint32_t hd = c->head_dim, q_dim = c->n_head * hd, kv_dim = c->n_head_kv * hd;
+    const uint32_t q0 = sh->head0 * hd, q1 = sh->head1 * hd, k0 = sh->kv0 * hd, k1 = sh->kv1 * hd;
+    for (uint32_t l = sh->layer0; l < sh->layer1; l++) {
         bn_layer_t *L = &w->layers[l];
         char n[96];
 #define NAME(s) (snprintf(n, sizeof n, "blk.%u." s ".weight", l), n)
         if ((rc = bind_norm(m, NAME("attn_norm"), c->n_embd, &L->attn_norm, err, errlen)) ||
-            (rc = bind_linear(m, NAME("attn_q"), c->n_embd, q_dim, &L->wq, err, errlen)) ||
-            (rc = bind_linear(m, NAME("attn_k"), c->n_embd, kv_dim, &L->wk, err, errlen)) ||
-            (rc = bind_linear(m, NAME("attn_v"), c->n_embd, kv_dim, &L->wv, err, errlen)) ||
+            (rc = bind_linear(m, NAME("attn_q"), c->n_embd, q_dim, q0, q1, 0, c->n_embd, &L->wq, err, errlen)) ||
+            (rc = bind_linear(m, NAME("attn_k"), c->n_embd, kv_dim, k0, k1, 0, c->n_embd, &L->wk, err, errlen)) ||
+            (rc = bind_linear(m, NAME("attn_v"), c->n_embd, kv_dim, k0, k1, 0, c->n_embd, &L->wv, err, errlen)) ||
             (rc = bind_norm(m, NAME("attn_sub_norm"), q_dim, &L->attn_sub_norm, err, errlen)) ||
-            (rc = bind_linear(m, NAME("attn_output"), q_dim, c->n_embd, &L->wo, err, errlen)) ||
+            (rc = bind_linear(m, NAME("attn_output"), q_dim, c->n_embd, 0, c->n_embd, q0, q1, &L->wo, err, errlen)) ||
             (rc = bind_norm(m, NAME("ffn_norm"), c->n_embd, &L->ffn_norm, err, errlen)) ||
-            (rc = bind_linear(m, NAME("ffn_gate"), c->n_embd, c->n_ff, &L->w_gate, err, errlen)) ||
-            (rc = bind_linear(m, NAME("ffn_up"), c->n_embd, c->n_ff, &L->w_up, err, errlen)) ||
+            (rc = bind_linear(m, NAME("ffn_gate"), c->n_embd, c->n_ff, sh->ff0, sh->ff1, 0, c->n_embd, &L->w_gate,
+                              err, errlen)) ||
+            (rc = bind_linear(m, NAME("ffn_up"), c->n_embd, c->n_ff, sh->ff0, sh->ff1, 0, c->n_embd, &L->w_up,
+                              err, errlen)) ||
             (rc = bind_norm(m, NAME("ffn_sub_norm"), c->n_ff, &L->ffn_sub_norm, err, errlen)) ||
-            (rc = bind_linear(m, NAME("ffn_down"), c->n_ff, c->n_embd, &L->w_down, err, errlen)))
+            (rc = bind_linear(m, NAME("ffn_down"), c->n_ff, c->n_embd, 0, c->n_embd, sh->ff0, sh->ff1, &L->w_down,
+                              err, errlen)))
             return rc;
 #undef NAME
     }
-    w->wtype = bn_gguf_tensor(m->gguf, "blk.0.attn_q.weight")->type;
+    char first[64];
+    snprintf(first, sizeof first, "blk.%u.attn_q.weight", sh->layer1 > sh->layer0 ? sh->layer0 : 0);
+    const bn_gguf_tensor_t *tq = bn_gguf_tensor(m->gguf, first);
+    if (!tq)
+        return bn_err(err, errlen, BN_EFORMAT, "%s: missing tensor '%s'", m->gguf->path, first);
+    w->wtype = tq->type;
     return build_head(m, head_type, pool, err, errlen);
+}
+
+/* the whole model, or the part of it a plan gives this rank */
+static int set_shard(bn_model_t *m, const bn_shard_t *sh, char *err, size_t errlen)
+{
+    const bn_config_t *c = &m->cfg;
+    if (!sh) {
+        m->shard = (bn_shard_t){ .layer1 = c->n_layer, .head1 = c->n_head, .kv1 = c->n_head_kv, .ff1 = c->n_ff,
+                                 .vocab1 = c->n_vocab };
+        return BN_OK;
+    }
+    if (sh->layer0 > sh->layer1 || sh->layer1 > c->n_layer || sh->head0 > sh->head1 || sh->head1 > c->n_head ||
+        sh->kv0 > sh->kv1 || sh->kv1 > c->n_head_kv || sh->ff0 > sh->ff1 || sh->ff1 > c->n_ff ||
+        sh->vocab0 > sh->vocab1 || sh->vocab1 > c->n_vocab)
+        return bn_err(err, errlen, BN_EINVAL, "%s: the shard (layers %u-%u, heads %u-%u, kv %u-%u, ffn %u-%u, "
+                      "vocab %u-%u) does not fit the model", m->gguf->path, sh->layer0, sh->layer1, sh->head0,
+                      sh->head1, sh->kv0, sh->kv1, sh->ff0, sh->ff1, sh->vocab0, sh->vocab1);
+    m->shard = *sh;
+    return BN_OK;
 }
 
 int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **out, char *err, size_t errlen)
@@ -401,6 +448,8 @@ int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **ou
     int rc = bn_gguf_open(path, &m->gguf, err, errlen);
     if (rc == BN_OK)
         rc = read_config(m, err, errlen);
+    if (rc == BN_OK)
+        rc = set_shard(m, opts ? opts->shard : NULL, err, errlen);
     if (rc == BN_OK)
         rc = bind_weights(m, opts && opts->head_type >= 0 ? opts->head_type : BN_HEAD_DEFAULT,
                           opts ? opts->pool : NULL, err, errlen);
@@ -439,11 +488,11 @@ void bn_model_embed(const bn_model_t *m, int32_t token, float *out)
 uint64_t bn_model_bytes_per_token(const bn_model_t *m)
 {
     uint64_t b = (uint64_t)m->w.head.row_bytes * m->w.head.n_out;
-    for (uint32_t l = 0; l < m->cfg.n_layer; l++) {
+    for (uint32_t l = m->shard.layer0; l < m->shard.layer1; l++) {
         const bn_layer_t *L = &m->w.layers[l];
         const bn_tmat_t *ws[] = { &L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down };
         for (int i = 0; i < 7; i++)
-            b += (uint64_t)ws[i]->row_bytes * ws[i]->n_out;
+            b += (uint64_t)ws[i]->n_in / 4 * ws[i]->n_out;
     }
     return b;
 }

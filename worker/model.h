@@ -11,6 +11,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/pool.h"
+#include "coordinator/plan.h"
 #include "worker/gguf.h"
 
 #include <stddef.h>
@@ -58,6 +59,11 @@ typedef struct {
     bn_gguf_t *gguf;             /* owns the mapping */
     bn_config_t cfg;
     bn_weights_t w;
+    bn_shard_t shard;            /* the part of the model held here (all of it for one rank):
+                                    layers outside [layer0, layer1) are left empty; wq rows,
+                                    wo columns are heads [head0, head1), wk/wv rows KV heads
+                                    [kv0, kv1), gate/up rows and down columns [ff0, ff1), the
+                                    LM head rows [vocab0, vocab1) */
     void **owned;                /* (n_owned) repacked buffers behind the weights */
     size_t n_owned;
 } bn_model_t;
@@ -66,6 +72,7 @@ typedef struct {
 typedef struct {
     int head_type;               /* bn_head_type_t, or -1 for the default */
     bn_pool_t *pool;             /* may be NULL: one thread */
+    const bn_shard_t *shard;     /* NULL: the whole model */
 } bn_model_opts_t;
 
 /* The default LM head format, chosen from the measurements in bench/RESULTS.md

@@ -52,6 +52,58 @@ static int is_ternary_type(uint32_t t)
     return t == BN_TYPE_I2_S || t == BN_TYPE_TQ2_0 || t == BN_TYPE_TQ1_0 || t == BN_TYPE_F16 || t == BN_TYPE_F32;
 }
 
+/* Columns [c0, c1) not on the type's block boundaries (a tensor-parallel slice
+ * of o or down whose heads or FFN rows do not fill whole blocks): the aligned
+ * blocks around the slice are repacked, then the slice's u values are moved to
+ * the start of new rows padded to a multiple of 128. The padding holds u = 0;
+ * the caller feeds zeros there, so it adds nothing. Per-block TQ scales cannot
+ * follow such a shift, so they must be uniform here. */
+static int repack_columns(const char *name, uint32_t type, const void *src, uint32_t n_in, uint32_t n_out,
+                          uint32_t r0, uint32_t r1, uint32_t c0, uint32_t c1, bn_tmat_t *out, void **owned,
+                          char *err, size_t errlen)
+{
+    const uint32_t align = (type == BN_TYPE_TQ2_0 || type == BN_TYPE_TQ1_0) ? 256 : 128;
+    const uint32_t a0 = c0 / align * align, a1 = (c1 + align - 1) / align * align;
+    bn_tmat_t wide;
+    void *wide_buf = NULL;
+    int rc = bn_repack_ternary(name, type, src, n_in, n_out, r0, r1, a0, a1, &wide, &wide_buf, err, errlen);
+    if (rc)
+        return rc;
+    if (wide.bscale) {
+        free(wide_buf);
+        return bn_err(err, errlen, BN_EUNSUPPORTED, "tensor '%s': its blocks have different scales, so it can only "
+                      "be split at multiples of %u columns (columns [%u, %u) asked); choose another --tp",
+                      name, align, c0, c1);
+    }
+    const uint32_t rows = r1 - r0, cols = c1 - c0, padded = (cols + 127) / 128 * 128;
+    uint8_t *buf = calloc((size_t)rows, padded / 4);
+    if (!buf) {
+        free(wide_buf);
+        return bn_err(err, errlen, BN_ENOMEM, "out of memory repacking tensor '%s'", name);
+    }
+    uint8_t u[128];
+    for (uint32_t r = 0; r < rows; r++) {
+        const uint8_t *wrow = wide.data + (size_t)r * wide.row_bytes;
+        for (uint32_t c = 0; c < cols; c += 128) {
+            int n = cols - c < 128 ? (int)(cols - c) : 128;
+            for (int k = 0; k < n; k++) {
+                uint32_t e = c0 - a0 + c + (uint32_t)k, b = e >> 7, g = (e >> 5) & 3, j = e & 31;
+                u[k] = (wrow[32 * b + j] >> (6 - 2 * g)) & 3;
+            }
+            put_u(buf + (size_t)r * (padded / 4), (int)c, u, n);
+        }
+    }
+    memset(out, 0, sizeof *out);
+    out->n_in = padded;
+    out->n_out = rows;
+    out->row_bytes = padded / 4;
+    out->scale = wide.scale;
+    out->data = buf;
+    *owned = buf;
+    free(wide_buf);
+    return BN_OK;
+}
+
 int bn_repack_ternary(const char *name, uint32_t type, const void *src, uint32_t n_in, uint32_t n_out,
                       uint32_t r0, uint32_t r1, uint32_t c0, uint32_t c1, bn_tmat_t *out, void **owned,
                       char *err, size_t errlen)
@@ -60,9 +112,11 @@ int bn_repack_ternary(const char *name, uint32_t type, const void *src, uint32_t
     if (!is_ternary_type(type))
         return bn_err(err, errlen, BN_EUNSUPPORTED, "tensor '%s' has a type that is not ternary", name);
     uint32_t align = (type == BN_TYPE_TQ2_0 || type == BN_TYPE_TQ1_0) ? 256 : 128;
-    if (n_in % align || r0 >= r1 || r1 > n_out || c0 >= c1 || c1 > n_in || c0 % align || c1 % align)
+    if (n_in % align || r0 >= r1 || r1 > n_out || c0 >= c1 || c1 > n_in)
         return bn_err(err, errlen, BN_EINVAL, "tensor '%s': rows [%u, %u) and columns [%u, %u) of %u x %u "
-                      "are not a valid slice (columns in multiples of %u)", name, r0, r1, c0, c1, n_out, n_in, align);
+                      "are not a valid slice", name, r0, r1, c0, c1, n_out, n_in);
+    if (c0 % align || c1 % align)
+        return repack_columns(name, type, src, n_in, n_out, r0, r1, c0, c1, out, owned, err, errlen);
     const uint32_t rows = r1 - r0, cols = c1 - c0;
     memset(out, 0, sizeof *out);
     out->n_in = cols;
@@ -71,21 +125,17 @@ int bn_repack_ternary(const char *name, uint32_t type, const void *src, uint32_t
     if (type == BN_TYPE_I2_S) {
         const uint8_t *s = src;
         memcpy(&out->scale, s + (size_t)n_in * n_out / 4, 4);
-        if (c0 == 0 && c1 == n_in) {
-            out->data = s + (size_t)r0 * (n_in / 4);
-            return BN_OK;
-        }
+        /* in place: the rows keep the file's stride, the slice starts c0 / 4 bytes in */
+        out->data = s + (size_t)r0 * (n_in / 4) + c0 / 4;
+        out->row_bytes = n_in / 4;
+        return BN_OK;
     }
     size_t nb = (size_t)rows * (cols / 256);
     uint8_t *buf = calloc(1, (size_t)rows * out->row_bytes + (align == 256 ? nb * sizeof(float) + 16 : 0));
     if (!buf)
         return bn_err(err, errlen, BN_ENOMEM, "out of memory repacking tensor '%s'", name);
     uint8_t u[256];
-    if (type == BN_TYPE_I2_S) {
-        for (uint32_t r = 0; r < rows; r++)
-            memcpy(buf + (size_t)r * out->row_bytes, (const uint8_t *)src + (size_t)(r0 + r) * (n_in / 4) + c0 / 4,
-                   out->row_bytes);
-    } else if (type == BN_TYPE_F16 || type == BN_TYPE_F32) {
+    if (type == BN_TYPE_F16 || type == BN_TYPE_F32) {
         /* values must be {-a, 0, a} for one a: then w = v / a and scale = a */
         float a = 0.0f;
         for (uint32_t r = r0; r < r1; r++)

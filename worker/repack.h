@@ -1,7 +1,7 @@
 /* repack.h - ternary tensors from the file into the kernels' layout (kernels.h).
  *
- * Runs once at load. An I2_S tensor whose full rows are wanted is used in place
- * (no copy); TQ2_0 and TQ1_0 tensors, column slices, and F16/F32 tensors whose
+ * Runs once at load. An I2_S slice on 128-column boundaries is used in place
+ * (no copy; out->row_bytes is then the file's row stride); TQ2_0 and TQ1_0 tensors, column slices, and F16/F32 tensors whose
  * values are w * scale with w in {-1, 0, +1} (llama.cpp writes such rows when they
  * are not a multiple of 256) are decoded into a new buffer. */
 #ifndef BN_REPACK_H
@@ -13,7 +13,10 @@
 #include <stdint.h>
 
 /* Rows [r0, r1) and columns [c0, c1) of the tensor `name` (type, n_in x n_out,
- * data at src) into *out. Columns must be multiples of 128 (256 for TQ types).
+ * data at src) into *out. Columns on the type's block boundaries (128, 256 for TQ
+ * types) are cut exactly; any other column range is moved to the start of rows
+ * padded to a multiple of 128 (out->n_in is then c1 - c0 rounded up), whose
+ * padding the caller multiplies by zero activations.
  * *owned is NULL when out points into src, else a malloc'd buffer behind out's
  * data and bscale, for the caller to free. Returns BN_OK, BN_EUNSUPPORTED (a type
  * that is not ternary, or a float tensor whose values are not), BN_EINVAL (ranges)
