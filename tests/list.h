@@ -16,6 +16,9 @@
     X(sampler_bad_params) \
     X(sampler_slices) \
     X(sampler_tail_uniform) \
+    X(plan_every_world) \
+    X(plan_pins_errors) \
+    X(plan_uneven) \
     X(cli_tokenize_golden) \
     X(cli_dump_logits_golden) \
     X(cli_generate_golden) \
