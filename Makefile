@@ -27,7 +27,7 @@ ISA_FLAGS_neon   :=
 
 LIB_SRC := proto/status.c $(ISA_SRC) \
            $(wildcard kernels/*.c kernels/ref/*.c coordinator/*.c) \
-           $(filter-out worker/main.c worker/comm.c worker/sanitizer.c,$(wildcard worker/*.c)) \
+           $(filter-out worker/main.c worker/comm.c worker/engine.c worker/sanitizer.c,$(wildcard worker/*.c)) \
            $(filter-out tools/mkmodel.c,$(wildcard tools/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o)
 TEST_OBJ := $(patsubst %.c,$(O)/%.o,$(wildcard tests/*.c))
@@ -51,7 +51,7 @@ $(O)/kernels/x86/%.o: kernels/x86/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(ISA_FLAGS_$*) -MMD -MP -c $< -o $@
 
-$(BIN)/bitnet-worker: $(O)/worker/main.o $(O)/worker/comm.o $(O)/worker/sanitizer.o $(O)/libbn.a
+$(BIN)/bitnet-worker: $(O)/worker/main.o $(O)/worker/comm.o $(O)/worker/engine.o $(O)/worker/sanitizer.o $(O)/libbn.a
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(MPI_LIBS) $(LDLIBS)
 

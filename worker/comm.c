@@ -1,9 +1,29 @@
-/* comm.c - MPI start-up and shut-down; see comm.h. The only file that includes mpi.h. */
+/* comm.c - MPI for bitnet-worker; see comm.h. The only file that includes mpi.h. */
 #include "worker/comm.h"
 
 #include "proto/status.h"
 
 #include <mpi.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { TAG_STEP = 1, TAG_ACT = 2, TAG_RING = 3 }; /* bn_comm_send tags start at 16 */
+
+struct bn_comm_grid {
+    int R, P, T, replica, stage, tp;
+    MPI_Comm replica_comm, stage_comm;
+    int prev, next;    /* world ranks of the same tensor rank in the stages around; -1 */
+    int leader;        /* world rank of this replica's first rank */
+    bn_comm_t *c;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 static int mpi_fail(int rc, const char *call, int rank, char *err, size_t errlen)
 {
@@ -15,29 +35,49 @@ static int mpi_fail(int rc, const char *call, int rank, char *err, size_t errlen
     return bn_err(err, errlen, BN_ECOMM, "rank %d: %s failed: %s", rank, call, len ? msg : "unknown error");
 }
 
+#define TRY(call, what) do { int rc_ = (call); if (rc_ != MPI_SUCCESS) \
+    return mpi_fail(rc_, what, c->rank, err, errlen); } while (0)
+
 int bn_comm_init(int *argc, char ***argv, bn_comm_t *c, char *err, size_t errlen)
 {
     int provided = 0;
-    c->rank = 0;
+    memset(c, 0, sizeof *c);
     c->size = 1;
+    c->node_ranks = 1;
     int rc = MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
     if (rc != MPI_SUCCESS)
         return mpi_fail(rc, "MPI_Init_thread", -1, err, errlen);
     c->initialized = 1;
-    if ((rc = MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN)) != MPI_SUCCESS)
-        return mpi_fail(rc, "MPI_Comm_set_errhandler", -1, err, errlen);
-    if ((rc = MPI_Comm_rank(MPI_COMM_WORLD, &c->rank)) != MPI_SUCCESS)
-        return mpi_fail(rc, "MPI_Comm_rank", -1, err, errlen);
-    if ((rc = MPI_Comm_size(MPI_COMM_WORLD, &c->size)) != MPI_SUCCESS)
-        return mpi_fail(rc, "MPI_Comm_size", c->rank, err, errlen);
+    c->rank = -1;
+    TRY(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    TRY(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank), "MPI_Comm_rank");
+    TRY(MPI_Comm_size(MPI_COMM_WORLD, &c->size), "MPI_Comm_size");
     if (provided < MPI_THREAD_FUNNELED)
         return bn_err(err, errlen, BN_ECOMM, "rank %d: MPI provides thread level %d, FUNNELED needed",
                       c->rank, provided);
+    /* ranks sharing this node; the plan uses the smallest count over the nodes */
+    MPI_Comm node;
+    TRY(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
+        "MPI_Comm_split_type");
+    int here = 1;
+    rc = MPI_Comm_size(node, &here);
+    MPI_Comm_free(&node);
+    if (rc != MPI_SUCCESS)
+        return mpi_fail(rc, "MPI_Comm_size", c->rank, err, errlen);
+    TRY(MPI_Allreduce(&here, &c->node_ranks, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
     return BN_OK;
 }
 
 void bn_comm_finalize(bn_comm_t *c)
 {
+    if (c->g) {
+        if (c->g->replica_comm != MPI_COMM_NULL)
+            MPI_Comm_free(&c->g->replica_comm);
+        if (c->g->stage_comm != MPI_COMM_NULL)
+            MPI_Comm_free(&c->g->stage_comm);
+        free(c->g);
+        c->g = NULL;
+    }
     if (c->initialized)
         MPI_Finalize();
     c->initialized = 0;
@@ -47,4 +87,223 @@ void bn_comm_abort(bn_comm_t *c, int code)
 {
     if (c->initialized)
         MPI_Abort(MPI_COMM_WORLD, code);
+}
+
+int bn_comm_grid(bn_comm_t *c, int R, int P, int T, char *err, size_t errlen)
+{
+    if (R < 1 || P < 1 || T < 1 || R * P * T != c->size)
+        return bn_err(err, errlen, BN_EINVAL, "rank %d: grid %d x %d x %d does not match the world of %d ranks",
+                      c->rank, R, P, T, c->size);
+    bn_comm_grid_t *g = calloc(1, sizeof *g);
+    if (!g)
+        return bn_err(err, errlen, BN_ENOMEM, "rank %d: out of memory", c->rank);
+    g->replica_comm = g->stage_comm = MPI_COMM_NULL;
+    c->g = g;
+    g->c = c;
+    g->R = R;
+    g->P = P;
+    g->T = T;
+    g->tp = c->rank % T;
+    g->stage = c->rank / T % P;
+    g->replica = c->rank / (T * P);
+    g->leader = g->replica * P * T;
+    g->prev = g->stage > 0 ? c->rank - T : -1;
+    g->next = g->stage + 1 < P ? c->rank + T : -1;
+    if (c->size == 1)
+        return BN_OK;
+    TRY(MPI_Comm_split(MPI_COMM_WORLD, g->replica, c->rank, &g->replica_comm), "MPI_Comm_split");
+    TRY(MPI_Comm_set_errhandler(g->replica_comm, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    TRY(MPI_Comm_split(MPI_COMM_WORLD, g->replica * P + g->stage, c->rank, &g->stage_comm), "MPI_Comm_split");
+    TRY(MPI_Comm_set_errhandler(g->stage_comm, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    return BN_OK;
+}
+
+/* ---- the exchanges of the forward pass ---- */
+
+/* chunk i of n floats split over T ranks */
+static void chunk(size_t n, int T, int i, size_t *a, size_t *b)
+{
+    *a = n * (size_t)i / (size_t)T;
+    *b = n * (size_t)(i + 1) / (size_t)T;
+}
+
+/* Ring allreduce in place: T-1 steps of reduce-scatter (chunk k is summed in the
+ * order x_k + x_k+1 + ... around the ring), then T-1 steps passing the finished
+ * chunks on, so every rank ends with the same bits. */
+static int ring_allreduce(void *ctx, float *x, size_t n, char *err, size_t errlen)
+{
+    bn_comm_grid_t *g = ctx;
+    bn_comm_t *c = g->c;
+    const int T = g->T, me = g->tp, right = (me + 1) % T, left = (me + T - 1) % T;
+    double t0 = now_s();
+    float *tmp = malloc((n / T + 1) * sizeof(float));
+    if (!tmp)
+        return bn_err(err, errlen, BN_ENOMEM, "rank %d: out of memory for an allreduce", c->rank);
+    int rc = MPI_SUCCESS;
+    for (int s = 0; s < T - 1 && rc == MPI_SUCCESS; s++) {
+        size_t sa, sb, ra, rb;
+        chunk(n, T, (me - s + 2 * T) % T, &sa, &sb);
+        chunk(n, T, (me - s - 1 + 2 * T) % T, &ra, &rb);
+        rc = MPI_Sendrecv(x + sa, (int)(sb - sa), MPI_FLOAT, right, TAG_RING, tmp, (int)(rb - ra), MPI_FLOAT, left,
+                          TAG_RING, g->stage_comm, MPI_STATUS_IGNORE);
+        for (size_t i = ra; i < rb && rc == MPI_SUCCESS; i++)
+            x[i] = tmp[i - ra] + x[i];
+        c->bytes_sent += (sb - sa) * sizeof(float);
+    }
+    for (int s = 0; s < T - 1 && rc == MPI_SUCCESS; s++) {
+        size_t sa, sb, ra, rb;
+        chunk(n, T, (me + 1 - s + 2 * T) % T, &sa, &sb);
+        chunk(n, T, (me - s + 2 * T) % T, &ra, &rb);
+        rc = MPI_Sendrecv(x + sa, (int)(sb - sa), MPI_FLOAT, right, TAG_RING, x + ra, (int)(rb - ra), MPI_FLOAT,
+                          left, TAG_RING, g->stage_comm, MPI_STATUS_IGNORE);
+        c->bytes_sent += (sb - sa) * sizeof(float);
+    }
+    free(tmp);
+    c->collectives++;
+    c->t_comm += now_s() - t0;
+    return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Sendrecv (allreduce)", c->rank, err, errlen);
+}
+
+static int stage_allgather(void *ctx, const void *in, size_t bytes, void *out, char *err, size_t errlen)
+{
+    bn_comm_grid_t *g = ctx;
+    bn_comm_t *c = g->c;
+    double t0 = now_s();
+    int rc = MPI_Allgather(in, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, g->stage_comm);
+    c->bytes_sent += (size_t)(g->T - 1) * bytes;
+    c->collectives++;
+    c->t_comm += now_s() - t0;
+    return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Allgather", c->rank, err, errlen);
+}
+
+static int stage_recv_prev(void *ctx, float *x, size_t n, char *err, size_t errlen)
+{
+    bn_comm_grid_t *g = ctx;
+    bn_comm_t *c = g->c;
+    double t0 = now_s();
+    int rc = MPI_Recv(x, (int)n, MPI_FLOAT, g->prev, TAG_ACT, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    c->t_wait += now_s() - t0; /* mostly the stage before computing */
+    return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Recv (activations)", c->rank, err, errlen);
+}
+
+static int stage_send_next(void *ctx, const float *x, size_t n, char *err, size_t errlen)
+{
+    bn_comm_grid_t *g = ctx;
+    bn_comm_t *c = g->c;
+    double t0 = now_s();
+    int rc = MPI_Send(x, (int)n, MPI_FLOAT, g->next, TAG_ACT, MPI_COMM_WORLD);
+    c->bytes_sent += n * sizeof(float);
+    c->messages++;
+    c->t_comm += now_s() - t0;
+    return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Send (activations)", c->rank, err, errlen);
+}
+
+void bn_comm_dist(bn_comm_t *c, bn_dist_t *d)
+{
+    *d = (bn_dist_t){ .tp = c->g ? c->g->T : 1, .ctx = c->g, .allreduce_sum = ring_allreduce,
+                      .allgather = stage_allgather, .recv_prev = stage_recv_prev, .send_next = stage_send_next };
+}
+
+/* ---- steps ---- */
+
+/* Wait for rq without burning a core: a short spin (a step usually follows
+ * within microseconds while a job runs), then sleeps doubling up to 2 ms. */
+static int idle_wait(bn_comm_t *c, MPI_Request *rq, const char *call, char *err, size_t errlen)
+{
+    double t0 = now_s();
+    long ns = 0;
+    for (int i = 0;; i++) {
+        int done = 0;
+        int rc = MPI_Test(rq, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS)
+            return mpi_fail(rc, call, c->rank, err, errlen);
+        if (done)
+            break;
+        if (i < 200)
+            continue;
+        ns = ns ? ns * 2 : 20000;
+        if (ns > 2000000)
+            ns = 2000000;
+        struct timespec ts = { 0, ns };
+        nanosleep(&ts, NULL);
+    }
+    c->t_wait += now_s() - t0;
+    return BN_OK;
+}
+
+int bn_comm_step_send(bn_comm_t *c, int replica, void *buf, size_t len, char *err, size_t errlen)
+{
+    bn_comm_grid_t *g = c->g;
+    if (c->size == 1)
+        return BN_OK;
+    double t0 = now_s();
+    if (replica == 0) {
+        MPI_Request rq;
+        TRY(MPI_Ibcast(buf, (int)len, MPI_BYTE, 0, g->replica_comm, &rq), "MPI_Ibcast (step)");
+        TRY(MPI_Wait(&rq, MPI_STATUS_IGNORE), "MPI_Wait (step)");
+        c->bytes_sent += len * (size_t)(g->P * g->T - 1);
+    } else {
+        TRY(MPI_Send(buf, (int)len, MPI_BYTE, replica * g->P * g->T, TAG_STEP, MPI_COMM_WORLD), "MPI_Send (step)");
+        c->bytes_sent += len;
+        c->messages++;
+    }
+    c->t_comm += now_s() - t0;
+    return BN_OK;
+}
+
+int bn_comm_step_recv(bn_comm_t *c, void *buf, size_t len, char *err, size_t errlen)
+{
+    bn_comm_grid_t *g = c->g;
+    MPI_Request rq;
+    if (c->rank == g->leader) { /* a replica other than rank 0's: the step comes from rank 0 */
+        TRY(MPI_Irecv(buf, (int)len, MPI_BYTE, 0, TAG_STEP, MPI_COMM_WORLD, &rq), "MPI_Irecv (step)");
+        int rc = idle_wait(c, &rq, "MPI_Test (step)", err, errlen);
+        if (rc)
+            return rc;
+        if (g->P * g->T == 1)
+            return BN_OK;
+        TRY(MPI_Ibcast(buf, (int)len, MPI_BYTE, 0, g->replica_comm, &rq), "MPI_Ibcast (step)");
+        TRY(MPI_Wait(&rq, MPI_STATUS_IGNORE), "MPI_Wait (step)");
+        c->bytes_sent += len * (size_t)(g->P * g->T - 1);
+        return BN_OK;
+    }
+    TRY(MPI_Ibcast(buf, (int)len, MPI_BYTE, 0, g->replica_comm, &rq), "MPI_Ibcast (step)");
+    return idle_wait(c, &rq, "MPI_Test (step)", err, errlen);
+}
+
+int bn_comm_send(bn_comm_t *c, int to, int tag, const void *buf, size_t len, char *err, size_t errlen)
+{
+    double t0 = now_s();
+    TRY(MPI_Send(buf, (int)len, MPI_BYTE, to, 16 + tag, MPI_COMM_WORLD), "MPI_Send");
+    c->bytes_sent += len;
+    c->messages++;
+    c->t_comm += now_s() - t0;
+    return BN_OK;
+}
+
+int bn_comm_recv(bn_comm_t *c, int from, int tag, void *buf, size_t len, char *err, size_t errlen)
+{
+    double t0 = now_s();
+    TRY(MPI_Recv(buf, (int)len, MPI_BYTE, from, 16 + tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE), "MPI_Recv");
+    c->t_wait += now_s() - t0;
+    return BN_OK;
+}
+
+int bn_comm_gather(bn_comm_t *c, const void *in, size_t len, void *out, char *err, size_t errlen)
+{
+    if (c->size == 1) {
+        memcpy(out, in, len);
+        return BN_OK;
+    }
+    TRY(MPI_Gather(in, (int)len, MPI_BYTE, out, (int)len, MPI_BYTE, 0, MPI_COMM_WORLD), "MPI_Gather");
+    return BN_OK;
+}
+
+int bn_comm_min_u64(bn_comm_t *c, uint64_t *v, char *err, size_t errlen)
+{
+    if (c->size == 1)
+        return BN_OK;
+    uint64_t in = *v;
+    TRY(MPI_Allreduce(&in, v, 1, MPI_UINT64_T, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+    return BN_OK;
 }

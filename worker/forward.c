@@ -76,7 +76,11 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t 
     s->xs = malloc(B * sizeof(float));
     s->xr = malloc(B * sizeof(float));
     s->xqsum = malloc(B * sizeof(int32_t));
-    s->stats = malloc(2 * B * sizeof(float));
+    /* sub-norm blocks: one per head (attention), one per 128 FFN rows */
+    size_t nb_att = c->n_head, nb_ffn = (c->n_ff + 127) / 128;
+    s->stats_len = 1 + (nb_att > nb_ffn ? nb_att : nb_ffn);
+    s->stats = malloc(B * s->stats_len * sizeof(double));
+    s->ones = malloc(B * sizeof(float));
     s->q = malloc(B * (s->q_dim + 1) * sizeof(float));
     s->k = malloc(B * (s->kv_dim + 1) * sizeof(float));
     s->v = malloc(B * (s->kv_dim + 1) * sizeof(float));
@@ -92,13 +96,15 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t 
         s->key_cache = cache_alloc(s->cache_bytes);
         s->value_cache = cache_alloc(s->cache_bytes);
     }
-    if (!s->x || !s->xn || !s->xq || !s->xs || !s->xr || !s->xqsum || !s->stats || !s->q ||
+    if (!s->x || !s->xn || !s->xq || !s->xs || !s->xr || !s->xqsum || !s->stats || !s->ones || !s->q ||
         !s->k || !s->v || !s->att || !s->gate || !s->up || !s->out || !s->rope || !s->hq || !s->hd ||
         (cache && (!s->key_cache || !s->value_cache))) {
         bn_state_destroy(&s);
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state (KV cache of %zu MB)",
                       cache * 2 * sizeof(float) >> 20);
     }
+    for (size_t t = 0; t < B; t++)
+        s->ones[t] = 1.0f;
     *out = s;
     return BN_OK;
 }
@@ -109,7 +115,7 @@ void bn_state_destroy(bn_state_t **ps)
         return;
     bn_state_t *s = *ps;
     free(s->x); free(s->xn); free(s->xq); free(s->xs); free(s->xr); free(s->xqsum); free(s->stats);
-    free(s->stats_all);
+    free(s->stats_all); free(s->ones);
     free(s->q); free(s->k); free(s->v); free(s->att); free(s->gate); free(s->up);
     free(s->out); free(s->rope); free(s->hq); free(s->hd);
     cache_free(s->key_cache, s->cache_bytes);
@@ -123,7 +129,7 @@ int bn_state_set_dist(bn_state_t *s, const bn_dist_t *d, char *err, size_t errle
     s->dist = d;
     free(s->stats_all);
     s->stats_all = NULL;
-    if (d && d->tp > 1 && !(s->stats_all = malloc(2 * (size_t)s->max_batch * d->tp * sizeof(float))))
+    if (d && d->tp > 1 && !(s->stats_all = malloc(s->stats_len * s->max_batch * d->tp * sizeof(double))))
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state");
     return BN_OK;
 }
@@ -144,7 +150,9 @@ typedef struct {
     const float *sub_in;    /* the sub-norm's input (att or gate), its width here, */
     int sub_w, sub_pad;     /* padded width of the next matrix's input, */
     int sub_n;              /* the full width over every tensor rank, */
+    int sub_off, sub_block; /* where this rank's slice starts in it, its blocks' width, */
     const float *sub_norm;  /* and this rank's norm weights */
+    const float *mm_s;      /* NULL, or the scales job_matmul uses instead of s->xs */
     const int *logit_rows;  /* tokens whose logits are wanted */
     int n_logit_rows;
     float *logits;
@@ -189,7 +197,8 @@ static void job_matmul(void *arg, int ith, int nth)
         bn_pool_split((int)w->n_out, ith, nth, ROW_ALIGN, &r0, &r1);
         if (r0 >= r1)
             continue;
-        (w->bscale ? bn_ref_tgemm : cx->K->tgemm)(w, s->xq, s->xs, s->xqsum, cx->nt, cx->outs[i], w->n_out, r0, r1);
+        (w->bscale ? bn_ref_tgemm : cx->K->tgemm)(w, s->xq, cx->mm_s ? cx->mm_s : s->xs, s->xqsum, cx->nt,
+                                                  cx->outs[i], w->n_out, r0, r1);
     }
 }
 
@@ -295,42 +304,37 @@ static void job_attention(void *arg, int ith, int nth)
     }
 }
 
-/* One rank holds the whole width: v = rmsnorm(v) * norm, quantized */
-static void job_sub_norm(void *arg, int ith, int nth)
-{
-    ctx_t *cx = arg;
-    bn_state_t *s = cx->s;
-    const int W = cx->sub_w;
-    int t0, t1;
-    my_tokens(cx, ith, nth, &t0, &t1);
-    for (int t = t0; t < t1; t++)
-        cx->K->rmsnorm(cx->sub_in + (size_t)t * W, cx->sub_norm, W, cx->m->cfg.norm_eps, s->xn + (size_t)t * W);
-    quantize_tokens(cx, W, t0, t1);
-}
-
-/* Tensor ranks each hold a slice of the width. Before the exchange: this slice's
- * sum of squares and max|v * norm| per token. (max|v * norm / rms| is
- * max|v * norm| / rms, so one exchange gives both the norm and the int8 scale.) */
+/* The sub-norms (over all heads, over the full FFN width) are computed so that
+ * any split of the width over tensor ranks gives the same bits as one rank:
+ * the sum of squares is summed in double per block (a head, or 128 FFN rows),
+ * then over the blocks in order; max|v * norm| is exact in any order; and
+ * max|v * norm / rms| is taken as max|v * norm| / rms, so one exchange gives
+ * both the norm and the int8 scale. Then xn = v * (1/rms) * norm and
+ * q = round(xn * 127 / max(max|xn|, 1e-5)) as in bitlinear().
+ * Before the exchange: this rank's blocks' sums and its max, per token. */
 static void job_sub_stats(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
-    const int W = cx->sub_w;
+    bn_state_t *s = cx->s;
+    const int W = cx->sub_w, B = cx->sub_block, nb = (cx->sub_n + B - 1) / B;
     int t0, t1;
     my_tokens(cx, ith, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
         const float *v = cx->sub_in + (size_t)t * W;
-        float ss = 0.0f, am = 0.0f;
+        double *st = s->stats + (size_t)t * s->stats_len;
+        memset(st, 0, (1 + (size_t)nb) * sizeof *st);
+        float am = 0.0f;
         for (int i = 0; i < W; i++) {
-            ss += v[i] * v[i];
+            int blk = (cx->sub_off + i) / B;
+            st[1 + blk] += (double)v[i] * v[i];
             am = fmaxf(am, fabsf(v[i] * cx->sub_norm[i]));
         }
-        cx->s->stats[2 * t] = ss;
-        cx->s->stats[2 * t + 1] = am;
+        st[0] = am;
     }
 }
 
 /* After the exchange (xr = 1 / rms, xs = the int8 scale of the whole width): the
- * slice normed and quantized as the reference does it, zeros in the padding */
+ * slice normed and quantized, zeros in the padding */
 static void job_sub_apply(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
@@ -344,8 +348,8 @@ static void job_sub_apply(void *arg, int ith, int nth)
         const float r = s->xr[t], sc = s->xs[t];
         int32_t sum = 0;
         for (int i = 0; i < W; i++) {
-            float y = nearbyintf(v[i] * r * cx->sub_norm[i] * sc);
-            y = fminf(fmaxf(y, -128.0f), 127.0f);
+            float xn = v[i] * r * cx->sub_norm[i];
+            float y = fminf(fmaxf(nearbyintf(xn * sc), -128.0f), 127.0f);
             q[i] = (int8_t)y;
             sum += q[i];
         }
@@ -355,30 +359,41 @@ static void job_sub_apply(void *arg, int ith, int nth)
 }
 
 /* v = rmsnorm(v) * norm over the full width n, quantized for the next BitLinear */
-static int sub_norm(ctx_t *cx, const float *in, int w, int pad, int n, const float *norm, char *err, size_t errlen)
+static int sub_norm(ctx_t *cx, const float *in, int w, int pad, int n, int off, int block, const float *norm,
+                    char *err, size_t errlen)
 {
     bn_state_t *s = cx->s;
     cx->sub_in = in;
     cx->sub_w = w;
     cx->sub_pad = pad;
     cx->sub_n = n;
+    cx->sub_off = off;
+    cx->sub_block = block;
     cx->sub_norm = norm;
-    if (cx->tp == 1) {
-        run(cx, job_sub_norm);
-        return BN_OK;
-    }
     run(cx, job_sub_stats);
-    const bn_dist_t *d = s->dist;
-    int rc = d->allgather(d->ctx, s->stats, 2 * (size_t)cx->nt, s->stats_all, err, errlen);
-    if (rc)
-        return rc;
+    const size_t L = s->stats_len, nb = (size_t)(n + block - 1) / block;
+    const double *all = s->stats;
+    size_t stride = 0; /* between ranks' records */
+    if (cx->tp > 1) {
+        const bn_dist_t *d = s->dist;
+        int rc = d->allgather(d->ctx, s->stats, (size_t)cx->nt * L * sizeof(double), s->stats_all, err, errlen);
+        if (rc)
+            return rc;
+        all = s->stats_all;
+        stride = (size_t)cx->nt * L;
+    }
     for (int t = 0; t < cx->nt; t++) {
-        float ss = 0.0f, am = 0.0f;
-        for (int r = 0; r < cx->tp; r++) { /* in rank order: the same sums on every rank */
-            ss += s->stats_all[(size_t)r * 2 * cx->nt + 2 * t];
-            am = fmaxf(am, s->stats_all[(size_t)r * 2 * cx->nt + 2 * t + 1]);
+        double ss = 0.0;
+        float am = 0.0f;
+        for (size_t b = 0; b < nb; b++) {
+            double blk = 0.0; /* one rank's block; the others hold exact zeros there */
+            for (int r = 0; r < cx->tp; r++)
+                blk += all[r * stride + (size_t)t * L + 1 + b];
+            ss += blk;
         }
-        s->xr[t] = 1.0f / sqrtf(ss / (float)n + cx->m->cfg.norm_eps);
+        for (int r = 0; r < cx->tp; r++)
+            am = fmaxf(am, (float)all[r * stride + (size_t)t * L]);
+        s->xr[t] = 1.0f / sqrtf((float)(ss / n) + cx->m->cfg.norm_eps);
         s->xs[t] = 127.0f / fmaxf(am * s->xr[t], 1e-5f);
     }
     run(cx, job_sub_apply);
@@ -447,18 +462,40 @@ static void job_head(void *arg, int ith, int nth)
 }
 
 /* y = bitlinear(v) of a row-parallel matrix (o, down): this rank's columns give a
- * partial sum, the tensor ranks' partial sums add up to y */
+ * partial sum, the tensor ranks' partial sums add up to y. The partial sums are
+ * the integer dots (the kernels with scale 1 and s 1 give them exactly as floats,
+ * |dot| < 2^24), so their sum is exact in any order and y = dot * scale / s has
+ * the bits of one rank's result. (TQ files whose blocks have their own scales
+ * add float partial sums instead: equal up to rounding.) */
 static int row_parallel(ctx_t *cx, const bn_tmat_t *w, float *y, char *err, size_t errlen)
 {
-    const size_t n = (size_t)cx->nt * cx->m->cfg.n_embd;
-    if (w->n_out)
+    bn_state_t *s = cx->s;
+    const int D = (int)cx->m->cfg.n_embd;
+    const size_t n = (size_t)cx->nt * D;
+    if (cx->tp == 1) {
         matmul(cx, w, y, NULL, NULL, NULL, NULL);
+        return BN_OK;
+    }
+    const int exact = !w->bscale;
+    bn_tmat_t w1 = *w;
+    if (exact) {
+        w1.scale = 1.0f;
+        cx->mm_s = s->ones;
+    }
+    if (w->n_out)
+        matmul(cx, &w1, y, NULL, NULL, NULL, NULL);
     else
         memset(y, 0, n * sizeof(float)); /* no heads or FFN rows here: adds nothing */
-    if (cx->tp == 1)
-        return BN_OK;
-    const bn_dist_t *d = cx->s->dist;
-    return d->allreduce_sum(d->ctx, y, n, err, errlen);
+    cx->mm_s = NULL;
+    const bn_dist_t *d = s->dist;
+    int rc = d->allreduce_sum(d->ctx, y, n, err, errlen);
+    if (rc || !exact)
+        return rc;
+    const float scale = w->scale; /* the tensor's, known here even without columns (model.c) */
+    for (int t = 0; t < cx->nt; t++)
+        for (int i = 0; i < D; i++)
+            y[(size_t)t * D + i] = y[(size_t)t * D + i] * scale / s->xs[t];
+    return BN_OK;
 }
 
 static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entry_t *b, int nt, float *logits,
@@ -491,7 +528,8 @@ static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entr
         run(&cx, job_attention);
         /* a = rmsnorm(a) * attn_sub_norm  (over all heads of every tensor rank) */
         if ((rc = sub_norm(&cx, s->att, (int)s->q_dim, (int)s->q_pad, (int)(c->n_head * c->head_dim),
-                           L->attn_sub_norm + sh->head0 * c->head_dim, err, errlen)))
+                           (int)(sh->head0 * c->head_dim), (int)c->head_dim, L->attn_sub_norm + sh->head0 * c->head_dim,
+                           err, errlen)))
             return rc;
         /* x = x + bitlinear_o(a)  (the sum is done by the next job) */
         if ((rc = row_parallel(&cx, &L->wo, s->out, err, errlen)))
@@ -504,8 +542,8 @@ static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entr
             run(&cx, job_ffn_act);
         }
         /* f = rmsnorm(f) * ffn_sub_norm  (over the full FFN width) */
-        if ((rc = sub_norm(&cx, s->gate, (int)s->n_ff, (int)s->ff_pad, (int)c->n_ff, L->ffn_sub_norm + sh->ff0,
-                           err, errlen)))
+        if ((rc = sub_norm(&cx, s->gate, (int)s->n_ff, (int)s->ff_pad, (int)c->n_ff, (int)sh->ff0, 128,
+                           L->ffn_sub_norm + sh->ff0, err, errlen)))
             return rc;
         /* x = x + bitlinear_down(f)  (the sum is done by the next layer's first job) */
         if ((rc = row_parallel(&cx, &L->w_down, s->out, err, errlen)))

@@ -31,8 +31,8 @@ typedef struct {
     void *ctx;
     /* x (n floats) = the sum of every tensor rank's x, the same on all of them */
     int (*allreduce_sum)(void *ctx, float *x, size_t n, char *err, size_t errlen);
-    /* out (tp * n floats) = every tensor rank's `in`, in rank order */
-    int (*allgather)(void *ctx, const float *in, size_t n, float *out, char *err, size_t errlen);
+    /* out (tp * bytes) = every tensor rank's `in` (bytes), in rank order */
+    int (*allgather)(void *ctx, const void *in, size_t bytes, void *out, char *err, size_t errlen);
     /* the residual stream (n floats) from the previous stage / to the next one */
     int (*recv_prev)(void *ctx, float *x, size_t n, char *err, size_t errlen);
     int (*send_next)(void *ctx, const float *x, size_t n, char *err, size_t errlen);
@@ -51,8 +51,11 @@ typedef struct {
     int8_t *xq;           /* (max_batch, wide) its int8 quantization */
     float *xs;            /* (max_batch) quantization scales */
     float *xr;            /* (max_batch) 1 / rms of a sub-norm over every tensor rank */
-    float *stats;         /* (max_batch, 2) a sub-norm's sum of squares and max here */
-    float *stats_all;     /* (tp, max_batch, 2) the same from every tensor rank */
+    float *ones;          /* (max_batch) 1.0: integer partial sums of row-parallel matrices */
+    double *stats;        /* (max_batch, 1 + blocks) a sub-norm's max|v * norm| and the
+                             sums of squares of its blocks (zero for other ranks' blocks) */
+    double *stats_all;    /* (tp, max_batch, 1 + blocks) the same from every tensor rank */
+    size_t stats_len;     /* 1 + the most blocks of any sub-norm */
     int32_t *xqsum;       /* (max_batch) sums of the int8 values */
     float *q, *k, *v;     /* (max_batch, q_dim), (max_batch, kv_dim) x2 */
     float *att;           /* (max_batch, q_dim) attention output */

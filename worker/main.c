@@ -6,11 +6,13 @@
  *   bitnet-worker --model M.gguf --prompt "text" --tokenize
  * Exit status: 0 done, 1 runtime error (bad model file, context exceeded...),
  * 2 bad command line. stdout carries only the generated text (or the ids). */
+#include "coordinator/plan.h"
 #include "coordinator/sampler.h"
 #include "coordinator/tokenizer.h"
 #include "coordinator/vocab.h"
 #include "proto/status.h"
 #include "worker/comm.h"
+#include "worker/engine.h"
 #include "worker/forward.h"
 #include "worker/log.h"
 #include "worker/model.h"
@@ -27,6 +29,7 @@
 typedef struct {
     const char *model, *prompt, *prompt_file, *tokens, *dump_logits;
     int n_predict, tokenize, chat, stats, print_ids, ctx, threads, lm_head;
+    int tp, pp, replicas, replica, mem_mb;
     int log_level;
     int seed_given;
     bn_sampler_params_t sp;
@@ -63,6 +66,16 @@ static void usage(FILE *f)
         "  --lm-head T          LM head format: f16, q8, q6 or q4 (default q6; f16 is\n"
         "                       exact, and an F16 embedding is then used in place)\n"
         "  --ctx N              context length (default: the model's, at most 4096)\n"
+        "\n"
+        "ranks (under mpirun or srun --mpi=pmix; the plan is printed at start):\n"
+        "  --tp N               tensor ranks per stage (default: chosen, see below)\n"
+        "  --pp N               pipeline stages (default: chosen)\n"
+        "  --replicas N         independent copies of the model (default: chosen)\n"
+        "                       unpinned: tensor ranks within a node, replicas when the\n"
+        "                       model fits a rank's memory, stages when it does not\n"
+        "  --replica N          the replica that runs this prompt (default 0)\n"
+        "  --mem-per-rank MB    memory a rank may use (default: available memory over\n"
+        "                       the ranks on the node)\n"
         "  --stats              print speed and memory; last line on stderr is\n"
         "                       'stats: prompt_tokens=N prompt_tps=X gen_tokens=N gen_tps=X peak_rss_mb=X'\n"
         "  --log-level L        error, warn, info or debug (default info)\n"
@@ -132,6 +145,11 @@ static int parse_args(int argc, char **argv, options_t *o)
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) rc = parse_int(a, v, 0, 1 << 24, &o->n_predict);
         else if (!strcmp(a, "--ctx")) rc = parse_int(a, v, 1, 1 << 24, &o->ctx);
         else if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, 1024, &o->threads);
+        else if (!strcmp(a, "--tp")) rc = parse_int(a, v, 1, 4096, &o->tp);
+        else if (!strcmp(a, "--pp")) rc = parse_int(a, v, 1, 4096, &o->pp);
+        else if (!strcmp(a, "--replicas")) rc = parse_int(a, v, 1, 4096, &o->replicas);
+        else if (!strcmp(a, "--replica")) rc = parse_int(a, v, 0, 4095, &o->replica);
+        else if (!strcmp(a, "--mem-per-rank")) rc = parse_int(a, v, 1, INT_MAX, &o->mem_mb);
         else if (!strcmp(a, "--lm-head")) {
             o->lm_head = bn_head_type_parse(v);
             if (o->lm_head < 0) {
@@ -290,58 +308,73 @@ typedef struct {
     double t_prompt, t_gen;
 } run_stats_t;
 
-static int dump_logits(const bn_model_t *m, bn_state_t *st, const int32_t *ids, size_t n, const char *path,
-                       run_stats_t *rs, char *err, size_t errlen)
+/* What one rank holds for a run. */
+typedef struct {
+    bn_comm_t *comm;
+    bn_plan_t plan;
+    bn_pool_t *pool;
+    bn_model_t *m;
+    bn_state_t *st;
+    bn_dist_t dist;
+    bn_engine_t *eng;
+} rank_t;
+
+static int dump_logits(rank_t *rk, const int32_t *ids, size_t n, const options_t *o, run_stats_t *rs,
+                       char *err, size_t errlen)
 {
-    uint32_t V = m->cfg.n_vocab;
-    bn_batch_entry_t *b = malloc(n * sizeof *b);
+    uint32_t V = rk->m->cfg.n_vocab;
     float *logits = malloc(n * V * sizeof(float));
-    if (!b || !logits) {
-        free(b);
-        free(logits);
+    if (!logits)
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for %zu rows of logits", n);
-    }
-    for (size_t i = 0; i < n; i++)
-        b[i] = (bn_batch_entry_t){ .seq = 0, .pos = (int32_t)i, .token = ids[i], .want_logits = 1 };
     double t0 = now_s();
-    int rc = bn_forward(m, st, b, (int)n, logits, err, errlen);
+    int rc = BN_OK;
+    bn_engine_set_phase(rk->eng, BN_PHASE_PROMPT);
+    for (size_t i = 0; i < n && rc == BN_OK; i += BN_STEP_MAX) {
+        bn_batch_entry_t b[BN_STEP_MAX];
+        int k = n - i < BN_STEP_MAX ? (int)(n - i) : BN_STEP_MAX;
+        for (int j = 0; j < k; j++)
+            b[j] = (bn_batch_entry_t){ .seq = 0, .pos = (int32_t)(i + j), .token = ids[i + j], .want_logits = 1 };
+        rc = bn_engine_step(rk->eng, o->replica, b, k, BN_WANT_LOGITS, NULL, NULL, logits + i * V, err, errlen);
+    }
     rs->t_prompt = now_s() - t0;
     rs->n_prompt = (int)n;
     if (rc == BN_OK) {
-        FILE *f = fopen(path, "wb");
+        FILE *f = fopen(o->dump_logits, "wb");
         if (!f)
-            rc = bn_err(err, errlen, BN_EIO, "%s: cannot create: %s", path, strerror(errno));
+            rc = bn_err(err, errlen, BN_EIO, "%s: cannot create: %s", o->dump_logits, strerror(errno));
         else {
             size_t w = fwrite(logits, sizeof(float), n * V, f);
             if (fclose(f) != 0 || w != n * V)
-                rc = bn_err(err, errlen, BN_EIO, "%s: write failed", path);
+                rc = bn_err(err, errlen, BN_EIO, "%s: write failed", o->dump_logits);
         }
     }
-    free(b);
     free(logits);
     return rc;
 }
 
-static int generate(const bn_model_t *m, bn_state_t *st, const bn_tokenizer_t *tok, const int32_t *ids,
-                    size_t n, const options_t *o, run_stats_t *rs, char *err, size_t errlen)
+static int generate(rank_t *rk, const bn_tokenizer_t *tok, const int32_t *ids, size_t n, const options_t *o,
+                    run_stats_t *rs, char *err, size_t errlen)
 {
-    const bn_config_t *c = &m->cfg;
-    uint32_t V = c->n_vocab;
+    const bn_config_t *c = &rk->m->cfg;
     bn_sampler_t *smp = NULL;
-    int rc = bn_sampler_new(&o->sp, V, &smp, err, errlen);
+    int rc = bn_sampler_new(&o->sp, c->n_vocab, &smp, err, errlen);
     if (rc)
         return rc;
-    bn_batch_entry_t *b = malloc(n * sizeof *b);
-    float *logits = malloc(V * sizeof(float));
-    if (!b || !logits) {
-        rc = bn_err(err, errlen, BN_ENOMEM, "out of memory");
-        goto done;
-    }
-    /* prefill: the whole prompt in one batch, logits for the last position only */
-    for (size_t i = 0; i < n; i++)
-        b[i] = (bn_batch_entry_t){ .seq = 0, .pos = (int32_t)i, .token = ids[i], .want_logits = i + 1 == n };
+    /* prefill: the prompt in steps of BN_STEP_MAX (the stages work on them one
+     * behind the other), a token drawn from the last position's logits */
+    int32_t next = -1;
     double t0 = now_s();
-    if ((rc = bn_forward(m, st, b, (int)n, logits, err, errlen)))
+    bn_engine_set_phase(rk->eng, BN_PHASE_PROMPT);
+    for (size_t i = 0; i < n && rc == BN_OK; i += BN_STEP_MAX) {
+        bn_batch_entry_t b[BN_STEP_MAX];
+        int k = n - i < BN_STEP_MAX ? (int)(n - i) : BN_STEP_MAX;
+        for (int j = 0; j < k; j++)
+            b[j] = (bn_batch_entry_t){ .seq = 0, .pos = (int32_t)(i + j), .token = ids[i + j],
+                                       .want_logits = i + j + 1 == n };
+        rc = bn_engine_step(rk->eng, o->replica, b, k, i + k == n ? BN_WANT_SAMPLE : BN_WANT_NONE, &smp, &next,
+                            NULL, err, errlen);
+    }
+    if (rc)
         goto done;
     rs->t_prompt = now_s() - t0;
     rs->n_prompt = (int)n;
@@ -351,8 +384,8 @@ static int generate(const bn_model_t *m, bn_state_t *st, const bn_tokenizer_t *t
     int pos = (int)n;
     const char *finish = "length";
     t0 = now_s();
+    bn_engine_set_phase(rk->eng, BN_PHASE_GEN);
     for (int g = 0; g < o->n_predict; g++) {
-        int32_t next = bn_sampler_sample(smp, logits);
         if (next == c->eos_id || next == c->eot_id) {
             finish = "stop";
             break;
@@ -367,13 +400,13 @@ static int generate(const bn_model_t *m, bn_state_t *st, const bn_tokenizer_t *t
         fflush(stdout);
         if (g + 1 == o->n_predict)
             break;
-        if ((uint32_t)pos >= st->n_ctx) {
-            BN_WARN("context of %u tokens is full: generation stopped after %d tokens", st->n_ctx, rs->n_gen);
+        if ((uint32_t)pos >= rk->st->n_ctx) {
+            BN_WARN("context of %u tokens is full: generation stopped after %d tokens", rk->st->n_ctx, rs->n_gen);
             finish = "context";
             break;
         }
         bn_batch_entry_t e = { .seq = 0, .pos = pos++, .token = next, .want_logits = 1 };
-        if ((rc = bn_forward(m, st, &e, 1, logits, err, errlen)))
+        if ((rc = bn_engine_step(rk->eng, o->replica, &e, 1, BN_WANT_SAMPLE, &smp, &next, NULL, err, errlen)))
             goto done;
     }
     rs->t_gen = now_s() - t0;
@@ -385,38 +418,26 @@ static int generate(const bn_model_t *m, bn_state_t *st, const bn_tokenizer_t *t
     fflush(stdout);
     BN_INFO("finished: %s, %d prompt tokens, %d generated", finish, rs->n_prompt, rs->n_gen);
 done:
-    free(b);
-    free(logits);
     bn_sampler_destroy(&smp);
     return rc;
 }
 
-static int run(const options_t *o, char *err, size_t errlen)
+/* Rank 0's part of the run: the prompt, then --tokenize, --dump-logits or
+ * generation through the engine. */
+static int drive(rank_t *rk, const options_t *o, run_stats_t *rs, char *err, size_t errlen)
 {
-    bn_model_t *m = NULL;
+    bn_model_t *m = rk->m;
+    const bn_config_t *c = &m->cfg;
     bn_tokenizer_t *tok = NULL;
-    bn_state_t *st = NULL;
-    bn_pool_t *pool = NULL;
     int32_t *ids = NULL;
     char *text = NULL, *chat = NULL;
     size_t n_ids = 0, text_len = 0;
-    run_stats_t rs = { 0 };
-
-    int n_threads = o->threads ? o->threads : bn_pool_default_threads();
-    int rc = bn_pool_new(n_threads, &pool, err, errlen);
-    if (rc)
+    int rc;
+    if (o->replica >= rk->plan.R) {
+        rc = bn_err(err, errlen, BN_EINVAL, "--replica %d: the plan has %d replica%s (0..%d)", o->replica,
+                    rk->plan.R, rk->plan.R == 1 ? "" : "s", rk->plan.R - 1);
         goto done;
-    double t_load = now_s();
-    bn_model_opts_t mo = { .head_type = o->lm_head, .pool = pool };
-    if ((rc = bn_model_load(o->model, &mo, &m, err, errlen)))
-        goto done;
-    const bn_config_t *c = &m->cfg;
-    BN_INFO("model %s: %s, %u layers, width %u, ffn %u, heads %u/%u, vocab %u, weights %s, embedding %s, "
-            "LM head %s; loaded in %.2f s",
-            o->model, c->arch, c->n_layer, c->n_embd, c->n_ff, c->n_head, c->n_head_kv, c->n_vocab,
-            bn_type_name(m->w.wtype), bn_type_name(m->w.embd_type), bn_head_type_name(m->w.head.type),
-            now_s() - t_load);
-    BN_INFO("%s, %d thread%s", bn_kernels_choice(), n_threads, n_threads == 1 ? "" : "s");
+    }
     if ((rc = bn_vocab_load(m->gguf, &tok, err, errlen)))
         goto done;
     if (bn_tokenizer_warning(tok))
@@ -470,43 +491,206 @@ static int run(const options_t *o, char *err, size_t errlen)
         rc = bn_err(err, errlen, BN_EINVAL, "the prompt is empty");
         goto done;
     }
-    uint32_t n_ctx = o->ctx ? (uint32_t)o->ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
-    if (n_ids > n_ctx) {
+    if (n_ids > rk->st->n_ctx) {
         rc = bn_err(err, errlen, BN_ECONTEXT, "the prompt has %zu tokens, more than the context of %u (see --ctx)",
-                    n_ids, n_ctx);
+                    n_ids, rk->st->n_ctx);
         goto done;
     }
-    if ((rc = bn_state_new(m, n_ctx, 1, pool, &st, err, errlen)))
-        goto done;
     if (o->dump_logits)
-        rc = dump_logits(m, st, ids, n_ids, o->dump_logits, &rs, err, errlen);
+        rc = dump_logits(rk, ids, n_ids, o, rs, err, errlen);
     else
-        rc = generate(m, st, tok, ids, n_ids, o, &rs, err, errlen);
-    if (rc == BN_OK && o->stats) {
-        double ptps = rs.t_prompt > 0 ? rs.n_prompt / rs.t_prompt : 0;
-        /* the first generated token comes from the prompt's logits and the last is
-         * never evaluated: the timed loop holds n_gen - 1 forward passes */
-        double gtps = rs.t_gen > 0 && rs.n_gen > 1 ? (rs.n_gen - 1) / rs.t_gen : 0;
-        fprintf(stderr, "prompt: %d tokens in %.3f s (%.2f tokens/s)\n", rs.n_prompt, rs.t_prompt, ptps);
-        fprintf(stderr, "generation: %d tokens in %.3f s (%.2f tokens/s)\n", rs.n_gen, rs.t_gen, gtps);
-        fprintf(stderr, "kernels: %s, %d threads, LM head %s; peak memory %.1f MB\n", bn_kernels_get()->name,
-                bn_pool_size(pool), bn_head_type_name(m->w.head.type), peak_rss_mb());
-        double wmb = bn_model_bytes_per_token(m) / 1e6;
-        fprintf(stderr, "weights read per generated token: %.1f MB (%.2f GB/s at this speed)\n", wmb, wmb * gtps / 1e3);
-        fprintf(stderr, "stats: prompt_tokens=%d prompt_tps=%.3f gen_tokens=%d gen_tps=%.3f peak_rss_mb=%.1f "
-                "threads=%d kernels=%s lm_head=%s weight_mb_per_token=%.1f\n",
-                rs.n_prompt, ptps, rs.n_gen, gtps, peak_rss_mb(), bn_pool_size(pool), bn_kernels_get()->name,
-                bn_head_type_name(m->w.head.type), wmb);
-    }
+        rc = generate(rk, tok, ids, n_ids, o, rs, err, errlen);
 done:
     free(ids);
     free(text);
     free(chat);
-    bn_state_destroy(&st);
-    bn_pool_destroy(&pool);
     bn_tokenizer_destroy(&tok);
-    bn_model_destroy(&m);
     return rc;
+}
+
+/* Memory this rank may use: --mem-per-rank, else MemAvailable over the ranks on
+ * the node; 0 when unknown. */
+static uint64_t mem_per_rank(const options_t *o, int node_ranks)
+{
+    if (o->mem_mb)
+        return (uint64_t)o->mem_mb * 1000000u;
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f)
+        return 0;
+    char line[256];
+    unsigned long long kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+            break;
+    fclose(f);
+    return (uint64_t)kb * 1024u / (uint64_t)(node_ranks > 0 ? node_ranks : 1);
+}
+
+/* One rank's summary for --stats, gathered at rank 0. */
+typedef struct {
+    bn_phase_stats_t ps[BN_PHASES];
+    double peak_rss_mb;
+    double weight_mb;
+} rank_stats_t;
+
+static void print_stats(const rank_t *rk, const run_stats_t *rs, const rank_stats_t *all)
+{
+    const bn_plan_t *p = &rk->plan;
+    const bn_model_t *m = rk->m;
+    double ptps = rs->t_prompt > 0 ? rs->n_prompt / rs->t_prompt : 0;
+    /* the first generated token comes from the prompt's logits and the last is
+     * never evaluated: the timed loop holds n_gen - 1 forward passes */
+    double gtps = rs->t_gen > 0 && rs->n_gen > 1 ? (rs->n_gen - 1) / rs->t_gen : 0;
+    fprintf(stderr, "prompt: %d tokens in %.3f s (%.2f tokens/s)\n", rs->n_prompt, rs->t_prompt, ptps);
+    fprintf(stderr, "generation: %d tokens in %.3f s (%.2f tokens/s)\n", rs->n_gen, rs->t_gen, gtps);
+    fprintf(stderr, "kernels: %s, %d threads per rank, LM head %s\n", bn_kernels_get()->name, bn_pool_size(rk->pool),
+            bn_head_type_name(m->w.head.type));
+    /* per rank: memory, and per generated token (the generation phase's steps) */
+    double wmb = 0, rss_max = 0, bytes = 0, coll = 0, comp = 0, comm = 0, wait = 0;
+    uint64_t steps = all[0].ps[BN_PHASE_GEN].steps;
+    for (int r = 0; r < p->world; r++) {
+        const bn_phase_stats_t *g = &all[r].ps[BN_PHASE_GEN];
+        double ns = g->steps ? (double)g->steps : 1.0;
+        double c = g->t_step - g->t_comm - g->t_wait;
+        if (p->world > 1)
+            fprintf(stderr, "rank %d: peak memory %.1f MB, weights %.1f MB read per token; per generated token: "
+                    "%.0f bytes sent, %.1f collectives, %.2f ms compute, %.2f ms communication, %.2f ms waiting\n",
+                    r, all[r].peak_rss_mb, all[r].weight_mb, g->bytes_sent / ns, g->collectives / ns,
+                    1e3 * (c > 0 ? c : 0) / ns, 1e3 * g->t_comm / ns, 1e3 * g->t_wait / ns);
+        wmb += all[r].weight_mb;
+        rss_max = all[r].peak_rss_mb > rss_max ? all[r].peak_rss_mb : rss_max;
+        bytes += g->bytes_sent / ns;
+        coll = g->collectives / ns > coll ? g->collectives / ns : coll;
+        comp += (c > 0 ? c : 0) / ns;
+        comm += g->t_comm / ns;
+        wait += g->t_wait / ns;
+    }
+    double tot = comp + comm + wait > 0 ? comp + comm + wait : 1;
+    fprintf(stderr, "weights read per generated token: %.1f MB over %d rank%s (%.2f GB/s at this speed)\n", wmb,
+            p->world, p->world == 1 ? "" : "s", wmb * gtps / 1e3);
+    fprintf(stderr, "stats: prompt_tokens=%d prompt_tps=%.3f gen_tokens=%d gen_tps=%.3f peak_rss_mb=%.1f "
+            "threads=%d kernels=%s lm_head=%s weight_mb_per_token=%.1f ranks=%d plan=%dx%dx%d "
+            "peak_rss_mb_max=%.1f bytes_per_token=%.0f collectives_per_token=%.1f compute_pct=%.1f comm_pct=%.1f "
+            "wait_pct=%.1f gen_steps=%llu\n",
+            rs->n_prompt, ptps, rs->n_gen, gtps, all[0].peak_rss_mb, bn_pool_size(rk->pool), bn_kernels_get()->name,
+            bn_head_type_name(m->w.head.type), wmb, p->world, p->R, p->P, p->T, rss_max, bytes, coll,
+            100 * comp / tot, 100 * comm / tot, 100 * wait / tot, (unsigned long long)steps);
+}
+
+/* Every rank: plan, load this rank's part, then drive (rank 0) or serve. */
+static int run(bn_comm_t *comm, const options_t *o, char *err, size_t errlen)
+{
+    rank_t rk = { .comm = comm };
+    run_stats_t rs = { 0 };
+    bn_config_t cfg;
+    /* the same inputs on every rank, so the same plan */
+    int rc = bn_model_peek(o->model, &cfg, err, errlen);
+    if (rc)
+        return rc;
+    uint32_t n_ctx = o->ctx ? (uint32_t)o->ctx : (cfg.n_ctx_train < 4096 ? cfg.n_ctx_train : 4096);
+    uint64_t mem = mem_per_rank(o, comm->node_ranks);
+    if ((rc = bn_comm_min_u64(comm, &mem, err, errlen)))
+        return rc;
+    static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
+    int head = o->lm_head >= 0 ? o->lm_head : BN_HEAD_DEFAULT;
+    bn_plan_model_t pm = { .n_layer = cfg.n_layer, .n_embd = cfg.n_embd, .n_ff = cfg.n_ff, .n_head = cfg.n_head,
+                           .n_head_kv = cfg.n_head_kv, .head_dim = cfg.head_dim, .n_vocab = cfg.n_vocab,
+                           .head_row_bytes = cfg.n_embd / 32 * block_bytes[head],
+                           .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * sizeof(float) };
+    bn_plan_in_t in = { .world = comm->size, .ranks_per_node = comm->node_ranks,
+                        .mem_per_rank = o->mem_mb || comm->size > 1 ? mem : 0, /* one rank has no other plan */
+                        .n_ctx = n_ctx, .n_seq = 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
+    if ((rc = bn_plan_make(&pm, &in, &rk.plan, err, errlen)))
+        return rc;
+    if (comm->rank == 0 && comm->size > 1) {
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&buf, &len);
+        if (f) {
+            bn_plan_print(&rk.plan, f, "");
+            fclose(f);
+            for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n"))
+                BN_INFO("%s", line);
+            free(buf);
+        }
+    }
+    const bn_shard_t *me = &rk.plan.rank[comm->rank];
+    /* this rank's part: errors here may be one rank's own (memory), so every rank
+     * says how it went before any goes on */
+    int n_threads = o->threads ? o->threads : bn_pool_default_threads();
+    double t_load = now_s();
+    bn_model_opts_t mo = { .head_type = o->lm_head, .shard = me };
+    if ((rc = bn_comm_grid(comm, rk.plan.R, rk.plan.P, rk.plan.T, err, errlen)) == BN_OK &&
+        (rc = bn_pool_new(n_threads, &rk.pool, err, errlen)) == BN_OK &&
+        (mo.pool = rk.pool, rc = bn_model_load(o->model, &mo, &rk.m, err, errlen)) == BN_OK &&
+        (rc = bn_state_new(rk.m, n_ctx, 1, rk.pool, &rk.st, err, errlen)) == BN_OK) {
+        bn_comm_dist(comm, &rk.dist);
+        if ((rc = bn_state_set_dist(rk.st, &rk.dist, err, errlen)) == BN_OK)
+            rc = bn_engine_new(comm, &rk.plan, rk.m, rk.st, &o->sp, &rk.eng, err, errlen);
+    }
+    uint64_t all_ok = rc == BN_OK;
+    int crc = bn_comm_min_u64(comm, &all_ok, err, errlen);
+    if (rc == BN_OK && crc == BN_OK && !all_ok)
+        rc = bn_err(err, errlen, BN_EINTERNAL, "another rank could not load its part of the model (see its error)");
+    if (rc == BN_OK)
+        rc = crc;
+    if (rc == BN_OK) {
+        const bn_config_t *c = &rk.m->cfg;
+        BN_INFO("model %s: %s, %u layers, width %u, ffn %u, heads %u/%u, vocab %u, weights %s, embedding %s, "
+                "LM head %s; this rank's part loaded in %.2f s",
+                o->model, c->arch, c->n_layer, c->n_embd, c->n_ff, c->n_head, c->n_head_kv, c->n_vocab,
+                bn_type_name(rk.m->w.wtype), bn_type_name(rk.m->w.embd_type), bn_head_type_name(rk.m->w.head.type),
+                now_s() - t_load);
+        if (comm->rank == 0)
+            BN_INFO("%s, %d thread%s per rank", bn_kernels_choice(), n_threads, n_threads == 1 ? "" : "s");
+        if (comm->rank == 0) {
+            rc = drive(&rk, o, &rs, err, errlen);
+            /* the others wait for this whatever happened to the prompt */
+            char e2[256];
+            int src = bn_engine_stop(rk.eng, e2, sizeof e2);
+            if (src && rc == BN_OK) {
+                rc = src;
+                snprintf(err, errlen, "%s", e2);
+            }
+        } else {
+            rc = bn_engine_serve(rk.eng, err, errlen);
+        }
+        if (rc == BN_ECOMM || (rc && comm->rank != 0)) { /* a step failed half way: nothing can be trusted */
+            BN_ERROR("%s", err);
+            bn_comm_abort(comm, 1);
+        }
+        rank_stats_t mine = { .peak_rss_mb = peak_rss_mb(), .weight_mb = bn_model_bytes_per_token(rk.m) / 1e6 };
+        for (int ph = 0; ph < BN_PHASES; ph++)
+            mine.ps[ph] = *bn_engine_stats(rk.eng, ph);
+        rank_stats_t *all = comm->rank == 0 ? calloc((size_t)comm->size, sizeof *all) : NULL;
+        char e3[256];
+        if (bn_comm_gather(comm, &mine, sizeof mine, all, e3, sizeof e3) == BN_OK && rc == BN_OK && o->stats &&
+            comm->rank == 0 && all && !o->tokenize)
+            print_stats(&rk, &rs, all);
+        free(all);
+    }
+    bn_engine_destroy(&rk.eng);
+    bn_state_destroy(&rk.st);
+    bn_model_destroy(&rk.m);
+    bn_pool_destroy(&rk.pool);
+    bn_plan_free(&rk.plan);
+    return rc;
+}
+
+/* Started by Slurm's srun without MPI wiring, N copies would each be a world of
+ * one and compute the whole model N times: refuse. */
+static int slurm_singleton(const bn_comm_t *comm, char *err, size_t errlen)
+{
+    const char *s = getenv("SLURM_STEP_NUM_TASKS");
+    if (!s)
+        s = getenv("SLURM_NTASKS");
+    long n = s ? strtol(s, NULL, 10) : 0;
+    if (comm->size == 1 && n > 1)
+        return bn_err(err, errlen, BN_EINVAL, "Slurm started %ld tasks, but this process is an MPI world of one: "
+                      "srun without MPI wiring starts %ld separate copies. Launch with 'srun --mpi=pmix "
+                      "bitnet-worker ...' or 'mpirun bitnet-worker ...' inside the allocation (or ask Slurm for "
+                      "one task to run a single process)", n, n);
+    return BN_OK;
 }
 
 int main(int argc, char **argv)
@@ -522,17 +706,15 @@ int main(int argc, char **argv)
         return 1;
     }
     bn_log_setup((bn_log_level_t)o.log_level, comm.rank);
-    if (comm.size > 1) {
-        if (comm.rank == 0)
-            BN_ERROR("this build runs on one rank; sharding over %d ranks is not implemented yet", comm.size);
-        bn_comm_finalize(&comm);
-        return 1;
+    int rc = slurm_singleton(&comm, err, sizeof err);
+    if (rc == BN_OK) {
+        if (!o.seed_given) {
+            o.sp.seed = (uint64_t)time(NULL);
+            if (comm.rank == 0)
+                BN_INFO("seed %llu", (unsigned long long)o.sp.seed);
+        }
+        rc = run(&comm, &o, err, sizeof err);
     }
-    if (!o.seed_given) {
-        o.sp.seed = (uint64_t)time(NULL);
-        BN_INFO("seed %llu", (unsigned long long)o.sp.seed);
-    }
-    int rc = run(&o, err, sizeof err);
     if (rc != BN_OK)
         BN_ERROR("%s", err);
     bn_comm_finalize(&comm);

@@ -230,18 +230,33 @@ static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t 
         return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: tensor '%s' has rows of %u weights, not a multiple of 128",
                       m->gguf->path, name, n_in);
     memset(w, 0, sizeof *w);
-    if (r0 >= r1 || c0 >= c1)
-        return BN_OK;
+    const int empty = r0 >= r1 || c0 >= c1;
     void *owned = NULL;
     char e2[384];
-    rc = bn_repack_ternary(name, t->type, t->data, n_in, n_out, r0, r1, c0, c1, w, &owned, e2, sizeof e2);
+    /* an empty slice still needs the tensor's scale (the ranks' partial sums are
+     * scaled after they are added up): take it from the first row */
+    rc = empty ? bn_repack_ternary(name, t->type, t->data, n_in, n_out, 0, 1, 0, n_in, w, &owned, e2, sizeof e2)
+               : bn_repack_ternary(name, t->type, t->data, n_in, n_out, r0, r1, c0, c1, w, &owned, e2, sizeof e2);
     if (rc)
         return bn_err(err, errlen, rc, "%s: %s", m->gguf->path, e2);
+    if (w->bscale && (c0 > 0 || c1 < n_in)) {
+        free(owned);
+        return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: tensor '%s' has blocks with different scales; split by "
+                      "columns over tensor ranks it would not give one rank's results (use --pp or --replicas)",
+                      m->gguf->path, name);
+    }
+    if (empty) {
+        float scale = w->scale;
+        free(owned);
+        memset(w, 0, sizeof *w);
+        w->scale = scale;
+        owned = NULL;
+    }
     if ((rc = own(m, owned, err, errlen)))
         return rc;
     if (owned) /* the decoded copy replaces the file's pages: let them go */
         bn_gguf_release(m->gguf, t->data, t->nbytes);
-    else if (r1 - r0 < n_out) /* in place: only this rank's rows stay mapped */
+    else if (!empty && r1 - r0 < n_out) /* in place: only this rank's rows stay mapped */
         release_outside(m, t, (size_t)r0 * (n_in / 4), (size_t)r1 * (n_in / 4));
     /* optional per-tensor scale beside the weight: "<name without .weight>.scale" */
     char sname[256];
@@ -418,6 +433,20 @@ static int bind_weights(bn_model_t *m, int head_type, bn_pool_t *pool, char *err
         return bn_err(err, errlen, BN_EFORMAT, "%s: missing tensor '%s'", m->gguf->path, first);
     w->wtype = tq->type;
     return build_head(m, head_type, pool, err, errlen);
+}
+
+int bn_model_peek(const char *path, bn_config_t *cfg, char *err, size_t errlen)
+{
+    bn_model_t *m = calloc(1, sizeof *m);
+    if (!m)
+        return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", path);
+    int rc = bn_gguf_open(path, &m->gguf, err, errlen);
+    if (rc == BN_OK)
+        rc = read_config(m, err, errlen);
+    if (rc == BN_OK)
+        *cfg = m->cfg;
+    bn_model_destroy(&m);
+    return rc;
 }
 
 /* the whole model, or the part of it a plan gives this rank */

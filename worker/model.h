@@ -87,6 +87,8 @@ int bn_head_type_parse(const char *s); /* -1 when unknown */
  * tensor at fault. */
 int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **out, char *err, size_t errlen);
 void bn_model_destroy(bn_model_t **m);
+/* The hyper-parameters only (for the planner, before loading a shard). */
+int bn_model_peek(const char *path, bn_config_t *cfg, char *err, size_t errlen);
 
 /* Bytes of weights a decoder reads per generated token: every ternary matrix in the
  * kernels' layout plus the whole LM head (the input embedding row is negligible). */
