@@ -53,4 +53,12 @@
     X(pool_many_short_jobs) \
     X(pool_destroy_while_idle) \
     X(kernels_neon_qemu) \
-    X(model_neon_qemu)
+    X(model_neon_qemu) \
+    X(mpi_same_logits) \
+    X(mpi_same_tokens) \
+    X(mpi_2b4t_shape_worlds) \
+    X(mpi_plan_and_bad_pins) \
+    X(mpi_rank_killed) \
+    X(mpi_rank_fails_to_load) \
+    X(mpi_slurm_singletons_refused) \
+    X(mpi_idle_rank_sleeps)

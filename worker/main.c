@@ -25,11 +25,12 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 typedef struct {
     const char *model, *prompt, *prompt_file, *tokens, *dump_logits;
     int n_predict, tokenize, chat, stats, print_ids, ctx, threads, lm_head;
-    int tp, pp, replicas, replica, mem_mb;
+    int tp, pp, replicas, replica, mem_mb, ignore_eos;
     int log_level;
     int seed_given;
     bn_sampler_params_t sp;
@@ -53,6 +54,7 @@ static void usage(FILE *f)
         "  -n, --n-predict N    tokens to generate (default 64)\n"
         "  --chat               wrap the prompt in the model's chat form\n"
         "  --print-ids          print generated token ids instead of text\n"
+        "  --ignore-eos         do not stop at end-of-text tokens (fixed-length runs)\n"
         "\n"
         "sampling:\n"
         "  --temp T             temperature, 0 = greedy (default 0.8)\n"
@@ -123,11 +125,12 @@ static int parse_args(int argc, char **argv, options_t *o)
             return 1;
         }
         int is_flag = !strcmp(a, "--tokenize") || !strcmp(a, "--chat") || !strcmp(a, "--stats") ||
-                      !strcmp(a, "--print-ids");
+                      !strcmp(a, "--print-ids") || !strcmp(a, "--ignore-eos");
         if (is_flag) {
             if (!strcmp(a, "--tokenize")) o->tokenize = 1;
             else if (!strcmp(a, "--chat")) o->chat = 1;
             else if (!strcmp(a, "--stats")) o->stats = 1;
+            else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = 1;
             else o->print_ids = 1;
             continue;
         }
@@ -386,7 +389,7 @@ static int generate(rank_t *rk, const bn_tokenizer_t *tok, const int32_t *ids, s
     t0 = now_s();
     bn_engine_set_phase(rk->eng, BN_PHASE_GEN);
     for (int g = 0; g < o->n_predict; g++) {
-        if (next == c->eos_id || next == c->eot_id) {
+        if (!o->ignore_eos && (next == c->eos_id || next == c->eot_id)) {
             finish = "stop";
             break;
         }
@@ -531,7 +534,15 @@ typedef struct {
     bn_phase_stats_t ps[BN_PHASES];
     double peak_rss_mb;
     double weight_mb;
+    double serve_s, serve_cpu_s;  /* wall and CPU time (all threads) in bn_engine_serve */
 } rank_stats_t;
+
+static double cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + 1e-6 * (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
 
 static void print_stats(const rank_t *rk, const run_stats_t *rs, const rank_stats_t *all)
 {
@@ -554,9 +565,11 @@ static void print_stats(const rank_t *rk, const run_stats_t *rs, const rank_stat
         double c = g->t_step - g->t_comm - g->t_wait;
         if (p->world > 1)
             fprintf(stderr, "rank %d: peak memory %.1f MB, weights %.1f MB read per token; per generated token: "
-                    "%.0f bytes sent, %.1f collectives, %.2f ms compute, %.2f ms communication, %.2f ms waiting\n",
+                    "%.0f bytes sent, %.1f collectives, %.2f ms compute, %.2f ms communication, %.2f ms waiting; "
+                    "CPU %.1f%% of a core while serving %.2f s\n",
                     r, all[r].peak_rss_mb, all[r].weight_mb, g->bytes_sent / ns, g->collectives / ns,
-                    1e3 * (c > 0 ? c : 0) / ns, 1e3 * g->t_comm / ns, 1e3 * g->t_wait / ns);
+                    1e3 * (c > 0 ? c : 0) / ns, 1e3 * g->t_comm / ns, 1e3 * g->t_wait / ns,
+                    all[r].serve_s > 0 ? 100 * all[r].serve_cpu_s / all[r].serve_s : 0.0, all[r].serve_s);
         wmb += all[r].weight_mb;
         rss_max = all[r].peak_rss_mb > rss_max ? all[r].peak_rss_mb : rss_max;
         bytes += g->bytes_sent / ns;
@@ -577,30 +590,62 @@ static void print_stats(const rank_t *rk, const run_stats_t *rs, const rank_stat
             100 * comp / tot, 100 * comm / tot, 100 * wait / tot, (unsigned long long)steps);
 }
 
-/* Every rank: plan, load this rank's part, then drive (rank 0) or serve. */
-static int run(bn_comm_t *comm, const options_t *o, char *err, size_t errlen)
+/* Every rank learns whether every rank got this far: a failure of one rank
+ * (its own file access, its memory) becomes a failure of all, so all end
+ * cleanly (MPI_Finalize while others still wait would hang). *quiet is set on
+ * the ranks that only echo another's error (the failing rank logs its own). */
+static int agree(bn_comm_t *comm, int rc, int *quiet, char *err, size_t errlen)
+{
+    uint64_t ok = rc == BN_OK, failed = rc != BN_OK;
+    char e2[256];
+    int crc = bn_comm_min_u64(comm, &ok, e2, sizeof e2);
+    if (crc == BN_OK)
+        crc = bn_comm_min_u64(comm, &failed, e2, sizeof e2);
+    if (crc) {
+        if (rc == BN_OK)
+            snprintf(err, errlen, "%s", e2);
+        return rc ? rc : crc;
+    }
+    if (failed) /* every rank failed, the same way as a rule (same file, same plan): rank 0 says it */
+        *quiet = comm->rank != 0;
+    else if (rc == BN_OK && !ok) {
+        *quiet = comm->rank != 0;
+        return bn_err(err, errlen, BN_EINTERNAL, "another rank failed (its error is above); nothing was run");
+    }
+    return rc;
+}
+
+/* Every rank: plan, load this rank's part, then drive (rank 0) or serve. A
+ * failure before the steps start is agreed on by every rank (agree); a failure
+ * inside a step leaves the others waiting, so that rank ends the job
+ * (MPI_Abort: mpirun then names it). */
+static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_t errlen)
 {
     rank_t rk = { .comm = comm };
     run_stats_t rs = { 0 };
-    bn_config_t cfg;
+    bn_config_t cfg = { 0 };
     /* the same inputs on every rank, so the same plan */
-    int rc = bn_model_peek(o->model, &cfg, err, errlen);
+    uint64_t mem = mem_per_rank(o, comm->node_ranks);
+    int rc = bn_comm_min_u64(comm, &mem, err, errlen);
     if (rc)
         return rc;
-    uint32_t n_ctx = o->ctx ? (uint32_t)o->ctx : (cfg.n_ctx_train < 4096 ? cfg.n_ctx_train : 4096);
-    uint64_t mem = mem_per_rank(o, comm->node_ranks);
-    if ((rc = bn_comm_min_u64(comm, &mem, err, errlen)))
-        return rc;
-    static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
-    int head = o->lm_head >= 0 ? o->lm_head : BN_HEAD_DEFAULT;
-    bn_plan_model_t pm = { .n_layer = cfg.n_layer, .n_embd = cfg.n_embd, .n_ff = cfg.n_ff, .n_head = cfg.n_head,
-                           .n_head_kv = cfg.n_head_kv, .head_dim = cfg.head_dim, .n_vocab = cfg.n_vocab,
-                           .head_row_bytes = cfg.n_embd / 32 * block_bytes[head],
-                           .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * sizeof(float) };
-    bn_plan_in_t in = { .world = comm->size, .ranks_per_node = comm->node_ranks,
-                        .mem_per_rank = o->mem_mb || comm->size > 1 ? mem : 0, /* one rank has no other plan */
-                        .n_ctx = n_ctx, .n_seq = 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
-    if ((rc = bn_plan_make(&pm, &in, &rk.plan, err, errlen)))
+    rc = bn_model_peek(o->model, &cfg, err, errlen);
+    uint32_t n_ctx = 0;
+    if (rc == BN_OK) {
+        n_ctx = o->ctx ? (uint32_t)o->ctx : (cfg.n_ctx_train < 4096 ? cfg.n_ctx_train : 4096);
+        static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h),
+                                               sizeof(bn_block_q4_0) };
+        int head = o->lm_head >= 0 ? o->lm_head : BN_HEAD_DEFAULT;
+        bn_plan_model_t pm = { .n_layer = cfg.n_layer, .n_embd = cfg.n_embd, .n_ff = cfg.n_ff,
+                               .n_head = cfg.n_head, .n_head_kv = cfg.n_head_kv, .head_dim = cfg.head_dim,
+                               .n_vocab = cfg.n_vocab, .head_row_bytes = cfg.n_embd / 32 * block_bytes[head],
+                               .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * sizeof(float) };
+        bn_plan_in_t in = { .world = comm->size, .ranks_per_node = comm->node_ranks,
+                            .mem_per_rank = o->mem_mb || comm->size > 1 ? mem : 0, /* one rank has no other plan */
+                            .n_ctx = n_ctx, .n_seq = 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
+        rc = bn_plan_make(&pm, &in, &rk.plan, err, errlen);
+    }
+    if ((rc = agree(comm, rc, quiet, err, errlen)))
         return rc;
     if (comm->rank == 0 && comm->size > 1) {
         char *buf = NULL;
@@ -620,6 +665,7 @@ static int run(bn_comm_t *comm, const options_t *o, char *err, size_t errlen)
     int n_threads = o->threads ? o->threads : bn_pool_default_threads();
     double t_load = now_s();
     bn_model_opts_t mo = { .head_type = o->lm_head, .shard = me };
+    BN_INFO("pid %d", (int)getpid());
     if ((rc = bn_comm_grid(comm, rk.plan.R, rk.plan.P, rk.plan.T, err, errlen)) == BN_OK &&
         (rc = bn_pool_new(n_threads, &rk.pool, err, errlen)) == BN_OK &&
         (mo.pool = rk.pool, rc = bn_model_load(o->model, &mo, &rk.m, err, errlen)) == BN_OK &&
@@ -628,12 +674,8 @@ static int run(bn_comm_t *comm, const options_t *o, char *err, size_t errlen)
         if ((rc = bn_state_set_dist(rk.st, &rk.dist, err, errlen)) == BN_OK)
             rc = bn_engine_new(comm, &rk.plan, rk.m, rk.st, &o->sp, &rk.eng, err, errlen);
     }
-    uint64_t all_ok = rc == BN_OK;
-    int crc = bn_comm_min_u64(comm, &all_ok, err, errlen);
-    if (rc == BN_OK && crc == BN_OK && !all_ok)
-        rc = bn_err(err, errlen, BN_EINTERNAL, "another rank could not load its part of the model (see its error)");
-    if (rc == BN_OK)
-        rc = crc;
+    rc = agree(comm, rc, quiet, err, errlen);
+    double serve_wall = 0, serve_cpu = 0;
     if (rc == BN_OK) {
         const bn_config_t *c = &rk.m->cfg;
         BN_INFO("model %s: %s, %u layers, width %u, ffn %u, heads %u/%u, vocab %u, weights %s, embedding %s, "
@@ -653,13 +695,18 @@ static int run(bn_comm_t *comm, const options_t *o, char *err, size_t errlen)
                 snprintf(err, errlen, "%s", e2);
             }
         } else {
+            serve_wall = now_s();
+            serve_cpu = cpu_s();
             rc = bn_engine_serve(rk.eng, err, errlen);
+            serve_wall = now_s() - serve_wall;
+            serve_cpu = cpu_s() - serve_cpu;
         }
         if (rc == BN_ECOMM || (rc && comm->rank != 0)) { /* a step failed half way: nothing can be trusted */
             BN_ERROR("%s", err);
             bn_comm_abort(comm, 1);
         }
-        rank_stats_t mine = { .peak_rss_mb = peak_rss_mb(), .weight_mb = bn_model_bytes_per_token(rk.m) / 1e6 };
+        rank_stats_t mine = { .peak_rss_mb = peak_rss_mb(), .weight_mb = bn_model_bytes_per_token(rk.m) / 1e6,
+                              .serve_s = serve_wall, .serve_cpu_s = serve_cpu };
         for (int ph = 0; ph < BN_PHASES; ph++)
             mine.ps[ph] = *bn_engine_stats(rk.eng, ph);
         rank_stats_t *all = comm->rank == 0 ? calloc((size_t)comm->size, sizeof *all) : NULL;
@@ -706,6 +753,7 @@ int main(int argc, char **argv)
         return 1;
     }
     bn_log_setup((bn_log_level_t)o.log_level, comm.rank);
+    int quiet = 0;
     int rc = slurm_singleton(&comm, err, sizeof err);
     if (rc == BN_OK) {
         if (!o.seed_given) {
@@ -713,9 +761,9 @@ int main(int argc, char **argv)
             if (comm.rank == 0)
                 BN_INFO("seed %llu", (unsigned long long)o.sp.seed);
         }
-        rc = run(&comm, &o, err, sizeof err);
+        rc = run(&comm, &o, &quiet, err, sizeof err);
     }
-    if (rc != BN_OK)
+    if (rc != BN_OK && !quiet)
         BN_ERROR("%s", err);
     bn_comm_finalize(&comm);
     return rc == BN_OK ? 0 : (rc == BN_EINVAL ? 2 : 1);
