@@ -645,8 +645,10 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
                             .n_ctx = n_ctx, .n_seq = 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
         rc = bn_plan_make(&pm, &in, &rk.plan, err, errlen);
     }
-    if ((rc = agree(comm, rc, quiet, err, errlen)))
+    if ((rc = agree(comm, rc, quiet, err, errlen))) {
+        bn_plan_free(&rk.plan);
         return rc;
+    }
     if (comm->rank == 0 && comm->size > 1) {
         char *buf = NULL;
         size_t len = 0;
