@@ -89,6 +89,7 @@ cross:
 # Speed against llama.cpp, same weights (not part of the tests; knobs in bench/README.md).
 bench:
 	@sh bench/run.sh
+	@sh bench/mpi.sh
 
 clean:
 	rm -rf build build-san bin bin-san build-aarch64 bin-aarch64

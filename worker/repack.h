@@ -1,7 +1,8 @@
 /* repack.h - ternary tensors from the file into the kernels' layout (kernels.h).
  *
- * Runs once at load. An I2_S slice on 128-column boundaries is used in place
- * (no copy; out->row_bytes is then the file's row stride); TQ2_0 and TQ1_0 tensors, column slices, and F16/F32 tensors whose
+ * Runs once at load. An I2_S tensor whose full rows are wanted is used in place
+ * (no copy); I2_S column slices (a tensor rank's part of o or down) are copied, so
+ * each rank streams its own contiguous rows; TQ2_0 and TQ1_0 tensors, column slices, and F16/F32 tensors whose
  * values are w * scale with w in {-1, 0, +1} (llama.cpp writes such rows when they
  * are not a multiple of 256) are decoded into a new buffer. */
 #ifndef BN_REPACK_H
