@@ -73,6 +73,10 @@ demo: deps
 	@mkdir -p models
 	$(BIN)/bitnet-mkmodel --preset tiny --wtype i2_s --seed 1 -o $(DEMO_MODEL)
 	$(BIN)/bitnet-worker --model $(DEMO_MODEL) --prompt "Once upon a time" -n 48 --seed 7 --temp 0.8 --stats
+	@echo "--- the same over 4 MPI ranks (2 tensor ranks x 2 pipeline stages): the same text"
+	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe --bind-to none -n 4 \
+	    $(BIN)/bitnet-worker --model $(DEMO_MODEL) --prompt "Once upon a time" -n 48 --seed 7 --temp 0.8 \
+	    --tp 2 --pp 2 --threads 1 --stats
 
 test: deps
 	@$(MAKE) --no-print-directory -j2 all cross

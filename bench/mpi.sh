@@ -19,7 +19,9 @@
 #   the step    16 * (T-1)                   (one entry to each other rank)
 # What it is not: a test; nothing here passes or fails.
 #
-# Knobs: BENCH_TG (64), BENCH_RUNS (3), BENCH_QUICK=1 (tg 8, 1 run), BENCH_SEED (1),
+# Also the prompt's speed (BENCH_PP tokens, default 256, in steps of 64 that the
+# stages of --pp 2 work on one behind the other).
+# Knobs: BENCH_TG (64), BENCH_PP (256), BENCH_RUNS (3), BENCH_QUICK=1 (tg 8, 1 run), BENCH_SEED (1),
 # BENCH_RESULTS (bench/RESULTS.md; empty: not appended).
 set -eu
 cd "$(dirname "$0")/.."
@@ -52,7 +54,10 @@ if [ ! -f "$MODEL" ] || [ "$(cat "$MODEL.cmd" 2>/dev/null)" != "$cmd" ]; then
     echo "$cmd" >"$MODEL.cmd"
 fi
 TOKENS=$(seq 1000 1007 | paste -sd, -)
+PP=${BENCH_PP:-256}
+PTOKENS=$(seq 1000 $((999 + PP)) | paste -sd, -)
 ARGS="--model $MODEL --tokens $TOKENS -n $TG --temp 0 --ignore-eos --stats --log-level warn"
+PARGS="--model $MODEL --tokens $PTOKENS -n 2 --temp 0 --stats --log-level warn"
 
 # one measurement: name, then the command's prefix and flags
 measure() {
@@ -66,9 +71,13 @@ measure() {
     kv "$line" gen_tps >>"$TMP/$name.tps"
     echo "$line" >"$TMP/$name.line"
     grep '^rank [0-9]*:' "$TMP/err" >"$TMP/$name.ranks" || true
+    # the prompt's speed: PP tokens in steps of 64, which the stages overlap
+    # shellcheck disable=SC2086
+    "$@" $PARGS >"$TMP/out" 2>"$TMP/err" || { tail -n 20 "$TMP/err" >&2; die "failed: $*"; }
+    kv "$(grep '^stats:' "$TMP/err" | tail -n 1)" prompt_tps >>"$TMP/$name.pps"
 }
 
-rm -f "$TMP"/*.tps
+rm -f "$TMP"/*.tps "$TMP"/*.pps
 r=0
 while [ $r -lt "$RUNS" ]; do
     r=$((r + 1))
@@ -77,6 +86,9 @@ while [ $r -lt "$RUNS" ]; do
     measure pp mpirun -n 2 "$WORKER" --threads 1 --pp 2
 done
 
+pone=$(median <"$TMP/one.pps")
+ptp=$(median <"$TMP/tp.pps")
+ppp=$(median <"$TMP/pp.pps")
 one=$(median <"$TMP/one.tps")
 tp=$(median <"$TMP/tp.tps")
 pp=$(median <"$TMP/pp.tps")
@@ -94,11 +106,11 @@ CPU=$(sed -n 's/^model name[^:]*: *//p' /proc/cpuinfo | head -n 1)
     echo "$TG greedy tokens after an 8-token prompt, median of $RUNS alternating runs; Open MPI binds each of"
     echo "the 2 ranks to its own core."
     echo
-    echo "| run | generation tok/s | vs 1 rank x 2 threads |"
-    echo "| --- | --- | --- |"
-    echo "| 1 rank x 2 threads | $one | 1.00 |"
-    awk -v a="$tp" -v b="$one" 'BEGIN { printf "| 2 ranks x 1 thread, --tp 2 | %s | %.2f (aim >= 0.85) |\n", a, a / b }'
-    awk -v a="$pp" -v b="$one" 'BEGIN { printf "| 2 ranks x 1 thread, --pp 2 | %s | %.2f (one sequence: the stages take turns) |\n", a, a / b }'
+    echo "| run | generation tok/s | vs 1 rank x 2 threads | prompt ($PP tokens) tok/s | vs 1 rank x 2 threads |"
+    echo "| --- | --- | --- | --- | --- |"
+    echo "| 1 rank x 2 threads | $one | 1.00 | $pone | 1.00 |"
+    awk -v a="$tp" -v b="$one" -v c="$ptp" -v d="$pone" 'BEGIN { printf "| 2 ranks x 1 thread, --tp 2 | %s | %.2f (aim >= 0.85) | %s | %.2f |\n", a, a / b, c, c / d }'
+    awk -v a="$pp" -v b="$one" -v c="$ppp" -v d="$pone" 'BEGIN { printf "| 2 ranks x 1 thread, --pp 2 | %s | %.2f (one sequence: the stages take turns) | %s | %.2f (steps of 64 overlap) |\n", a, a / b, c, c / d }'
     echo
     awk -v b="$bytes" -v m="$minimum" -v c="$coll" 'BEGIN { printf "--tp 2: %.0f bytes sent per generated token by all ranks, the layout'"'"'s minimum %.0f: %.3fx (aim <= 1.1x); %s collectives per token per rank.\n", b, m, b / m, c }'
     echo

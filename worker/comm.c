@@ -9,6 +9,7 @@
 #include <time.h>
 
 enum { TAG_STEP = 1, TAG_ACT = 2, TAG_RING = 3 }; /* bn_comm_send tags start at 16 */
+enum { STEP_RING = 8 }; /* step descriptors rank 0 may have in flight */
 
 struct bn_comm_grid {
     int R, P, T, replica, stage, tp;
@@ -16,6 +17,14 @@ struct bn_comm_grid {
     int prev, next;    /* world ranks of the same tensor rank in the stages around; -1 */
     int leader;        /* world rank of this replica's first rank */
     bn_comm_t *c;
+    /* rank 0: steps in flight to its own replica. The root of a broadcast cannot
+     * finish before the others join it, and a later stage joins only when it is
+     * done with the step before: waiting there would stop stage 0 from starting
+     * the next chunk of a prompt while the next stage works on this one. */
+    MPI_Request sreq[STEP_RING];
+    void *sbuf[STEP_RING];
+    size_t scap;
+    int snext;
 };
 
 static double now_s(void)
@@ -71,6 +80,11 @@ int bn_comm_init(int *argc, char ***argv, bn_comm_t *c, char *err, size_t errlen
 void bn_comm_finalize(bn_comm_t *c)
 {
     if (c->g) {
+        for (int i = 0; i < STEP_RING; i++) {
+            if (c->g->sreq[i] != MPI_REQUEST_NULL)
+                MPI_Wait(&c->g->sreq[i], MPI_STATUS_IGNORE);
+            free(c->g->sbuf[i]);
+        }
         if (c->g->replica_comm != MPI_COMM_NULL)
             MPI_Comm_free(&c->g->replica_comm);
         if (c->g->stage_comm != MPI_COMM_NULL)
@@ -98,6 +112,8 @@ int bn_comm_grid(bn_comm_t *c, int R, int P, int T, char *err, size_t errlen)
     if (!g)
         return bn_err(err, errlen, BN_ENOMEM, "rank %d: out of memory", c->rank);
     g->replica_comm = g->stage_comm = MPI_COMM_NULL;
+    for (int i = 0; i < STEP_RING; i++)
+        g->sreq[i] = MPI_REQUEST_NULL;
     c->g = g;
     g->c = c;
     g->R = R;
@@ -238,9 +254,24 @@ int bn_comm_step_send(bn_comm_t *c, int replica, void *buf, size_t len, char *er
         return BN_OK;
     double t0 = now_s();
     if (replica == 0) {
-        MPI_Request rq;
-        TRY(MPI_Ibcast(buf, (int)len, MPI_BYTE, 0, g->replica_comm, &rq), "MPI_Ibcast (step)");
-        TRY(MPI_Wait(&rq, MPI_STATUS_IGNORE), "MPI_Wait (step)");
+        int i = g->snext;
+        g->snext = (i + 1) % STEP_RING;
+        if (g->sreq[i] != MPI_REQUEST_NULL) /* STEP_RING steps ago: long received */
+            TRY(MPI_Wait(&g->sreq[i], MPI_STATUS_IGNORE), "MPI_Wait (step)");
+        if (!g->sbuf[i] || g->scap < len) {
+            for (int k = 0; k < STEP_RING; k++) { /* all the same size: the buffers are idle or waited */
+                if (k != i && g->sreq[k] != MPI_REQUEST_NULL)
+                    TRY(MPI_Wait(&g->sreq[k], MPI_STATUS_IGNORE), "MPI_Wait (step)");
+                free(g->sbuf[k]);
+                g->sbuf[k] = NULL;
+            }
+            for (int k = 0; k < STEP_RING; k++)
+                if (!(g->sbuf[k] = malloc(len)))
+                    return bn_err(err, errlen, BN_ENOMEM, "rank %d: out of memory", c->rank);
+            g->scap = len;
+        }
+        memcpy(g->sbuf[i], buf, len);
+        TRY(MPI_Ibcast(g->sbuf[i], (int)len, MPI_BYTE, 0, g->replica_comm, &g->sreq[i]), "MPI_Ibcast (step)");
         c->bytes_sent += len * (size_t)(g->P * g->T - 1);
     } else {
         TRY(MPI_Send(buf, (int)len, MPI_BYTE, replica * g->P * g->T, TAG_STEP, MPI_COMM_WORLD), "MPI_Send (step)");

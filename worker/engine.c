@@ -2,6 +2,7 @@
 #include "worker/engine.h"
 
 #include "proto/status.h"
+#include "worker/log.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -210,7 +211,9 @@ static int count_wanted(const step_t *s)
  * ranks other than 0 send their results to rank 0 and answer tail draws */
 static int run_step(bn_engine_t *e, const step_t *s, char *err, size_t errlen)
 {
+    BN_DEBUG("step: %d entries from position %d, want %d", s->n, s->n ? s->e[0].pos : -1, s->want);
     int rc = bn_forward(e->m, e->st, s->e, s->n, e->last_stage ? e->logits : NULL, err, errlen);
+    BN_DEBUG("step done");
     if (rc || !e->last_stage || s->want == BN_WANT_NONE || e->c->rank == 0)
         return rc;
     const int k = count_wanted(s);
