@@ -206,7 +206,7 @@ BN_TEST(mpi_rank_killed)
              "log=/tmp/bn-kill-$$.log; "
              "(" MPIRUN " -n 3 %s/bitnet-worker --log-level info --threads 1 --model " FIX "tiny-b158-i2_s.gguf "
              "--prompt hi -n 1000000 --ctx 4096 --ignore-eos --tp 3 >/dev/null 2>$log; echo \"mpirun-exit $?\" >>$log) & "
-             "for i in $(seq 200); do pid=$(sed -n 's/.*\\[rank 1\\] info  pid \\([0-9]*\\).*/\\1/p' $log); "
+             "for i in $(seq 200); do pid=$(sed -n 's/.*\\[rank 1\\] info  model .*(pid \\([0-9]*\\)).*/\\1/p' $log); "
              "[ -n \"$pid\" ] && grep -q 'rank 0\\] info  stop tokens' $log && break; sleep 0.05; done; "
              "sleep 0.3; t0=$(date +%%s.%%N); kill -9 $pid; wait; t1=$(date +%%s.%%N); "
              "el=$(awk \"BEGIN{print $t1 - $t0}\"); "

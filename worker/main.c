@@ -667,7 +667,6 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
     int n_threads = o->threads ? o->threads : bn_pool_default_threads();
     double t_load = now_s();
     bn_model_opts_t mo = { .head_type = o->lm_head, .shard = me };
-    BN_INFO("pid %d", (int)getpid());
     if ((rc = bn_comm_grid(comm, rk.plan.R, rk.plan.P, rk.plan.T, err, errlen)) == BN_OK &&
         (rc = bn_pool_new(n_threads, &rk.pool, err, errlen)) == BN_OK &&
         (mo.pool = rk.pool, rc = bn_model_load(o->model, &mo, &rk.m, err, errlen)) == BN_OK &&
@@ -681,10 +680,10 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
     if (rc == BN_OK) {
         const bn_config_t *c = &rk.m->cfg;
         BN_INFO("model %s: %s, %u layers, width %u, ffn %u, heads %u/%u, vocab %u, weights %s, embedding %s, "
-                "LM head %s; this rank's part loaded in %.2f s",
+                "LM head %s; this rank's part loaded in %.2f s (pid %d)",
                 o->model, c->arch, c->n_layer, c->n_embd, c->n_ff, c->n_head, c->n_head_kv, c->n_vocab,
                 bn_type_name(rk.m->w.wtype), bn_type_name(rk.m->w.embd_type), bn_head_type_name(rk.m->w.head.type),
-                now_s() - t_load);
+                now_s() - t_load, (int)getpid());
         if (comm->rank == 0)
             BN_INFO("%s, %d thread%s per rank", bn_kernels_choice(), n_threads, n_threads == 1 ? "" : "s");
         if (comm->rank == 0) {
