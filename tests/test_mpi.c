@@ -61,7 +61,8 @@ static float *read_f32(const char *path, size_t *n)
 
 /* The plans: world size and pins. TP-only, PP-only, TP x PP, replicas (run on a
  * replica other than rank 0's), and the planner's own choice, uneven splits
- * included (3, 5, 6, 7 tensor ranks over 8 heads, 2 KV heads, 5 FFN blocks). */
+ * included (3, 5, 6, 7 tensor ranks over 8 heads, 2 KV heads, 5 FFN blocks; 11
+ * and 16 tensor ranks: ranks without heads or FFN rows). */
 static const struct { int n; const char *pins; } plans[] = {
     { 1, "" },
     { 2, "--tp 2" }, { 2, "--pp 2" }, { 2, "--replicas 2 --replica 1" },
@@ -71,6 +72,7 @@ static const struct { int n; const char *pins; } plans[] = {
     { 6, "--tp 3 --pp 2" }, { 6, "--tp 2 --pp 3" }, { 6, "--replicas 3 --tp 2 --replica 2" },
     { 7, "--tp 7" }, { 7, "" },
     { 8, "--tp 8" }, { 8, "--tp 4 --pp 2" }, { 8, "--tp 2 --pp 2 --replicas 2 --replica 1" }, { 8, "" },
+    { 11, "" }, { 12, "--tp 3 --pp 4" }, { 16, "" },
 };
 #define N_PLANS (sizeof plans / sizeof plans[0])
 
