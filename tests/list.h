@@ -60,5 +60,6 @@
     X(mpi_plan_and_bad_pins) \
     X(mpi_rank_killed) \
     X(mpi_rank_fails_to_load) \
+    X(mpi_rank_out_of_memory) \
     X(mpi_slurm_singletons_refused) \
     X(mpi_idle_rank_sleeps)

@@ -369,3 +369,39 @@ BN_TEST(mpi_2b4t_shape_worlds)
     remove(ref);
     remove(got);
 }
+
+/* A rank that runs out of memory says so, naming itself and the cause, and
+ * every rank ends within seconds. The memory runs out for real: rank 1 asks for
+ * a KV cache of 16M positions (98 GB; --mem-per-rank lets the plan through),
+ * which the kernel refuses (its default overcommit heuristic refuses a mapping
+ * larger than RAM + swap). (Capping one rank with ulimit -v instead made Open
+ * MPI's own start-up fail at random and hang; and AddressSanitizer needs
+ * terabytes of address space.) */
+BN_TEST(mpi_rank_out_of_memory)
+{
+    char model[64], cmd[2048], *out = NULL, *err = NULL;
+    snprintf(model, sizeof model, "/tmp/bn-mpi-oom-%d.gguf", (int)getpid());
+    snprintf(cmd, sizeof cmd, "%s/bitnet-mkmodel --preset 2b4t --n-layer 2 --n-vocab 4096 -o %s", bin_dir(), model);
+    CHECK_EQ_INT(bn_test_run(cmd, &out, &err), 0);
+    free(out);
+    free(err);
+    snprintf(cmd, sizeof cmd,
+             "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 60 mpirun --oversubscribe --bind-to none "
+             "--mca btl_tcp_if_include lo --mca oob_tcp_if_include lo "
+             "-n 1 %s/bitnet-worker --log-level warn --threads 1 --model %s --prompt hi --tp 2 --mem-per-rank 100000000 : "
+             "-n 1 %s/bitnet-worker --log-level warn --threads 1 --model %s --prompt hi --tp 2 --mem-per-rank 100000000 "
+             "--ctx 16777216", bin_dir(), model, bin_dir(), model);
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    int rc = bn_test_run(cmd, &out, &err);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double secs = (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
+    fprintf(stderr, "  exit %d after %.1f s:\n%s", rc, secs, err);
+    CHECK(rc != 0 && rc != 124);
+    CHECK(secs < 30);
+    CHECK(strstr(err, "[rank 1] error") != NULL);
+    CHECK(strstr(err, "allocate memory") != NULL || strstr(err, "out of memory") != NULL);
+    free(out);
+    free(err);
+    remove(model);
+}
