@@ -53,6 +53,7 @@ int bn_comm_init(int *argc, char ***argv, bn_comm_t *c, char *err, size_t errlen
     memset(c, 0, sizeof *c);
     c->size = 1;
     c->node_ranks = 1;
+    c->local_ranks = 1;
     int rc = MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
     if (rc != MPI_SUCCESS)
         return mpi_fail(rc, "MPI_Init_thread", -1, err, errlen);
@@ -70,6 +71,7 @@ int bn_comm_init(int *argc, char ***argv, bn_comm_t *c, char *err, size_t errlen
         "MPI_Comm_split_type");
     int here = 1;
     rc = MPI_Comm_size(node, &here);
+    c->local_ranks = here;
     MPI_Comm_free(&node);
     if (rc != MPI_SUCCESS)
         return mpi_fail(rc, "MPI_Comm_size", c->rank, err, errlen);

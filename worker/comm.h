@@ -29,7 +29,8 @@ typedef struct bn_comm_grid bn_comm_grid_t;
 typedef struct {
     int rank, size;
     int initialized;
-    int node_ranks;           /* ranks on the busiest node (MPI_COMM_TYPE_SHARED) */
+    int node_ranks;           /* ranks on the node with the fewest (MPI_COMM_TYPE_SHARED) */
+    int local_ranks;          /* ranks on this rank's node */
     bn_comm_grid_t *g;        /* after bn_comm_grid */
     /* this rank's counters */
     uint64_t bytes_sent;      /* payload handed to MPI, counted as above */

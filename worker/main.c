@@ -64,7 +64,8 @@ static void usage(FILE *f)
         "  --seed N             random seed (default: from the clock, logged)\n"
         "\n"
         "run:\n"
-        "  --threads N          compute threads (default: the CPUs this process may use)\n"
+        "  --threads N          compute threads (default: the CPUs this process may use,\n"
+        "                       shared out among the ranks on the node when unbound)\n"
         "  --lm-head T          LM head format: f16, q8, q6 or q4 (default q6; f16 is\n"
         "                       exact, and an F16 embedding is then used in place)\n"
         "  --ctx N              context length (default: the model's, at most 4096)\n"
@@ -529,6 +530,21 @@ static uint64_t mem_per_rank(const options_t *o, int node_ranks)
     return (uint64_t)kb * 1024u / (uint64_t)(node_ranks > 0 ? node_ranks : 1);
 }
 
+/* --threads unset: the CPUs this rank may use; when it may use the whole node
+ * (mpirun --bind-to none), its share of them, so ranks on a node do not
+ * oversubscribe its cores. */
+static int default_threads(const bn_comm_t *comm)
+{
+    int n = bn_pool_default_threads();
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    if (comm->local_ranks > 1 && online > 0 && n >= online) {
+        n /= comm->local_ranks;
+        if (n < 1)
+            n = 1;
+    }
+    return n;
+}
+
 /* One rank's summary for --stats, gathered at rank 0. */
 typedef struct {
     bn_phase_stats_t ps[BN_PHASES];
@@ -664,7 +680,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
     const bn_shard_t *me = &rk.plan.rank[comm->rank];
     /* this rank's part: errors here may be one rank's own (memory), so every rank
      * says how it went before any goes on */
-    int n_threads = o->threads ? o->threads : bn_pool_default_threads();
+    int n_threads = o->threads ? o->threads : default_threads(comm);
     double t_load = now_s();
     bn_model_opts_t mo = { .head_type = o->lm_head, .shard = me };
     if ((rc = bn_comm_grid(comm, rk.plan.R, rk.plan.P, rk.plan.T, err, errlen)) == BN_OK &&
