@@ -316,7 +316,8 @@ static void job_sub_stats(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
     bn_state_t *s = cx->s;
-    const int W = cx->sub_w, B = cx->sub_block, nb = (cx->sub_n + B - 1) / B;
+    const int W = cx->sub_w, B = cx->sub_block, nb = (cx->sub_n + B - 1) / B, off = cx->sub_off;
+    const float *g = cx->sub_norm;
     int t0, t1;
     my_tokens(cx, ith, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
@@ -324,22 +325,31 @@ static void job_sub_stats(void *arg, int ith, int nth)
         double *st = s->stats + (size_t)t * s->stats_len;
         memset(st, 0, (1 + (size_t)nb) * sizeof *st);
         float am = 0.0f;
-        for (int i = 0; i < W; i++) {
-            int blk = (cx->sub_off + i) / B;
-            st[1 + blk] += (double)v[i] * v[i];
-            am = fmaxf(am, fabsf(v[i] * cx->sub_norm[i]));
+        /* block by block (this rank's slice starts on a block boundary) */
+        for (int i0 = 0; i0 < W; i0 += B) {
+            const int i1 = W - i0 < B ? W : i0 + B;
+            double ss = 0.0;
+            for (int i = i0; i < i1; i++) {
+                ss += (double)v[i] * v[i];
+                float a = fabsf(v[i] * g[i]);
+                am = a > am ? a : am;
+            }
+            st[1 + (off + i0) / B] = ss;
         }
         st[0] = am;
     }
 }
 
 /* After the exchange (xr = 1 / rms, xs = the int8 scale of the whole width): the
- * slice normed and quantized, zeros in the padding */
+ * slice normed and quantized, zeros in the padding. Rounding half to even by
+ * adding and subtracting 1.5 * 2^23 is nearbyintf for |x| < 2^22 (here |x| is at
+ * most 127 and a hair), without a call into libm. */
 static void job_sub_apply(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
     bn_state_t *s = cx->s;
     const int W = cx->sub_w, P = cx->sub_pad;
+    const float *g = cx->sub_norm;
     int t0, t1;
     my_tokens(cx, ith, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
@@ -348,9 +358,10 @@ static void job_sub_apply(void *arg, int ith, int nth)
         const float r = s->xr[t], sc = s->xs[t];
         int32_t sum = 0;
         for (int i = 0; i < W; i++) {
-            float xn = v[i] * r * cx->sub_norm[i];
-            float y = fminf(fmaxf(nearbyintf(xn * sc), -128.0f), 127.0f);
-            q[i] = (int8_t)y;
+            float y = v[i] * r * g[i] * sc + 12582912.0f;
+            float z = y - 12582912.0f;
+            z = z < -128.0f ? -128.0f : z > 127.0f ? 127.0f : z;
+            q[i] = (int8_t)z;
             sum += q[i];
         }
         memset(q + W, 0, (size_t)(P - W));
