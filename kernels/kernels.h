@@ -82,6 +82,12 @@ typedef struct {
      * online softmax (no score buffer) */
     void (*attention)(const float *q, const float *k, const float *v, size_t stride, int n_pos,
                       int head_dim, float *out);
+    /* the heads of a GQA group at once: query head h at q + h*q_stride, its output
+     * at out + h*out_stride, each bit-identical to `attention` on that head alone
+     * (the keys and values are read once for the group). NULL: call `attention`
+     * per head. */
+    void (*attention_heads)(const float *q, int nq, size_t q_stride, const float *k, const float *v,
+                            size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
     /* out[i] = act(g[i]) * u[i], act = relu(x)^2 (relu2 != 0) or silu (out may equal g) */
     void (*ffn_act)(const float *g, const float *u, int n, int relu2, float *out);
 } bn_kernels_t;

@@ -280,6 +280,23 @@ static void check_float_ops(const bn_kernels_t *K)
             bn_ref_attention(q, k + d, v + d, stride, np, d, a);
             K->attention(q, k + d, v + d, stride, np, d, b);
             check_floats("attention", K->name, a, b, d, 1e-5);
+            /* a GQA group of 1 to 5 heads at once: each head bit-identical to
+             * `attention` alone (results must not depend on the grouping) */
+            if (K->attention_heads) {
+                for (int nq = 1; nq <= 5; nq++) {
+                    float qs[5 * 128], o1[5 * 128], o2[5 * 128];
+                    for (int t = 0; t < nq * d; t++)
+                        qs[t] = gauss() * (j == 4 ? 4.0f : 1.0f);
+                    K->attention_heads(qs, nq, (size_t)d, k + d, v + d, stride, np, d, o2, (size_t)d);
+                    for (int h = 0; h < nq; h++)
+                        K->attention(qs + h * d, k + d, v + d, stride, np, d, o1 + h * d);
+                    CHECK(memcmp(o1, o2, (size_t)nq * d * sizeof(float)) == 0);
+                    for (int h = 0; h < nq; h++) {
+                        bn_ref_attention(qs + h * d, k + d, v + d, stride, np, d, a);
+                        check_floats("attention_heads", K->name, a, o2 + h * d, d, 1e-5);
+                    }
+                }
+            }
             free(k);
             free(v);
         }

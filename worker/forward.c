@@ -284,23 +284,36 @@ static void job_rope_cache(void *arg, int ith, int nth)
     }
 }
 
-/* a = causal_gqa_attention(q, k, v): query head h reads KV head h / (n_head / n_head_kv) */
+/* a = causal_gqa_attention(q, k, v): query head h reads KV head h / (n_head / n_head_kv).
+ * Split by (token, KV head): the query heads of a group are done together, so
+ * their keys and values are read once. */
 static void job_attention(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
     bn_state_t *s = cx->s;
     const bn_config_t *c = &cx->m->cfg;
     const bn_shard_t *sh = &cx->m->shard;
-    const int H = (int)(sh->head1 - sh->head0), HD = (int)c->head_dim, QD = (int)s->q_dim;
+    const int HD = (int)c->head_dim, QD = (int)s->q_dim, KVH = (int)(sh->kv1 - sh->kv0);
     const int group = (int)(c->n_head / c->n_head_kv);
     int i0, i1;
-    bn_pool_split(cx->nt * H, ith, nth, 1, &i0, &i1);
+    bn_pool_split(cx->nt * KVH, ith, nth, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        int t = i / H, h = i % H, kh = ((int)sh->head0 + h) / group - (int)sh->kv0;
-        const float *kc = cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0);
-        const float *vc = cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0);
-        cx->K->attention(s->q + (size_t)t * QD + h * HD, kc + kh * HD, vc + kh * HD, s->kv_dim, cx->b[t].pos + 1, HD,
-                         s->att + (size_t)t * QD + h * HD);
+        const int t = i / KVH, kh = i % KVH, g = (int)sh->kv0 + kh;
+        /* this rank's query heads that read KV head g */
+        int h0 = g * group, h1 = h0 + group;
+        h0 = h0 > (int)sh->head0 ? h0 : (int)sh->head0;
+        h1 = h1 < (int)sh->head1 ? h1 : (int)sh->head1;
+        if (h0 >= h1)
+            continue;
+        const float *kc = cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
+        const float *vc = cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
+        const float *q = s->q + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
+        float *out = s->att + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
+        if (cx->K->attention_heads)
+            cx->K->attention_heads(q, h1 - h0, (size_t)HD, kc, vc, s->kv_dim, cx->b[t].pos + 1, HD, out, (size_t)HD);
+        else
+            for (int h = 0; h < h1 - h0; h++)
+                cx->K->attention(q + h * HD, kc, vc, s->kv_dim, cx->b[t].pos + 1, HD, out + h * HD);
     }
 }
 

@@ -578,58 +578,85 @@ static void rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const f
 /* Online softmax over chunks of 16 positions: the 16 scores, their maximum, one
  * rescale of the sums when it grows, the 16 weights by one vector exp. */
 #define ATT_MAX_VEC 16 /* head_dim up to 256 */
-static void attention(const float *q, const float *k, const float *v, size_t stride, int n_pos, int head_dim,
-                      float *out)
+/* Query heads [0, nq) (q_h = q + h * q_stride, out alike) against the same n_pos
+ * cached positions: a GQA group. Positions go in blocks of 16; within a block
+ * every head takes its turn, so the block's keys and values come from memory
+ * once and from L1 for the other heads. Each head's arithmetic is the same, in
+ * the same order, as for one head alone (nq = 1): results do not depend on how
+ * heads are grouped (tensor ranks may hold part of a group). */
+#define ATT_MAX_HEADS 16
+static void attention_heads(const float *q, int nq, size_t q_stride, const float *k, const float *v, size_t stride,
+                            int n_pos, int head_dim, float *out, size_t out_stride)
 {
-    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC) {
-        bn_ref_attention(q, k, v, stride, n_pos, head_dim, out);
+    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC || nq > ATT_MAX_HEADS) {
+        for (int h = 0; h < nq; h++)
+            bn_ref_attention(q + h * q_stride, k, v, stride, n_pos, head_dim, out + h * out_stride);
         return;
     }
     const int nv = head_dim / 16;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    __m512 acc[ATT_MAX_VEC];
-    for (int i = 0; i < nv; i++)
-        acc[i] = _mm512_setzero_ps();
-    float m = -INFINITY, l = 0.0f;
+    _Alignas(64) float accs[ATT_MAX_HEADS][16 * ATT_MAX_VEC];
+    float ms[ATT_MAX_HEADS], ls[ATT_MAX_HEADS];
+    for (int h = 0; h < nq; h++) {
+        memset(accs[h], 0, (size_t)head_dim * sizeof(float));
+        ms[h] = -INFINITY;
+        ls[h] = 0.0f;
+    }
     for (int t0 = 0; t0 < n_pos; t0 += 16) {
         const int cnt = n_pos - t0 < 16 ? n_pos - t0 : 16;
-        float sc[16], p[16];
-        for (int j = 0; j < cnt; j++) {
-            const float *kt = k + (size_t)(t0 + j) * stride;
-            __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kt)), d1 = _mm512_setzero_ps();
-            int i = 1;
-            for (; i + 2 <= nv; i += 2) {
-                d1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), _mm512_loadu_ps(kt + 16 * i), d1);
-                d0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i + 16), _mm512_loadu_ps(kt + 16 * i + 16), d0);
-            }
-            if (i < nv)
-                d1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), _mm512_loadu_ps(kt + 16 * i), d1);
-            sc[j] = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1)) * scale;
-        }
         const __mmask16 live = lanes16(cnt);
-        __m512 vs = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc);
-        const float cmax = _mm512_reduce_max_ps(vs);
-        if (cmax > m) { /* a new maximum: rescale what was summed so far */
-            const float alpha = expf(m - cmax);
-            const __m512 va = _mm512_set1_ps(alpha);
+        for (int h = 0; h < nq; h++) {
+            const float *qh = q + h * q_stride;
+            __m512 acc[ATT_MAX_VEC];
             for (int i = 0; i < nv; i++)
-                acc[i] = _mm512_mul_ps(acc[i], va);
-            l *= alpha;
-            m = cmax;
-        }
-        const __m512 vp = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(vs, _mm512_set1_ps(m))));
-        l += _mm512_reduce_add_ps(vp);
-        _mm512_storeu_ps(p, vp);
-        for (int j = 0; j < cnt; j++) {
-            const float *vt = v + (size_t)(t0 + j) * stride;
-            const __m512 pj = _mm512_set1_ps(p[j]);
+                acc[i] = _mm512_load_ps(accs[h] + 16 * i);
+            float sc[16], p[16];
+            for (int j = 0; j < cnt; j++) {
+                const float *kt = k + (size_t)(t0 + j) * stride;
+                __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kt)), d1 = _mm512_setzero_ps();
+                int i = 1;
+                for (; i + 2 <= nv; i += 2) {
+                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d1);
+                    d0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i + 16), _mm512_loadu_ps(kt + 16 * i + 16), d0);
+                }
+                if (i < nv)
+                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d1);
+                sc[j] = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1)) * scale;
+            }
+            __m512 vs = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc);
+            const float cmax = _mm512_reduce_max_ps(vs);
+            if (cmax > ms[h]) { /* a new maximum: rescale what was summed so far */
+                const float alpha = expf(ms[h] - cmax);
+                const __m512 va = _mm512_set1_ps(alpha);
+                for (int i = 0; i < nv; i++)
+                    acc[i] = _mm512_mul_ps(acc[i], va);
+                ls[h] *= alpha;
+                ms[h] = cmax;
+            }
+            const __m512 vp = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(vs, _mm512_set1_ps(ms[h]))));
+            ls[h] += _mm512_reduce_add_ps(vp);
+            _mm512_storeu_ps(p, vp);
+            for (int j = 0; j < cnt; j++) {
+                const float *vt = v + (size_t)(t0 + j) * stride;
+                const __m512 pj = _mm512_set1_ps(p[j]);
+                for (int i = 0; i < nv; i++)
+                    acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vt + 16 * i), acc[i]);
+            }
             for (int i = 0; i < nv; i++)
-                acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vt + 16 * i), acc[i]);
+                _mm512_store_ps(accs[h] + 16 * i, acc[i]);
         }
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / l);
-    for (int i = 0; i < nv; i++)
-        _mm512_storeu_ps(out + 16 * i, _mm512_mul_ps(acc[i], inv));
+    for (int h = 0; h < nq; h++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / ls[h]);
+        for (int i = 0; i < nv; i++)
+            _mm512_storeu_ps(out + h * out_stride + 16 * i, _mm512_mul_ps(_mm512_load_ps(accs[h] + 16 * i), inv));
+    }
+}
+
+static void attention(const float *q, const float *k, const float *v, size_t stride, int n_pos, int head_dim,
+                      float *out)
+{
+    attention_heads(q, 1, 0, k, v, stride, n_pos, head_dim, out, 0);
 }
 
 static void ffn_act(const float *g, const float *u, int n, int relu2, float *out)
@@ -657,5 +684,6 @@ const bn_kernels_t bn_kernels_avx512 = {
     .rmsnorm = rmsnorm,
     .rope_neox = rope_neox,
     .attention = attention,
+    .attention_heads = attention_heads,
     .ffn_act = ffn_act,
 };
