@@ -585,15 +585,11 @@ static void rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const f
  * the same order, as for one head alone (nq = 1): results do not depend on how
  * heads are grouped (tensor ranks may hold part of a group). */
 #define ATT_MAX_HEADS 16
-static void attention_heads(const float *q, int nq, size_t q_stride, const float *k, const float *v, size_t stride,
-                            int n_pos, int head_dim, float *out, size_t out_stride)
+/* nv = head_dim / 16, a compile-time constant after inlining, so the
+ * accumulators stay in registers */
+INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const float *k, const float *v, size_t stride,
+                               int n_pos, int head_dim, float *out, size_t out_stride, const int nv)
 {
-    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC || nq > ATT_MAX_HEADS) {
-        for (int h = 0; h < nq; h++)
-            bn_ref_attention(q + h * q_stride, k, v, stride, n_pos, head_dim, out + h * out_stride);
-        return;
-    }
-    const int nv = head_dim / 16;
     const float scale = 1.0f / sqrtf((float)head_dim);
     _Alignas(64) float accs[ATT_MAX_HEADS][16 * ATT_MAX_VEC];
     float ms[ATT_MAX_HEADS], ls[ATT_MAX_HEADS];
@@ -608,8 +604,9 @@ static void attention_heads(const float *q, int nq, size_t q_stride, const float
         for (int h = 0; h < nq; h++) {
             const float *qh = q + h * q_stride;
             __m512 acc[ATT_MAX_VEC];
-            for (int i = 0; i < nv; i++)
-                acc[i] = _mm512_load_ps(accs[h] + 16 * i);
+#pragma GCC unroll 16
+            for (int i = 0; i < ATT_MAX_VEC; i++) /* (all set: quiets a false maybe-uninitialized) */
+                acc[i] = i < nv ? _mm512_load_ps(accs[h] + 16 * i) : _mm512_setzero_ps();
             float sc[16], p[16];
             for (int j = 0; j < cnt; j++) {
                 const float *kt = k + (size_t)(t0 + j) * stride;
@@ -628,7 +625,8 @@ static void attention_heads(const float *q, int nq, size_t q_stride, const float
             if (cmax > ms[h]) { /* a new maximum: rescale what was summed so far */
                 const float alpha = expf(ms[h] - cmax);
                 const __m512 va = _mm512_set1_ps(alpha);
-                for (int i = 0; i < nv; i++)
+    #pragma GCC unroll 16
+            for (int i = 0; i < nv; i++)
                     acc[i] = _mm512_mul_ps(acc[i], va);
                 ls[h] *= alpha;
                 ms[h] = cmax;
@@ -639,9 +637,11 @@ static void attention_heads(const float *q, int nq, size_t q_stride, const float
             for (int j = 0; j < cnt; j++) {
                 const float *vt = v + (size_t)(t0 + j) * stride;
                 const __m512 pj = _mm512_set1_ps(p[j]);
-                for (int i = 0; i < nv; i++)
+    #pragma GCC unroll 16
+            for (int i = 0; i < nv; i++)
                     acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vt + 16 * i), acc[i]);
             }
+#pragma GCC unroll 16
             for (int i = 0; i < nv; i++)
                 _mm512_store_ps(accs[h] + 16 * i, acc[i]);
         }
@@ -650,6 +650,22 @@ static void attention_heads(const float *q, int nq, size_t q_stride, const float
         const __m512 inv = _mm512_set1_ps(1.0f / ls[h]);
         for (int i = 0; i < nv; i++)
             _mm512_storeu_ps(out + h * out_stride + 16 * i, _mm512_mul_ps(_mm512_load_ps(accs[h] + 16 * i), inv));
+    }
+}
+
+static void attention_heads(const float *q, int nq, size_t q_stride, const float *k, const float *v, size_t stride,
+                            int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC || nq > ATT_MAX_HEADS) {
+        for (int h = 0; h < nq; h++)
+            bn_ref_attention(q + h * q_stride, k, v, stride, n_pos, head_dim, out + h * out_stride);
+        return;
+    }
+    switch (head_dim / 16) {
+    case 2: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 2); break;
+    case 4: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 4); break;
+    case 8: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 8); break;
+    default: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, head_dim / 16);
     }
 }
 
