@@ -46,14 +46,16 @@ static uint64_t col_bytes(uint64_t c)
 static void split_tensor(const bn_plan_model_t *m, int t, int T, int last, bn_shard_t *s)
 {
     const uint32_t H = m->n_head, nkv = m->n_head_kv, g = H / nkv;
-    if ((uint32_t)T <= nkv) {
-        /* whole KV groups: no KV head is stored twice */
+    if ((uint32_t)T <= nkv && nkv % (uint32_t)T == 0) {
+        /* whole KV groups, as many on every rank: no KV head is stored twice */
         s->kv0 = share(nkv, t, T);
         s->kv1 = share(nkv, t + 1, T);
         s->head0 = s->kv0 * g;
         s->head1 = s->kv1 * g;
     } else {
-        /* query heads split finely; a KV head shared by two ranks is held by both */
+        /* query heads split finely; a KV head shared by two ranks is held by both
+         * (for 2B4T's 5 KV heads over 4 ranks whole groups would give one rank
+         * twice the heads of the others, 118 MB against 84) */
         s->head0 = share(H, t, T);
         s->head1 = share(H, t + 1, T);
         s->kv0 = s->head0 / g;

@@ -10,11 +10,12 @@
  * rank 0 is replica 0, stage 0, tensor rank 0 (the coordinator).
  *
  * Splits (tp of T inside a stage):
- * - KV heads and query heads: when T <= n_head_kv, whole KV groups, contiguous,
- *   as even as possible (group g = n_head / n_head_kv query heads each); when
- *   T > n_head_kv, query heads contiguous and as even as possible, and each rank
- *   holds the KV heads its query heads read (a KV head is then replicated on the
- *   ranks that share it). When T > n_head some ranks hold no heads.
+ * - KV heads and query heads: when T divides n_head_kv, whole KV groups,
+ *   contiguous, the same number on every rank (group g = n_head / n_head_kv
+ *   query heads each); otherwise query heads contiguous and as even as possible,
+ *   and each rank holds the KV heads its query heads read (a KV head is then
+ *   replicated on the ranks that share it: a little KV memory for an even split
+ *   of the work). When T > n_head some ranks hold no heads.
  * - FFN rows: blocks of BN_PLAN_FFN_BLOCK rows (the last block may be partial when
  *   n_ff is not a multiple), contiguous, as even as possible; some ranks may hold
  *   none when T exceeds the number of blocks.

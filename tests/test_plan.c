@@ -86,7 +86,7 @@ static void check_plan(const bn_plan_model_t *m, const bn_plan_in_t *in, const b
                 } else {
                     CHECK_EQ_INT(x->vocab1 - x->vocab0, 0);
                 }
-                if ((uint32_t)T <= m->n_head_kv) {
+                if (m->n_head_kv % (uint32_t)T == 0) {
                     CHECK_EQ_INT(x->kv0, kv);
                     CHECK(x->kv1 > x->kv0);
                     kv = x->kv1;
@@ -105,7 +105,7 @@ static void check_plan(const bn_plan_model_t *m, const bn_plan_in_t *in, const b
             }
             CHECK_EQ_INT(h, m->n_head);
             CHECK_EQ_INT(ff, m->n_ff);
-            if ((uint32_t)T <= m->n_head_kv)
+            if (m->n_head_kv % (uint32_t)T == 0)
                 CHECK_EQ_INT(kv, m->n_head_kv);
             if (last)
                 CHECK_EQ_INT(v, m->n_vocab);
