@@ -585,6 +585,24 @@ static void rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const f
  * the same order, as for one head alone (nq = 1): results do not depend on how
  * heads are grouped (tensor ranks may hold part of a group). */
 #define ATT_MAX_HEADS 16
+
+/* 16 vectors -> one whose lane j is the sum of v[j]'s lanes (the float twin of
+ * reduce16: pairs, then 64-bit interleaves, then two 128-bit shuffles) */
+INLINE __m512 reduce16f(const __m512 v[16])
+{
+    __m512 quad[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        const __m512 *a = v + 4 * k;
+        __m512 p = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+        __m512 q = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+        quad[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(p), _mm512_castps_pd(q))),
+                                _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(p), _mm512_castps_pd(q))));
+    }
+    __m512 h0 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x88), _mm512_shuffle_f32x4(quad[0], quad[1], 0xdd));
+    __m512 h1 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x88), _mm512_shuffle_f32x4(quad[2], quad[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(h0, h1, 0x88), _mm512_shuffle_f32x4(h0, h1, 0xdd));
+}
 /* nv = head_dim / 16, a compile-time constant after inlining, so the
  * accumulators stay in registers */
 INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const float *k, const float *v, size_t stride,
@@ -608,7 +626,19 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const fl
             for (int i = 0; i < ATT_MAX_VEC; i++) /* (all set: quiets a false maybe-uninitialized) */
                 acc[i] = i < nv ? _mm512_load_ps(accs[h] + 16 * i) : _mm512_setzero_ps();
             float sc[16], p[16];
-            for (int j = 0; j < cnt; j++) {
+            if (cnt == 16) { /* a whole block: 16 dot products side by side, one transpose-sum */
+                __m512 d[16];
+#pragma GCC unroll 16
+                for (int j = 0; j < 16; j++) {
+                    const float *kt = k + (size_t)(t0 + j) * stride;
+                    d[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kt));
+#pragma GCC unroll 16
+                    for (int i = 1; i < nv; i++)
+                        d[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d[j]);
+                }
+                _mm512_storeu_ps(sc, _mm512_mul_ps(reduce16f(d), _mm512_set1_ps(scale)));
+            }
+            for (int j = 0; j < cnt && cnt < 16; j++) {
                 const float *kt = k + (size_t)(t0 + j) * stride;
                 __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kt)), d1 = _mm512_setzero_ps();
                 int i = 1;
