@@ -79,6 +79,8 @@ static void usage(FILE *f)
         "  --replica N          the replica that runs this prompt (default 0)\n"
         "  --mem-per-rank MB    memory a rank may use (default: available memory over\n"
         "                       the ranks on the node)\n"
+        "\n"
+        "output:\n"
         "  --stats              print speed and memory; last line on stderr is\n"
         "                       'stats: prompt_tokens=N prompt_tps=X gen_tokens=N gen_tps=X peak_rss_mb=X'\n"
         "  --log-level L        error, warn, info or debug (default info)\n"
