@@ -2,6 +2,7 @@
 #include "worker/comm.h"
 
 #include "proto/status.h"
+#include "worker/log.h"
 
 #include <mpi.h>
 #include <stdlib.h>
@@ -26,13 +27,6 @@ struct bn_comm_grid {
     size_t scap;
     int snext;
 };
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static int mpi_fail(int rc, const char *call, int rank, char *err, size_t errlen)
 {
@@ -153,7 +147,7 @@ static int ring_allreduce(void *ctx, float *x, size_t n, char *err, size_t errle
     bn_comm_grid_t *g = ctx;
     bn_comm_t *c = g->c;
     const int T = g->T, me = g->tp, right = (me + 1) % T, left = (me + T - 1) % T;
-    double t0 = now_s();
+    double t0 = bn_now_s();
     float *tmp = malloc((n / T + 1) * sizeof(float));
     if (!tmp)
         return bn_err(err, errlen, BN_ENOMEM, "rank %d: out of memory for an allreduce", c->rank);
@@ -178,7 +172,7 @@ static int ring_allreduce(void *ctx, float *x, size_t n, char *err, size_t errle
     }
     free(tmp);
     c->collectives++;
-    c->t_comm += now_s() - t0;
+    c->t_comm += bn_now_s() - t0;
     return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Sendrecv (allreduce)", c->rank, err, errlen);
 }
 
@@ -186,11 +180,11 @@ static int stage_allgather(void *ctx, const void *in, size_t bytes, void *out, c
 {
     bn_comm_grid_t *g = ctx;
     bn_comm_t *c = g->c;
-    double t0 = now_s();
+    double t0 = bn_now_s();
     int rc = MPI_Allgather(in, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, g->stage_comm);
     c->bytes_sent += (size_t)(g->T - 1) * bytes;
     c->collectives++;
-    c->t_comm += now_s() - t0;
+    c->t_comm += bn_now_s() - t0;
     return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Allgather", c->rank, err, errlen);
 }
 
@@ -198,9 +192,9 @@ static int stage_recv_prev(void *ctx, float *x, size_t n, char *err, size_t errl
 {
     bn_comm_grid_t *g = ctx;
     bn_comm_t *c = g->c;
-    double t0 = now_s();
+    double t0 = bn_now_s();
     int rc = MPI_Recv(x, (int)n, MPI_FLOAT, g->prev, TAG_ACT, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-    c->t_wait += now_s() - t0; /* mostly the stage before computing */
+    c->t_wait += bn_now_s() - t0; /* mostly the stage before computing */
     return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Recv (activations)", c->rank, err, errlen);
 }
 
@@ -208,11 +202,11 @@ static int stage_send_next(void *ctx, const float *x, size_t n, char *err, size_
 {
     bn_comm_grid_t *g = ctx;
     bn_comm_t *c = g->c;
-    double t0 = now_s();
+    double t0 = bn_now_s();
     int rc = MPI_Send(x, (int)n, MPI_FLOAT, g->next, TAG_ACT, MPI_COMM_WORLD);
     c->bytes_sent += n * sizeof(float);
     c->messages++;
-    c->t_comm += now_s() - t0;
+    c->t_comm += bn_now_s() - t0;
     return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Send (activations)", c->rank, err, errlen);
 }
 
@@ -228,7 +222,7 @@ void bn_comm_dist(bn_comm_t *c, bn_dist_t *d)
  * within microseconds while a job runs), then sleeps doubling up to 2 ms. */
 static int idle_wait(bn_comm_t *c, MPI_Request *rq, const char *call, char *err, size_t errlen)
 {
-    double t0 = now_s();
+    double t0 = bn_now_s();
     long ns = 0;
     for (int i = 0;; i++) {
         int done = 0;
@@ -245,7 +239,7 @@ static int idle_wait(bn_comm_t *c, MPI_Request *rq, const char *call, char *err,
         struct timespec ts = { 0, ns };
         nanosleep(&ts, NULL);
     }
-    c->t_wait += now_s() - t0;
+    c->t_wait += bn_now_s() - t0;
     return BN_OK;
 }
 
@@ -254,7 +248,7 @@ int bn_comm_step_send(bn_comm_t *c, int replica, void *buf, size_t len, char *er
     bn_comm_grid_t *g = c->g;
     if (c->size == 1)
         return BN_OK;
-    double t0 = now_s();
+    double t0 = bn_now_s();
     if (replica == 0) {
         int i = g->snext;
         g->snext = (i + 1) % STEP_RING;
@@ -280,7 +274,7 @@ int bn_comm_step_send(bn_comm_t *c, int replica, void *buf, size_t len, char *er
         c->bytes_sent += len;
         c->messages++;
     }
-    c->t_comm += now_s() - t0;
+    c->t_comm += bn_now_s() - t0;
     return BN_OK;
 }
 
@@ -306,19 +300,19 @@ int bn_comm_step_recv(bn_comm_t *c, void *buf, size_t len, char *err, size_t err
 
 int bn_comm_send(bn_comm_t *c, int to, int tag, const void *buf, size_t len, char *err, size_t errlen)
 {
-    double t0 = now_s();
+    double t0 = bn_now_s();
     TRY(MPI_Send(buf, (int)len, MPI_BYTE, to, 16 + tag, MPI_COMM_WORLD), "MPI_Send");
     c->bytes_sent += len;
     c->messages++;
-    c->t_comm += now_s() - t0;
+    c->t_comm += bn_now_s() - t0;
     return BN_OK;
 }
 
 int bn_comm_recv(bn_comm_t *c, int from, int tag, void *buf, size_t len, char *err, size_t errlen)
 {
-    double t0 = now_s();
+    double t0 = bn_now_s();
     TRY(MPI_Recv(buf, (int)len, MPI_BYTE, from, 16 + tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE), "MPI_Recv");
-    c->t_wait += now_s() - t0;
+    c->t_wait += bn_now_s() - t0;
     return BN_OK;
 }
 

@@ -50,16 +50,9 @@ typedef struct {
     double t_comm, t_wait, t0;
 } snap_t;
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static snap_t snap(const bn_comm_t *c)
 {
-    return (snap_t){ c->bytes_sent, c->collectives, c->messages, c->t_comm, c->t_wait, now_s() };
+    return (snap_t){ c->bytes_sent, c->collectives, c->messages, c->t_comm, c->t_wait, bn_now_s() };
 }
 
 static void account(bn_engine_t *e, int phase, const snap_t *a, double idle)
@@ -72,7 +65,7 @@ static void account(bn_engine_t *e, int phase, const snap_t *a, double idle)
     p->messages += c->messages - a->msgs;
     p->t_comm += c->t_comm - a->t_comm;
     p->t_wait += c->t_wait - a->t_wait + idle;
-    p->t_step += now_s() - a->t0;
+    p->t_step += bn_now_s() - a->t0;
 }
 
 void bn_engine_set_phase(bn_engine_t *e, int phase)

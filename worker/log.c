@@ -40,3 +40,10 @@ void bn_log(bn_log_level_t level, const char *fmt, ...)
     fprintf(stderr, "%02d:%02d:%02d.%03ld [rank %d] %-5s %s\n", tm.tm_hour, tm.tm_min, tm.tm_sec,
             ts.tv_nsec / 1000000, log_rank, names[level], msg);
 }
+
+double bn_now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}

@@ -11,6 +11,9 @@ void bn_log_setup(bn_log_level_t level, int rank);
 int bn_log_parse_level(const char *s);
 void bn_log(bn_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Seconds on the monotonic clock, for durations (--stats, step accounting). */
+double bn_now_s(void);
+
 #define BN_ERROR(...) bn_log(BN_LOG_ERROR, __VA_ARGS__)
 #define BN_WARN(...) bn_log(BN_LOG_WARN, __VA_ARGS__)
 #define BN_INFO(...) bn_log(BN_LOG_INFO, __VA_ARGS__)

@@ -295,13 +295,6 @@ static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
     return buf;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static double peak_rss_mb(void)
 {
     struct rusage ru;
@@ -332,7 +325,7 @@ static int dump_logits(rank_t *rk, const int32_t *ids, size_t n, const options_t
     float *logits = malloc(n * V * sizeof(float));
     if (!logits)
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for %zu rows of logits", n);
-    double t0 = now_s();
+    double t0 = bn_now_s();
     int rc = BN_OK;
     bn_engine_set_phase(rk->eng, BN_PHASE_PROMPT);
     for (size_t i = 0; i < n && rc == BN_OK; i += BN_STEP_MAX) {
@@ -342,7 +335,7 @@ static int dump_logits(rank_t *rk, const int32_t *ids, size_t n, const options_t
             b[j] = (bn_batch_entry_t){ .seq = 0, .pos = (int32_t)(i + j), .token = ids[i + j], .want_logits = 1 };
         rc = bn_engine_step(rk->eng, o->replica, b, k, BN_WANT_LOGITS, NULL, NULL, logits + i * V, err, errlen);
     }
-    rs->t_prompt = now_s() - t0;
+    rs->t_prompt = bn_now_s() - t0;
     rs->n_prompt = (int)n;
     if (rc == BN_OK) {
         FILE *f = fopen(o->dump_logits, "wb");
@@ -369,7 +362,7 @@ static int generate(rank_t *rk, const bn_tokenizer_t *tok, const int32_t *ids, s
     /* prefill: the prompt in steps of BN_STEP_MAX (the stages work on them one
      * behind the other), a token drawn from the last position's logits */
     int32_t next = -1;
-    double t0 = now_s();
+    double t0 = bn_now_s();
     bn_engine_set_phase(rk->eng, BN_PHASE_PROMPT);
     for (size_t i = 0; i < n && rc == BN_OK; i += BN_STEP_MAX) {
         bn_batch_entry_t b[BN_STEP_MAX];
@@ -382,14 +375,14 @@ static int generate(rank_t *rk, const bn_tokenizer_t *tok, const int32_t *ids, s
     }
     if (rc)
         goto done;
-    rs->t_prompt = now_s() - t0;
+    rs->t_prompt = bn_now_s() - t0;
     rs->n_prompt = (int)n;
 
     bn_detok_t dt = { 0 };
     char out[256];
     int pos = (int)n;
     const char *finish = "length";
-    t0 = now_s();
+    t0 = bn_now_s();
     bn_engine_set_phase(rk->eng, BN_PHASE_GEN);
     for (int g = 0; g < o->n_predict; g++) {
         if (!o->ignore_eos && (next == c->eos_id || next == c->eot_id)) {
@@ -415,7 +408,7 @@ static int generate(rank_t *rk, const bn_tokenizer_t *tok, const int32_t *ids, s
         if ((rc = bn_engine_step(rk->eng, o->replica, &e, 1, BN_WANT_SAMPLE, &smp, &next, NULL, err, errlen)))
             goto done;
     }
-    rs->t_gen = now_s() - t0;
+    rs->t_gen = bn_now_s() - t0;
     if (!o->print_ids) {
         size_t k = bn_detok_flush(&dt, out, sizeof out);
         fwrite(out, 1, k, stdout);
@@ -651,12 +644,10 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
     uint32_t n_ctx = 0;
     if (rc == BN_OK) {
         n_ctx = o->ctx ? (uint32_t)o->ctx : (cfg.n_ctx_train < 4096 ? cfg.n_ctx_train : 4096);
-        static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h),
-                                               sizeof(bn_block_q4_0) };
         int head = o->lm_head >= 0 ? o->lm_head : BN_HEAD_DEFAULT;
         bn_plan_model_t pm = { .n_layer = cfg.n_layer, .n_embd = cfg.n_embd, .n_ff = cfg.n_ff,
                                .n_head = cfg.n_head, .n_head_kv = cfg.n_head_kv, .head_dim = cfg.head_dim,
-                               .n_vocab = cfg.n_vocab, .head_row_bytes = cfg.n_embd / 32 * block_bytes[head],
+                               .n_vocab = cfg.n_vocab, .head_row_bytes = bn_head_row_bytes(head, cfg.n_embd),
                                .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * sizeof(float) };
         bn_plan_in_t in = { .world = comm->size, .ranks_per_node = comm->node_ranks,
                             .mem_per_rank = o->mem_mb || comm->size > 1 ? mem : 0, /* one rank has no other plan */
@@ -683,7 +674,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
     /* this rank's part: errors here may be one rank's own (memory), so every rank
      * says how it went before any goes on */
     int n_threads = o->threads ? o->threads : default_threads(comm);
-    double t_load = now_s();
+    double t_load = bn_now_s();
     bn_model_opts_t mo = { .head_type = o->lm_head, .shard = me };
     if ((rc = bn_comm_grid(comm, rk.plan.R, rk.plan.P, rk.plan.T, err, errlen)) == BN_OK &&
         (rc = bn_pool_new(n_threads, &rk.pool, err, errlen)) == BN_OK &&
@@ -701,7 +692,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
                 "LM head %s; this rank's part loaded in %.2f s (pid %d)",
                 o->model, c->arch, c->n_layer, c->n_embd, c->n_ff, c->n_head, c->n_head_kv, c->n_vocab,
                 bn_type_name(rk.m->w.wtype), bn_type_name(rk.m->w.embd_type), bn_head_type_name(rk.m->w.head.type),
-                now_s() - t_load, (int)getpid());
+                bn_now_s() - t_load, (int)getpid());
         if (comm->rank == 0)
             BN_INFO("%s, %d thread%s per rank", bn_kernels_choice(), n_threads, n_threads == 1 ? "" : "s");
         if (comm->rank == 0) {
@@ -714,10 +705,10 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
                 snprintf(err, errlen, "%s", e2);
             }
         } else {
-            serve_wall = now_s();
+            serve_wall = bn_now_s();
             serve_cpu = cpu_s();
             rc = bn_engine_serve(rk.eng, err, errlen);
-            serve_wall = now_s() - serve_wall;
+            serve_wall = bn_now_s() - serve_wall;
             serve_cpu = cpu_s() - serve_cpu;
         }
         if (rc == BN_ECOMM || (rc && comm->rank != 0)) { /* a step failed half way: nothing can be trusted */

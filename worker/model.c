@@ -278,6 +278,12 @@ static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t 
     return BN_OK;
 }
 
+size_t bn_head_row_bytes(int type, uint32_t n_in)
+{
+    static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
+    return n_in / 32 * block_bytes[type];
+}
+
 const char *bn_head_type_name(int t)
 {
     static const char *const names[] = { "f16", "q8", "q6", "q4" };
@@ -344,8 +350,7 @@ static int build_head(bn_model_t *m, int type, bn_pool_t *pool, char *err, size_
     if (c->n_embd % 32)
         return bn_err(err, errlen, BN_EUNSUPPORTED, "%s: embedding_length %u is not a multiple of 32",
                       m->gguf->path, c->n_embd);
-    static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
-    h->row_bytes = c->n_embd / 32 * block_bytes[type];
+    h->row_bytes = bn_head_row_bytes(type, c->n_embd);
     if (h->n_out == 0)
         return BN_OK; /* not the last stage: no LM head here */
     if (type == BN_HEAD_F16 && w->embd_type == BN_TYPE_F16) {
@@ -435,14 +440,26 @@ static int bind_weights(bn_model_t *m, int head_type, bn_pool_t *pool, char *err
     return build_head(m, head_type, pool, err, errlen);
 }
 
-int bn_model_peek(const char *path, bn_config_t *cfg, char *err, size_t errlen)
+/* a new model with the file mapped and its hyper-parameters read; *out NULL on failure */
+static int open_model(const char *path, bn_model_t **out, char *err, size_t errlen)
 {
     bn_model_t *m = calloc(1, sizeof *m);
+    *out = NULL;
     if (!m)
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", path);
     int rc = bn_gguf_open(path, &m->gguf, err, errlen);
     if (rc == BN_OK)
         rc = read_config(m, err, errlen);
+    if (rc != BN_OK)
+        bn_model_destroy(&m);
+    *out = m;
+    return rc;
+}
+
+int bn_model_peek(const char *path, bn_config_t *cfg, char *err, size_t errlen)
+{
+    bn_model_t *m;
+    int rc = open_model(path, &m, err, errlen);
     if (rc == BN_OK)
         *cfg = m->cfg;
     bn_model_destroy(&m);
@@ -471,14 +488,11 @@ static int set_shard(bn_model_t *m, const bn_shard_t *sh, char *err, size_t errl
 int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **out, char *err, size_t errlen)
 {
     *out = NULL;
-    bn_model_t *m = calloc(1, sizeof *m);
-    if (!m)
-        return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory", path);
-    int rc = bn_gguf_open(path, &m->gguf, err, errlen);
-    if (rc == BN_OK)
-        rc = read_config(m, err, errlen);
-    if (rc == BN_OK)
-        rc = set_shard(m, opts ? opts->shard : NULL, err, errlen);
+    bn_model_t *m;
+    int rc = open_model(path, &m, err, errlen);
+    if (rc != BN_OK)
+        return rc;
+    rc = set_shard(m, opts ? opts->shard : NULL, err, errlen);
     if (rc == BN_OK)
         rc = bind_weights(m, opts && opts->head_type >= 0 ? opts->head_type : BN_HEAD_DEFAULT,
                           opts ? opts->pool : NULL, err, errlen);

@@ -79,6 +79,8 @@ typedef struct {
  * (q6: 40% of f16's bytes per token, logits within 0.1 of f16 on the fixtures), and the names of the formats ("f16", "q8", "q6", "q4"). */
 #define BN_HEAD_DEFAULT BN_HEAD_Q6
 const char *bn_head_type_name(int t);
+/* Bytes of one LM head row of n_in values (a multiple of 32) in format `type`. */
+size_t bn_head_row_bytes(int type, uint32_t n_in);
 int bn_head_type_parse(const char *s); /* -1 when unknown */
 
 /* Load and validate a model file: ternary tensors are repacked into the kernels'
