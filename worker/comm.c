@@ -26,6 +26,8 @@ struct bn_comm_grid {
     void *sbuf[STEP_RING];
     size_t scap;
     int snext;
+    float *ring;       /* the allreduce's receive chunk, grown as needed */
+    size_t ring_cap;
 };
 
 static int mpi_fail(int rc, const char *call, int rank, char *err, size_t errlen)
@@ -81,6 +83,7 @@ void bn_comm_finalize(bn_comm_t *c)
                 MPI_Wait(&c->g->sreq[i], MPI_STATUS_IGNORE);
             free(c->g->sbuf[i]);
         }
+        free(c->g->ring);
         if (c->g->replica_comm != MPI_COMM_NULL)
             MPI_Comm_free(&c->g->replica_comm);
         if (c->g->stage_comm != MPI_COMM_NULL)
@@ -148,9 +151,14 @@ static int ring_allreduce(void *ctx, float *x, size_t n, char *err, size_t errle
     bn_comm_t *c = g->c;
     const int T = g->T, me = g->tp, right = (me + 1) % T, left = (me + T - 1) % T;
     double t0 = bn_now_s();
-    float *tmp = malloc((n / T + 1) * sizeof(float));
-    if (!tmp)
-        return bn_err(err, errlen, BN_ENOMEM, "rank %d: out of memory for an allreduce", c->rank);
+    if (g->ring_cap < n / T + 1) {
+        float *r = realloc(g->ring, (n / T + 1) * sizeof(float));
+        if (!r)
+            return bn_err(err, errlen, BN_ENOMEM, "rank %d: out of memory for an allreduce", c->rank);
+        g->ring = r;
+        g->ring_cap = n / T + 1;
+    }
+    float *tmp = g->ring;
     int rc = MPI_SUCCESS;
     for (int s = 0; s < T - 1 && rc == MPI_SUCCESS; s++) {
         size_t sa, sb, ra, rb;
@@ -170,7 +178,6 @@ static int ring_allreduce(void *ctx, float *x, size_t n, char *err, size_t errle
                           left, TAG_RING, g->stage_comm, MPI_STATUS_IGNORE);
         c->bytes_sent += (sb - sa) * sizeof(float);
     }
-    free(tmp);
     c->collectives++;
     c->t_comm += bn_now_s() - t0;
     return rc == MPI_SUCCESS ? BN_OK : mpi_fail(rc, "MPI_Sendrecv (allreduce)", c->rank, err, errlen);
