@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 static int arch_key(const bn_model_t *m, const char *suffix, char *key, size_t n)
 {
@@ -166,6 +167,99 @@ static int find_tensor(const bn_model_t *m, const char *name, uint64_t ne0, uint
     return BN_OK;
 }
 
+/* The weight arena. The matrices every token streams live in anonymous chunks
+ * with transparent huge pages (MADV_HUGEPAGE), not in the file's mapping: the
+ * hardware prefetcher stops at every page boundary, and with 2 MB pages the
+ * ternary GEMV streams 28 GB/s on one Zen 4 thread against 23 GB/s from 4 KB
+ * pages (the read probe: 33 against 30). Where THP is off the chunks are plain
+ * anonymous memory. A chunk is filled in order; when a tensor does not fit, the
+ * untouched huge pages at its end are unmapped and a new chunk starts, so at
+ * most one partly used 2 MB page per chunk is resident for nothing. */
+#define HUGE_PAGE ((size_t)2 << 20)
+#define CHUNK_MIN ((size_t)256 << 20)
+
+struct bn_chunk {
+    uint8_t *base;
+    size_t size, used;
+};
+
+static void chunk_trim(struct bn_chunk *c)
+{
+    size_t keep = (c->used + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    if (keep < c->size) {
+        munmap(c->base + keep, c->size - keep);
+        c->size = keep;
+    }
+}
+
+static void *weights_alloc(bn_model_t *m, size_t bytes)
+{
+    bytes = (bytes + 63) & ~(size_t)63;
+    struct bn_chunk *c = m->n_chunks ? &m->chunks[m->n_chunks - 1] : NULL;
+    if (c && c->size - c->used >= bytes) {
+        void *p = c->base + c->used;
+        c->used += bytes;
+        return p;
+    }
+    struct bn_chunk *n = realloc(m->chunks, (m->n_chunks + 1) * sizeof *n);
+    if (!n)
+        return NULL;
+    m->chunks = n;
+    if (m->n_chunks)
+        chunk_trim(&m->chunks[m->n_chunks - 1]);
+    size_t size = ((bytes > CHUNK_MIN ? bytes : CHUNK_MIN) + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    uint8_t *p = mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    /* 2 MB aligned: cut the slack off both ends */
+    uint8_t *a = (uint8_t *)(((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+    if (a > p)
+        munmap(p, (size_t)(a - p));
+    if (a + size < p + size + HUGE_PAGE)
+        munmap(a + size, (size_t)(p + size + HUGE_PAGE - (a + size)));
+    madvise(a, size, MADV_HUGEPAGE);
+    m->chunks[m->n_chunks++] = (struct bn_chunk){ .base = a, .size = size, .used = bytes };
+    return a;
+}
+
+typedef struct {
+    const bn_model_t *m;
+    uint8_t *dst;
+    const uint8_t *src;
+    size_t bytes;
+    int from_file;
+} copy_job_t;
+
+/* a thread's share of a copy, in whole huge pages: the kernel zeroes each new
+ * page (about 1 GB/s here), so the threads fault them in side by side */
+static void copy_part(void *arg, int ith, int nth)
+{
+    const copy_job_t *j = arg;
+    const size_t pages = (j->bytes + HUGE_PAGE - 1) / HUGE_PAGE;
+    const size_t a = pages * (size_t)ith / (size_t)nth * HUGE_PAGE, b0 = pages * (size_t)(ith + 1) / (size_t)nth * HUGE_PAGE;
+    const size_t b = b0 < j->bytes ? b0 : j->bytes;
+    if (a >= b)
+        return;
+    if (j->from_file)
+        bn_gguf_pread(j->m->gguf, j->src + a, b - a, j->dst + a);
+    else
+        memcpy(j->dst + a, j->src + a, b - a);
+}
+
+/* the weights of a matrix moved into the arena; the source was either the file
+ * (read with pread, so its pages are never mapped here) or a malloc'd repacked
+ * copy (freed) */
+static const void *to_arena(bn_model_t *m, const void *src, size_t bytes, void *owned)
+{
+    void *dst = weights_alloc(m, bytes);
+    if (!dst)
+        return NULL;
+    copy_job_t job = { .m = m, .dst = dst, .src = src, .bytes = bytes, .from_file = owned == NULL };
+    bn_pool_run(m->load_pool, copy_part, &job);
+    free(owned);
+    return dst;
+}
+
 static int own(bn_model_t *m, void *p, char *err, size_t errlen)
 {
     if (!p)
@@ -178,14 +272,6 @@ static int own(bn_model_t *m, void *p, char *err, size_t errlen)
     m->owned = n;
     m->owned[m->n_owned++] = p;
     return BN_OK;
-}
-
-/* let the file pages of tensor t outside bytes [b0, b1) go (another rank's rows) */
-static void release_outside(bn_model_t *m, const bn_gguf_tensor_t *t, size_t b0, size_t b1)
-{
-    const uint8_t *p = t->data;
-    bn_gguf_release(m->gguf, p, b0);
-    bn_gguf_release(m->gguf, p + b1, t->nbytes - b1);
 }
 
 static int bind_norm(bn_model_t *m, const char *name, uint64_t n, const float **out,
@@ -251,13 +337,21 @@ static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t 
         memset(w, 0, sizeof *w);
         w->scale = scale;
         owned = NULL;
+    } else if (!w->bscale) { /* (per-block scales live in the repacked buffer itself) */
+        const void *data = to_arena(m, w->data, (size_t)w->n_out * w->row_bytes, owned);
+        if (!data) {
+            if (owned)
+                free(owned);
+            return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for tensor '%s' (%zu MB)", m->gguf->path,
+                          name, (size_t)w->n_out * w->row_bytes >> 20);
+        }
+        w->data = data;
+        owned = NULL;
     }
     if ((rc = own(m, owned, err, errlen)))
         return rc;
-    if (owned) /* the decoded copy replaces the file's pages: let them go */
-        bn_gguf_release(m->gguf, t->data, t->nbytes);
-    else if (!empty && r1 - r0 < n_out) /* in place: only this rank's rows stay mapped */
-        release_outside(m, t, (size_t)r0 * (n_in / 4), (size_t)r1 * (n_in / 4));
+    /* the file's pages of this tensor are no longer needed here */
+    bn_gguf_release(m->gguf, t->data, t->nbytes);
     /* optional per-tensor scale beside the weight: "<name without .weight>.scale" */
     char sname[256];
     size_t base = strlen(name);
@@ -353,11 +447,14 @@ static int build_head(bn_model_t *m, int type, bn_pool_t *pool, char *err, size_
     h->row_bytes = bn_head_row_bytes(type, c->n_embd);
     if (h->n_out == 0)
         return BN_OK; /* not the last stage: no LM head here */
-    if (type == BN_HEAD_F16 && w->embd_type == BN_TYPE_F16) {
-        h->data = w->token_embd + (size_t)v0 * w->embd_row_bytes;
+    if (type == BN_HEAD_F16 && w->embd_type == BN_TYPE_F16) { /* the rows as they are */
+        h->data = to_arena(m, w->token_embd + (size_t)v0 * w->embd_row_bytes, h->row_bytes * h->n_out, NULL);
+        if (!h->data)
+            return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for the LM head (%zu MB)", m->gguf->path,
+                          h->row_bytes * h->n_out >> 20);
         return BN_OK;
     }
-    uint8_t *buf = malloc(h->row_bytes * h->n_out);
+    uint8_t *buf = weights_alloc(m, h->row_bytes * h->n_out);
     if (!buf)
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for the LM head (%zu MB)", m->gguf->path,
                       h->row_bytes * h->n_out >> 20);
@@ -373,12 +470,10 @@ static int build_head(bn_model_t *m, int type, bn_pool_t *pool, char *err, size_
         bn_gguf_release(m->gguf, w->token_embd + (size_t)r0 * w->embd_row_bytes,
                         (uint64_t)(job.r1 - r0) * w->embd_row_bytes);
     }
-    if (job.failed) {
-        free(buf);
+    if (job.failed)
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory converting the LM head", m->gguf->path);
-    }
     h->data = buf;
-    return own(m, buf, err, errlen);
+    return BN_OK;
 }
 
 static int bind_weights(bn_model_t *m, int head_type, bn_pool_t *pool, char *err, size_t errlen)
@@ -493,13 +588,17 @@ int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **ou
     if (rc != BN_OK)
         return rc;
     rc = set_shard(m, opts ? opts->shard : NULL, err, errlen);
+    m->load_pool = opts ? opts->pool : NULL;
     if (rc == BN_OK)
         rc = bind_weights(m, opts && opts->head_type >= 0 ? opts->head_type : BN_HEAD_DEFAULT,
-                          opts ? opts->pool : NULL, err, errlen);
+                          m->load_pool, err, errlen);
+    m->load_pool = NULL;
     if (rc != BN_OK) {
         bn_model_destroy(&m);
         return rc;
     }
+    if (m->n_chunks)
+        chunk_trim(&m->chunks[m->n_chunks - 1]);
     *out = m;
     return BN_OK;
 }
@@ -511,6 +610,9 @@ void bn_model_destroy(bn_model_t **pm)
     for (size_t i = 0; i < (*pm)->n_owned; i++)
         free((*pm)->owned[i]);
     free((*pm)->owned);
+    for (size_t i = 0; i < (*pm)->n_chunks; i++)
+        munmap((*pm)->chunks[i].base, (*pm)->chunks[i].size);
+    free((*pm)->chunks);
     free((*pm)->w.layers);
     bn_gguf_close(&(*pm)->gguf);
     free(*pm);

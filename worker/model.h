@@ -1,10 +1,12 @@
 /* model.h - a BitNet b1.58 model as read from a GGUF file: hyper-parameters
- * (bn_config_t) and mapped weights (bn_weights_t). Run state is in forward.h.
+ * (bn_config_t) and weights (bn_weights_t). Run state is in forward.h.
  *
  * What it is: bn_model_load() maps the file, reads every hyper-parameter from its
  * metadata (never from constants), finds every tensor and checks its type and
- * shape against the hyper-parameters. The weights stay in the mapping: nothing is
- * copied. What it is not: the tokenizer (coordinator/tokenizer.h, built from the
+ * shape against the hyper-parameters. The matrices every token streams (the
+ * ternary weights and the LM head) are read into anonymous memory backed by
+ * transparent huge pages, and their file pages let go; the input embedding stays
+ * in the mapping. What it is not: the tokenizer (coordinator/tokenizer.h, built from the
  * same file by bn_model_tokenizer()) or the compute. */
 #ifndef BN_MODEL_H
 #define BN_MODEL_H
@@ -64,8 +66,11 @@ typedef struct {
                                     wo columns are heads [head0, head1), wk/wv rows KV heads
                                     [kv0, kv1), gate/up rows and down columns [ff0, ff1), the
                                     LM head rows [vocab0, vocab1) */
-    void **owned;                /* (n_owned) repacked buffers behind the weights */
+    void **owned;                /* (n_owned) small malloc'd copies (norms) */
     size_t n_owned;
+    struct bn_chunk *chunks;     /* (n_chunks) the weight arena: see weights_alloc in model.c */
+    size_t n_chunks;
+    bn_pool_t *load_pool;        /* while loading: the threads that copy and convert */
 } bn_model_t;
 
 /* How to load: the LM head format, and threads for converting it. */
@@ -84,7 +89,7 @@ size_t bn_head_row_bytes(int type, uint32_t n_in);
 int bn_head_type_parse(const char *s); /* -1 when unknown */
 
 /* Load and validate a model file: ternary tensors are repacked into the kernels'
- * layout (I2_S in place), the LM head built in its format. opts may be NULL.
+ * layout (I2_S rows copied as they are), the LM head built in its format. opts may be NULL.
  * Returns BN_OK or a status with a one-line message naming the file and the key or
  * tensor at fault. */
 int bn_model_load(const char *path, const bn_model_opts_t *opts, bn_model_t **out, char *err, size_t errlen);
