@@ -20,6 +20,7 @@ static const bn_kernels_t ref_table = {
     .rmsnorm = bn_ref_rmsnorm,
     .rope_neox = bn_ref_rope_neox,
     .attention = bn_ref_attention,
+    .attention_heads_f16 = bn_ref_attention_heads_f16,
     .ffn_act = bn_ref_ffn_act,
 };
 

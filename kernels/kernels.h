@@ -88,6 +88,11 @@ typedef struct {
      * per head. */
     void (*attention_heads)(const float *q, int nq, size_t q_stride, const float *k, const float *v,
                             size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
+    /* `attention_heads` with the cache in fp16 (--kv-type f16): k_t = k + t*stride
+     * halves, v alike, each value widened to float exactly; the same maths, and
+     * each head's result independent of nq. Required in every table. */
+    void (*attention_heads_f16)(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
     /* out[i] = act(g[i]) * u[i], act = relu(x)^2 (relu2 != 0) or silu (out may equal g) */
     void (*ffn_act)(const float *g, const float *u, int n, int relu2, float *out);
 } bn_kernels_t;
@@ -102,6 +107,8 @@ void bn_ref_rmsnorm(const float *x, const float *w, int n, float eps, float *out
 void bn_ref_rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const float *cs);
 void bn_ref_attention(const float *q, const float *k, const float *v, size_t stride, int n_pos,
                       int head_dim, float *out);
+void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
 void bn_ref_ffn_act(const float *g, const float *u, int n, int relu2, float *out);
 /* cs (rope_dim) for position pos: cos then sin of pos * base^(-2i/rope_dim), in double */
 void bn_ref_rope_table(int pos, int rope_dim, float base, float *cs);

@@ -440,5 +440,6 @@ const bn_kernels_t bn_kernels_neon = {
     .rmsnorm = rmsnorm,
     .rope_neox = rope_neox,
     .attention = attention,
+    .attention_heads_f16 = bn_ref_attention_heads_f16,
     .ffn_act = ffn_act,
 };

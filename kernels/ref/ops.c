@@ -68,6 +68,41 @@ void bn_ref_attention(const float *q, const float *k, const float *v, size_t str
         out[i] *= inv;
 }
 
+/* bn_ref_attention per head, each cached value widened from fp16 as it is read */
+void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    float scale = 1.0f / sqrtf((float)head_dim);
+    for (int h = 0; h < nq; h++) {
+        const float *qh = q + (size_t)h * q_stride;
+        float *o = out + (size_t)h * out_stride;
+        float m = -INFINITY, l = 0.0f;
+        for (int i = 0; i < head_dim; i++)
+            o[i] = 0.0f;
+        for (int t = 0; t < n_pos; t++) {
+            const bn_fp16_t *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
+            float d = 0.0f;
+            for (int i = 0; i < head_dim; i++)
+                d += qh[i] * bn_fp16_to_f32(kt[i]);
+            d *= scale;
+            if (d > m) {
+                float alpha = expf(m - d);
+                for (int i = 0; i < head_dim; i++)
+                    o[i] *= alpha;
+                l *= alpha;
+                m = d;
+            }
+            float p = expf(d - m);
+            l += p;
+            for (int i = 0; i < head_dim; i++)
+                o[i] += p * bn_fp16_to_f32(vt[i]);
+        }
+        float inv = 1.0f / l;
+        for (int i = 0; i < head_dim; i++)
+            o[i] *= inv;
+    }
+}
+
 void bn_ref_ffn_act(const float *g, const float *u, int n, int relu2, float *out)
 {
     for (int i = 0; i < n; i++) {
