@@ -11,6 +11,7 @@
     X(forward_batch_contract) \
     X(formats_same_logits) \
     X(lm_head_formats) \
+    X(kv_type_f16) \
     X(shapes_vs_naive) \
     X(sampler_filters) \
     X(sampler_bad_params) \

@@ -148,12 +148,12 @@ BN_TEST(cli_generate_golden)
     CHECK_EQ_INT(worker("--model " I2S " --chat --prompt 'What is 2+2?' -n 32 --temp 0 --print-ids", &out, NULL), 0);
     check_ids(out, &g[1]);
     free(out);
-    /* with the exact f16 head the greedy text is the golden one, byte for byte:
+    /* with the exact f16 head and f32 KV cache the greedy text is the golden one, byte for byte:
      * text mode prints exactly the bytes of the tokens' pieces (here, the first is
      * the byte token 0x00), then a newline */
     char path[64], args[256];
     snprintf(path, sizeof path, "/tmp/bn-gen-%d.txt", (int)getpid());
-    snprintf(args, sizeof args, "--model " I2S " --prompt 'The quick brown fox' -n 32 --temp 0 --lm-head f16 > %s", path);
+    snprintf(args, sizeof args, "--model " I2S " --prompt 'The quick brown fox' -n 32 --temp 0 --lm-head f16 --kv-type f32 > %s", path);
     CHECK_EQ_INT(worker(args, NULL, NULL), 0);
     size_t len;
     char *text = bn_test_read_file(path, &len);
@@ -267,6 +267,8 @@ BN_TEST(cli_bad_input)
         { "--model " I2S " --prompt hi -n x", 2, "-n" },
         { "--model " I2S " --prompt hi --seed -5", 2, "--seed" },
         { "--model " I2S " --prompt hi --ctx 0", 2, "--ctx" },
+        { "--model " I2S " --prompt hi --kv-type q8", 2, "--kv-type" },
+        { "--model " I2S " --prompt hi --lm-head q5", 2, "--lm-head" },
         { "--model " I2S " --prompt hi --frobnicate 1", 2, "--frobnicate" },
         { "--model " I2S " --prompt", 2, "--prompt" },
         { "--prompt hi", 2, "--model" },

@@ -40,7 +40,7 @@ static void check_greedy(const char *model, const char *gen)
     for (int k = 0; k < n; k++) {
         char err[512];
         bn_state_t *st = NULL;
-        CHECK(bn_state_new(m, 128, 1, NULL, &st, err, sizeof err) == BN_OK);
+        CHECK(bn_state_new(m, 128, 1, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
         bn_batch_entry_t b[256];
         for (int i = 0; i < g[k].n_prompt; i++)
             b[i] = (bn_batch_entry_t){ 0, i, g[k].prompt[i], i + 1 == g[k].n_prompt };
@@ -93,14 +93,14 @@ BN_TEST(forward_batch_contract)
     float *c = malloc((size_t)2 * N * V * sizeof(float));
     bn_state_t *st = NULL;
     /* (1) sequence 0 prefilled in one call */
-    CHECK(bn_state_new(m, N, 2, NULL, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(m, N, 2, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
     bn_batch_entry_t e[2 * N];
     for (int i = 0; i < N; i++)
         e[i] = (bn_batch_entry_t){ 0, i, ids[0][i], 1 };
     CHECK(bn_forward(m, st, e, N, a, err, sizeof err) == BN_OK);
     bn_state_destroy(&st);
     /* (2) one token per call */
-    CHECK(bn_state_new(m, N, 2, NULL, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(m, N, 2, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
     for (int i = 0; i < N; i++) {
         bn_batch_entry_t one = { 0, i, ids[0][i], 1 };
         CHECK(bn_forward(m, st, &one, 1, b + (size_t)i * V, err, sizeof err) == BN_OK);
@@ -108,7 +108,7 @@ BN_TEST(forward_batch_contract)
     bn_state_destroy(&st);
     CHECK(memcmp(a, b, (size_t)N * V * sizeof(float)) == 0);
     /* (3) sequences 0 and 1 interleaved position by position in one batch */
-    CHECK(bn_state_new(m, N, 2, NULL, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(m, N, 2, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
     for (int i = 0; i < N; i++) {
         e[2 * i] = (bn_batch_entry_t){ 1, i, ids[1][i], 1 };
         e[2 * i + 1] = (bn_batch_entry_t){ 0, i, ids[0][i], 1 };
@@ -145,7 +145,7 @@ BN_TEST(formats_same_logits)
         V = m->cfg.n_vocab;
         char err[512];
         bn_state_t *st = NULL;
-        CHECK(bn_state_new(m, 16, 1, NULL, &st, err, sizeof err) == BN_OK);
+        CHECK(bn_state_new(m, 16, 1, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
         bn_batch_entry_t e[12];
         for (int i = 0; i < 12; i++)
             e[i] = (bn_batch_entry_t){ 0, i, ids[i], 1 };
@@ -188,7 +188,7 @@ BN_TEST(lm_head_formats)
         int row = 0;
         for (int k = 0; k < 3; k++) {
             bn_state_t *st = NULL;
-            CHECK(bn_state_new(m, 64, 1, NULL, &st, err, sizeof err) == BN_OK);
+            CHECK(bn_state_new(m, 64, 1, BN_KV_F32, NULL, &st, err, sizeof err) == BN_OK);
             bn_batch_entry_t b[64];
             for (int p = 0; p < seqs[k].n; p++)
                 b[p] = (bn_batch_entry_t){ 0, p, seqs[k].ids[p], 1 };
@@ -220,4 +220,61 @@ BN_TEST(lm_head_formats)
     free(ref);
     for (int k = 0; k < 3; k++)
         golden_seq_free(&seqs[k]);
+}
+
+/* The fp16 KV cache against f32 on the fixtures' golden sequences (exact f16
+ * head): keys and values are rounded to fp16 as they are stored, nothing else
+ * changes. Max |logit diff| and top-1 agreement are printed and bounded (about
+ * twice the measured figures), and the f16 logits stay within the golden
+ * tolerance (0.2) of the reference implementation. The largest differences are
+ * int8 rounding flips downstream (a flip moves these logits by ~0.06), not the
+ * fp16 rounding itself. */
+BN_TEST(kv_type_f16)
+{
+    static const char *const models[] = { "tiny-b158-i2_s", "tiny-bitnet-tq2_0" };
+    for (int f = 0; f < 2; f++) {
+        char path[256], gpath[256], err[512];
+        snprintf(path, sizeof path, FIX "%s.gguf", models[f]);
+        snprintf(gpath, sizeof gpath, FIX "%s.logits.txt", models[f]);
+        golden_seq_t seqs[3];
+        CHECK_EQ_INT(golden_logits_read(gpath, 512, seqs, 3), 3);
+        bn_model_opts_t o = { .head_type = BN_HEAD_F16 };
+        bn_model_t *m = NULL;
+        CHECK(bn_model_load(path, &o, &m, err, sizeof err) == BN_OK);
+        double md = 0, gd = 0;
+        int agree = 0, n_pos = 0;
+        for (int k = 0; k < 3; k++) {
+            const int n = seqs[k].n;
+            float *l[2];
+            for (int kv = 0; kv < 2; kv++) {
+                bn_state_t *st = NULL;
+                CHECK(bn_state_new(m, 64, 1, kv == 0 ? BN_KV_F32 : BN_KV_F16, NULL, &st, err, sizeof err) == BN_OK);
+                CHECK_EQ_INT(st->kv_type, kv == 0 ? BN_KV_F32 : BN_KV_F16);
+                bn_batch_entry_t b[64];
+                for (int p = 0; p < n; p++)
+                    b[p] = (bn_batch_entry_t){ 0, p, seqs[k].ids[p], 1 };
+                l[kv] = malloc((size_t)n * 512 * sizeof(float));
+                CHECK(bn_forward(m, st, b, n, l[kv], err, sizeof err) == BN_OK);
+                bn_state_destroy(&st);
+            }
+            for (int r = 0; r < n; r++) {
+                for (int v = 0; v < 512; v++) {
+                    md = fmax(md, fabs(l[1][(size_t)r * 512 + v] - l[0][(size_t)r * 512 + v]));
+                    gd = fmax(gd, fabs(l[1][(size_t)r * 512 + v] - seqs[k].logits[(size_t)r * 512 + v]));
+                }
+                agree += bn_argmax(l[1] + (size_t)r * 512, 512) == bn_argmax(l[0] + (size_t)r * 512, 512);
+            }
+            n_pos += n;
+            free(l[0]);
+            free(l[1]);
+            golden_seq_free(&seqs[k]);
+        }
+        fprintf(stderr, "  %s: kv f16 vs f32: max |diff| %.5f, top-1 agreement %d/%d; vs golden max |diff| %.4f\n",
+                models[f], md, agree, n_pos, gd);
+        CHECK(md > 0); /* the cache really is fp16 */
+        CHECK(md < 0.35);
+        CHECK(agree >= n_pos * 9 / 10);
+        CHECK(gd < 0.2);
+        bn_model_destroy(&m);
+    }
 }

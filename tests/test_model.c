@@ -228,7 +228,7 @@ BN_TEST(logits_golden)
         CHECK_EQ_INT(ns, 3);
         for (int k = 0; k < ns; k++) {
             bn_state_t *st = NULL;
-            CHECK(bn_state_new(m, 256, 1, NULL, &st, err, sizeof err) == BN_OK);
+            CHECK(bn_state_new(m, 256, 1, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
             bn_batch_entry_t b[128];
             for (int p = 0; p < seqs[k].n; p++)
                 b[p] = (bn_batch_entry_t){ 0, p, seqs[k].ids[p], 1 };
@@ -320,10 +320,10 @@ BN_TEST(scale_tensor_applied)
         e[i] = (bn_batch_entry_t){ 0, i, (i * 37 + 5) % 496, 1 };
     float *la = malloc(8 * 512 * sizeof(float)), *lb = malloc(8 * 512 * sizeof(float));
     bn_state_t *st = NULL;
-    CHECK(bn_state_new(a, 8, 1, NULL, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(a, 8, 1, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
     CHECK(bn_forward(a, st, e, 8, la, err, sizeof err) == BN_OK);
     bn_state_destroy(&st);
-    CHECK(bn_state_new(b, 8, 1, NULL, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(b, 8, 1, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
     CHECK(bn_forward(b, st, e, 8, lb, err, sizeof err) == BN_OK);
     bn_state_destroy(&st);
     double md = 0;
@@ -334,7 +334,7 @@ BN_TEST(scale_tensor_applied)
     CHECK(md < 1e-4);
     /* and without the scale tensor the model is different: the check above can fail */
     b->w.layers[1].wo.scale *= 0.5f;
-    CHECK(bn_state_new(b, 8, 1, NULL, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(b, 8, 1, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
     CHECK(bn_forward(b, st, e, 8, lb, err, sizeof err) == BN_OK);
     bn_state_destroy(&st);
     md = 0;

@@ -181,7 +181,7 @@ static void check_shape(const char *name, const char *flags, const char *expect_
     float *got_l = malloc((size_t)N * V * sizeof(float));
     double *want = malloc((size_t)N * V * sizeof(double));
     bn_state_t *st = NULL;
-    CHECK(bn_state_new(m, 64, 1, NULL, &st, err, sizeof err) == BN_OK);
+    CHECK(bn_state_new(m, 64, 1, BN_KV_DEFAULT, NULL, &st, err, sizeof err) == BN_OK);
     bn_batch_entry_t b[N];
     for (int i = 0; i < N; i++)
         b[i] = (bn_batch_entry_t){ 0, i, ids[i], 1 };

@@ -26,7 +26,7 @@ static uint32_t umax3(uint32_t a, uint32_t b, uint32_t c)
 /* The KV cache: zero pages mapped lazily, touched only as positions are used. No
  * transparent huge pages: each layer's first position would otherwise fault in a
  * whole 2 MB page, 120 MB of resident memory for one token of a 30-layer model. */
-static float *cache_alloc(size_t bytes)
+static void *cache_alloc(size_t bytes)
 {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
@@ -35,7 +35,7 @@ static float *cache_alloc(size_t bytes)
     return p;
 }
 
-static void cache_free(float *p, size_t bytes)
+static void cache_free(void *p, size_t bytes)
 {
     if (p)
         munmap(p, bytes);
@@ -46,8 +46,23 @@ static uint32_t my_layers(const bn_model_t *m)
     return m->shard.layer1 - m->shard.layer0;
 }
 
-int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t *pool, bn_state_t **out,
-                 char *err, size_t errlen)
+const char *bn_kv_type_name(int t)
+{
+    return t == BN_KV_F32 ? "f32" : t == BN_KV_F16 ? "f16" : "?";
+}
+
+int bn_kv_type_parse(const char *s)
+{
+    return strcmp(s, "f32") == 0 ? BN_KV_F32 : strcmp(s, "f16") == 0 ? BN_KV_F16 : -1;
+}
+
+size_t bn_kv_type_size(int t)
+{
+    return t == BN_KV_F16 ? sizeof(bn_fp16_t) : sizeof(float);
+}
+
+int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, int kv_type, bn_pool_t *pool,
+                 bn_state_t **out, char *err, size_t errlen)
 {
     const bn_config_t *c = &m->cfg;
     const bn_shard_t *sh = &m->shard;
@@ -55,6 +70,8 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t 
     if (n_ctx == 0 || n_seq == 0 || n_ctx > (1u << 24) || n_seq > 4096)
         return bn_err(err, errlen, BN_EINVAL, "context %u and sequences %u must be in 1..%u and 1..4096",
                       n_ctx, n_seq, 1u << 24);
+    if (kv_type != BN_KV_F32 && kv_type != BN_KV_F16)
+        return bn_err(err, errlen, BN_EINVAL, "KV cache type %d is not f32 or f16", kv_type);
     bn_state_t *s = calloc(1, sizeof *s);
     if (!s)
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state");
@@ -62,6 +79,7 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t 
     s->n_seq = n_seq;
     s->pool = pool;
     s->max_batch = MAX_BATCH;
+    s->kv_type = kv_type;
     s->q_dim = (sh->head1 - sh->head0) * c->head_dim;
     s->kv_dim = (sh->kv1 - sh->kv0) * c->head_dim;
     s->n_ff = sh->ff1 - sh->ff0;
@@ -91,7 +109,7 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t 
     s->rope = malloc(B * c->rope_dim * sizeof(float));
     s->hq = malloc(B * c->n_embd);
     s->hd = malloc(B * (c->n_embd / 32 + 1) * sizeof(float));
-    s->cache_bytes = cache * sizeof(float);
+    s->cache_bytes = cache * bn_kv_type_size(kv_type);
     if (cache) {
         s->key_cache = cache_alloc(s->cache_bytes);
         s->value_cache = cache_alloc(s->cache_bytes);
@@ -101,7 +119,7 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, bn_pool_t 
         (cache && (!s->key_cache || !s->value_cache))) {
         bn_state_destroy(&s);
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state (KV cache of %zu MB)",
-                      cache * 2 * sizeof(float) >> 20);
+                      s->cache_bytes * 2 >> 20);
     }
     for (size_t t = 0; t < B; t++)
         s->ones[t] = 1.0f;
@@ -158,10 +176,24 @@ typedef struct {
     float *logits;
 } ctx_t;
 
-static float *cache_at(const bn_state_t *s, float *cache, const bn_model_t *m, int seq, int layer, int pos)
+/* the cache row of (seq, layer, pos): kv_dim values of the state's KV type */
+static void *cache_at(const bn_state_t *s, void *cache, const bn_model_t *m, int seq, int layer, int pos)
 {
     const uint32_t nl = my_layers(m);
-    return cache + (((size_t)seq * nl + (layer - (int)m->shard.layer0)) * s->n_ctx + pos) * s->kv_dim;
+    const size_t e = (((size_t)seq * nl + (layer - (int)m->shard.layer0)) * s->n_ctx + pos) * s->kv_dim;
+    return (uint8_t *)cache + e * bn_kv_type_size(s->kv_type);
+}
+
+/* one token's k or v (kv_dim floats) into its cache row */
+static void cache_put(const bn_state_t *s, void *row, const float *x)
+{
+    if (s->kv_type == BN_KV_F16) {
+        bn_fp16_t *h = row;
+        for (uint32_t i = 0; i < s->kv_dim; i++)
+            h[i] = bn_f32_to_fp16(x[i]);
+    } else {
+        memcpy(row, x, (size_t)s->kv_dim * sizeof(float));
+    }
 }
 
 static void run(ctx_t *cx, bn_pool_fn fn)
@@ -277,10 +309,9 @@ static void job_rope_cache(void *arg, int ith, int nth)
         cx->K->rope_neox(s->k + (size_t)t * KVD, (int)(sh->kv1 - sh->kv0), HD, (int)c->rope_dim, cs);
         if (!KVD)
             continue;
-        memcpy(cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos), s->k + (size_t)t * KVD,
-               (size_t)KVD * sizeof(float));
-        memcpy(cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos),
-               s->v + (size_t)t * KVD, (size_t)KVD * sizeof(float));
+        cache_put(s, cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos), s->k + (size_t)t * KVD);
+        cache_put(s, cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos),
+                  s->v + (size_t)t * KVD);
     }
 }
 
@@ -305,10 +336,16 @@ static void job_attention(void *arg, int ith, int nth)
         h1 = h1 < (int)sh->head1 ? h1 : (int)sh->head1;
         if (h0 >= h1)
             continue;
-        const float *kc = cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
-        const float *vc = cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
         const float *q = s->q + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
         float *out = s->att + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
+        if (s->kv_type == BN_KV_F16) {
+            const bn_fp16_t *kc = (const bn_fp16_t *)cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
+            const bn_fp16_t *vc = (const bn_fp16_t *)cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
+            cx->K->attention_heads_f16(q, h1 - h0, (size_t)HD, kc, vc, s->kv_dim, cx->b[t].pos + 1, HD, out, (size_t)HD);
+            continue;
+        }
+        const float *kc = (const float *)cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
+        const float *vc = (const float *)cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
         if (cx->K->attention_heads)
             cx->K->attention_heads(q, h1 - h0, (size_t)HD, kc, vc, s->kv_dim, cx->b[t].pos + 1, HD, out, (size_t)HD);
         else

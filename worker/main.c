@@ -29,7 +29,7 @@
 
 typedef struct {
     const char *model, *prompt, *prompt_file, *tokens, *dump_logits;
-    int n_predict, tokenize, chat, stats, print_ids, ctx, threads, lm_head;
+    int n_predict, tokenize, chat, stats, print_ids, ctx, threads, lm_head, kv_type;
     int tp, pp, replicas, replica, mem_mb, ignore_eos;
     int log_level;
     int seed_given;
@@ -69,6 +69,8 @@ static void usage(FILE *f)
         "  --lm-head T          LM head format: f16, q8, q6 or q4 (default q6; f16 is\n"
         "                       exact, and an F16 embedding is then used in place)\n"
         "  --ctx N              context length (default: the model's, at most 4096)\n"
+        "  --kv-type T          KV cache values: f16 (default: half the memory and the\n"
+        "                       bytes attention reads) or f32\n"
         "\n"
         "ranks (under mpirun or srun --mpi=pmix; the plan is printed at start):\n"
         "  --tp N               tensor ranks per stage (default: chosen, see below)\n"
@@ -119,6 +121,7 @@ static int parse_args(int argc, char **argv, options_t *o)
     memset(o, 0, sizeof *o);
     o->n_predict = 64;
     o->lm_head = -1;
+    o->kv_type = BN_KV_DEFAULT;
     o->log_level = BN_LOG_INFO;
     o->sp = (bn_sampler_params_t){ .temp = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f };
     for (int i = 1; i < argc; i++) {
@@ -160,6 +163,13 @@ static int parse_args(int argc, char **argv, options_t *o)
             o->lm_head = bn_head_type_parse(v);
             if (o->lm_head < 0) {
                 fprintf(stderr, "bitnet-worker: --lm-head: '%s' is not f16, q8, q6 or q4\n", v);
+                rc = -1;
+            }
+        }
+        else if (!strcmp(a, "--kv-type")) {
+            o->kv_type = bn_kv_type_parse(v);
+            if (o->kv_type < 0) {
+                fprintf(stderr, "bitnet-worker: --kv-type: '%s' is not f16 or f32\n", v);
                 rc = -1;
             }
         }
@@ -593,11 +603,11 @@ static void print_stats(const rank_t *rk, const run_stats_t *rs, const rank_stat
     fprintf(stderr, "weights read per generated token: %.1f MB over %d rank%s (%.2f GB/s at this speed)\n", wmb,
             p->world, p->world == 1 ? "" : "s", wmb * gtps / 1e3);
     fprintf(stderr, "stats: prompt_tokens=%d prompt_tps=%.3f gen_tokens=%d gen_tps=%.3f peak_rss_mb=%.1f "
-            "threads=%d kernels=%s lm_head=%s weight_mb_per_token=%.1f ranks=%d plan=%dx%dx%d "
+            "threads=%d kernels=%s lm_head=%s kv_type=%s weight_mb_per_token=%.1f ranks=%d plan=%dx%dx%d "
             "peak_rss_mb_max=%.1f bytes_per_token=%.0f collectives_per_token=%.1f compute_pct=%.1f comm_pct=%.1f "
             "wait_pct=%.1f gen_steps=%llu\n",
             rs->n_prompt, ptps, rs->n_gen, gtps, all[0].peak_rss_mb, bn_pool_size(rk->pool), bn_kernels_get()->name,
-            bn_head_type_name(m->w.head.type), wmb, p->world, p->R, p->P, p->T, rss_max, bytes, coll,
+            bn_head_type_name(m->w.head.type), bn_kv_type_name(rk->st->kv_type), wmb, p->world, p->R, p->P, p->T, rss_max, bytes, coll,
             100 * comp / tot, 100 * comm / tot, 100 * wait / tot, (unsigned long long)steps);
 }
 
@@ -648,7 +658,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
         bn_plan_model_t pm = { .n_layer = cfg.n_layer, .n_embd = cfg.n_embd, .n_ff = cfg.n_ff,
                                .n_head = cfg.n_head, .n_head_kv = cfg.n_head_kv, .head_dim = cfg.head_dim,
                                .n_vocab = cfg.n_vocab, .head_row_bytes = bn_head_row_bytes(head, cfg.n_embd),
-                               .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * sizeof(float) };
+                               .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * bn_kv_type_size(o->kv_type) };
         bn_plan_in_t in = { .world = comm->size, .ranks_per_node = comm->node_ranks,
                             .mem_per_rank = o->mem_mb || comm->size > 1 ? mem : 0, /* one rank has no other plan */
                             .n_ctx = n_ctx, .n_seq = 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
@@ -679,7 +689,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
     if ((rc = bn_comm_grid(comm, rk.plan.R, rk.plan.P, rk.plan.T, err, errlen)) == BN_OK &&
         (rc = bn_pool_new(n_threads, &rk.pool, err, errlen)) == BN_OK &&
         (mo.pool = rk.pool, rc = bn_model_load(o->model, &mo, &rk.m, err, errlen)) == BN_OK &&
-        (rc = bn_state_new(rk.m, n_ctx, 1, rk.pool, &rk.st, err, errlen)) == BN_OK) {
+        (rc = bn_state_new(rk.m, n_ctx, 1, o->kv_type, rk.pool, &rk.st, err, errlen)) == BN_OK) {
         bn_comm_dist(comm, &rk.dist);
         if ((rc = bn_state_set_dist(rk.st, &rk.dist, err, errlen)) == BN_OK)
             rc = bn_engine_new(comm, &rk.plan, rk.m, rk.st, &o->sp, &rk.eng, err, errlen);

@@ -603,10 +603,19 @@ INLINE __m512 reduce16f(const __m512 v[16])
     __m512 h1 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x88), _mm512_shuffle_f32x4(quad[2], quad[3], 0xdd));
     return _mm512_add_ps(_mm512_shuffle_f32x4(h0, h1, 0x88), _mm512_shuffle_f32x4(h0, h1, 0xdd));
 }
-/* nv = head_dim / 16, a compile-time constant after inlining, so the
- * accumulators stay in registers */
-INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const float *k, const float *v, size_t stride,
-                               int n_pos, int head_dim, float *out, size_t out_stride, const int nv)
+/* 16 cached values at element e of a cache of floats, or of halves (f16), widened
+ * exactly */
+INLINE __m512 kv16(const void *base, size_t e, const int f16)
+{
+    if (f16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const bn_fp16_t *)base + e)));
+    return _mm512_loadu_ps((const float *)base + e);
+}
+
+/* nv = head_dim / 16 and the cache's element type, compile-time constants after
+ * inlining, so the accumulators stay in registers */
+INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const void *k, const void *v, size_t stride,
+                               int n_pos, int head_dim, float *out, size_t out_stride, const int nv, const int f16)
 {
     const float scale = 1.0f / sqrtf((float)head_dim);
     _Alignas(64) float accs[ATT_MAX_HEADS][16 * ATT_MAX_VEC];
@@ -630,24 +639,24 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const fl
                 __m512 d[16];
 #pragma GCC unroll 16
                 for (int j = 0; j < 16; j++) {
-                    const float *kt = k + (size_t)(t0 + j) * stride;
-                    d[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kt));
+                    const size_t kt = (size_t)(t0 + j) * stride;
+                    d[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), kv16(k, kt, f16));
 #pragma GCC unroll 16
                     for (int i = 1; i < nv; i++)
-                        d[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d[j]);
+                        d[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kv16(k, kt + 16 * i, f16), d[j]);
                 }
                 _mm512_storeu_ps(sc, _mm512_mul_ps(reduce16f(d), _mm512_set1_ps(scale)));
             }
             for (int j = 0; j < cnt && cnt < 16; j++) {
-                const float *kt = k + (size_t)(t0 + j) * stride;
-                __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kt)), d1 = _mm512_setzero_ps();
+                const size_t kt = (size_t)(t0 + j) * stride;
+                __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(qh), kv16(k, kt, f16)), d1 = _mm512_setzero_ps();
                 int i = 1;
                 for (; i + 2 <= nv; i += 2) {
-                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d1);
-                    d0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i + 16), _mm512_loadu_ps(kt + 16 * i + 16), d0);
+                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kv16(k, kt + 16 * i, f16), d1);
+                    d0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i + 16), kv16(k, kt + 16 * i + 16, f16), d0);
                 }
                 if (i < nv)
-                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d1);
+                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kv16(k, kt + 16 * i, f16), d1);
                 sc[j] = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1)) * scale;
             }
             __m512 vs = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc);
@@ -655,8 +664,8 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const fl
             if (cmax > ms[h]) { /* a new maximum: rescale what was summed so far */
                 const float alpha = expf(ms[h] - cmax);
                 const __m512 va = _mm512_set1_ps(alpha);
-    #pragma GCC unroll 16
-            for (int i = 0; i < nv; i++)
+#pragma GCC unroll 16
+                for (int i = 0; i < nv; i++)
                     acc[i] = _mm512_mul_ps(acc[i], va);
                 ls[h] *= alpha;
                 ms[h] = cmax;
@@ -665,11 +674,11 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const fl
             ls[h] += _mm512_reduce_add_ps(vp);
             _mm512_storeu_ps(p, vp);
             for (int j = 0; j < cnt; j++) {
-                const float *vt = v + (size_t)(t0 + j) * stride;
+                const size_t vt = (size_t)(t0 + j) * stride;
                 const __m512 pj = _mm512_set1_ps(p[j]);
-    #pragma GCC unroll 16
-            for (int i = 0; i < nv; i++)
-                    acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vt + 16 * i), acc[i]);
+#pragma GCC unroll 16
+                for (int i = 0; i < nv; i++)
+                    acc[i] = _mm512_fmadd_ps(pj, kv16(v, vt + 16 * i, f16), acc[i]);
             }
 #pragma GCC unroll 16
             for (int i = 0; i < nv; i++)
@@ -692,10 +701,25 @@ static void attention_heads(const float *q, int nq, size_t q_stride, const float
         return;
     }
     switch (head_dim / 16) {
-    case 2: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 2); break;
-    case 4: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 4); break;
-    case 8: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 8); break;
-    default: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, head_dim / 16);
+    case 2: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 2, 0); break;
+    case 4: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 4, 0); break;
+    case 8: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 8, 0); break;
+    default: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, head_dim / 16, 0);
+    }
+}
+
+static void attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC || nq > ATT_MAX_HEADS) {
+        bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride);
+        return;
+    }
+    switch (head_dim / 16) {
+    case 2: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 2, 1); break;
+    case 4: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 4, 1); break;
+    case 8: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 8, 1); break;
+    default: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, head_dim / 16, 1);
     }
 }
 
@@ -730,6 +754,7 @@ const bn_kernels_t bn_kernels_avx512 = {
     .rmsnorm = rmsnorm,
     .rope_neox = rope_neox,
     .attention = attention,
+    .attention_heads_f16 = attention_heads_f16,
     .attention_heads = attention_heads,
     .ffn_act = ffn_act,
 };
