@@ -225,6 +225,87 @@ static void check_head(const bn_kernels_t *K)
         }
 }
 
+/* One head's keys and values (n_pos rows `stride` halves apart, d of them used)
+ * and nq queries q_stride apart, by mode: 0 random; 1 every key the same (all
+ * scores equal); 2 small integers whose scores rise and fall by large steps, so
+ * the running max changes at most positions (integer dot products are exact in
+ * any order: large scores add no rounding differences); 3 values all fp16
+ * subnormals (widened exactly, or the outputs show it). */
+static void fill_att_f16(int mode, bn_fp16_t *k, bn_fp16_t *v, size_t stride, int n_pos, int d, float *q, int nq,
+                         size_t q_stride)
+{
+    int b[128]; /* mode 2: the direction the keys grow along */
+    for (int i = 0; i < d; i++)
+        b[i] = (int)(rnd() % 3) - 1;
+    for (int t = 0; t < n_pos; t++) {
+        bn_fp16_t *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
+        const int trend = t % 3 == 2 ? -t / 2 : t / 2;
+        for (int i = 0; i < d; i++) {
+            kt[i] = bn_f32_to_fp16(mode == 2 ? (float)(b[i] * trend + (int)(rnd() % 9) - 4) : gauss());
+            vt[i] = mode == 3 ? (bn_fp16_t)((rnd() & 0x8000) | (rnd() % 0x400)) : bn_f32_to_fp16(gauss());
+        }
+        if (mode == 1)
+            memcpy(kt, k, (size_t)d * sizeof *k);
+    }
+    for (int h = 0; h < nq; h++)
+        for (int i = 0; i < d; i++)
+            q[h * q_stride + i] = mode == 2 ? (float)(2 * b[i] + (int)(rnd() % 3) - 1)
+                                            : gauss() * (n_pos >= 64 ? 4.0f : 1.0f); /* sharp softmax too */
+}
+
+/* attention_heads_f16 against the reference, and each head of a group against
+ * the same table on that head alone (bit-identical). The head sits at an odd
+ * offset (unaligned) in cache rows wider than a head whose other halves are NaN;
+ * outputs are out_stride apart and the gaps between them must stay untouched. */
+static void check_attention_f16_case(const bn_kernels_t *K, int mode, int d, int n_pos, int nq)
+{
+    const size_t stride = (size_t)d * 3 + 1, off = (size_t)d + 1, q_stride = (size_t)d + 3, o_stride = (size_t)d + 5;
+    const float gap = -12345.0f;
+    bn_fp16_t *k = malloc((size_t)n_pos * stride * sizeof *k), *v = malloc((size_t)n_pos * stride * sizeof *v);
+    float *q = malloc(nq * q_stride * sizeof(float)), *o = malloc(nq * o_stride * sizeof(float));
+    float a[128], b[128];
+    for (size_t i = 0; i < (size_t)n_pos * stride; i++)
+        k[i] = v[i] = 0x7e00; /* NaN */
+    fill_att_f16(mode, k + off, v + off, stride, n_pos, d, q, nq, q_stride);
+    for (size_t i = 0; i < nq * o_stride; i++)
+        o[i] = gap;
+    K->attention_heads_f16(q, nq, q_stride, k + off, v + off, stride, n_pos, d, o, o_stride);
+    for (int h = 0; h < nq; h++) {
+        char what[96];
+        snprintf(what, sizeof what, "attention_heads_f16 mode %d head_dim %d n_pos %d nq %d head %d", mode, d, n_pos,
+                 nq, h);
+        bn_ref_attention_heads_f16(q + h * q_stride, 1, 0, k + off, v + off, stride, n_pos, d, a, 0);
+        check_floats(what, K->name, a, o + h * o_stride, d, 1e-5);
+        K->attention_heads_f16(q + h * q_stride, 1, 0, k + off, v + off, stride, n_pos, d, b, 0);
+        if (memcmp(b, o + h * o_stride, (size_t)d * sizeof(float)) != 0)
+            BN_FAIL("%s %s: differs from the same head alone (nq = 1)", K->name, what);
+        for (size_t i = (size_t)d; i < o_stride; i++)
+            if (o[h * o_stride + i] != gap)
+                BN_FAIL("%s %s: wrote element %zu of a row of head_dim %d", K->name, what, i, d);
+    }
+    free(k); free(v); free(q); free(o);
+}
+
+/* Every mode, head_dim and n_pos, with groups of 1 to 5 heads in turn (not the
+ * full cross product: slow under qemu). head_dim 36 and 40 leave an odd vector
+ * tail, or are not whole 8-float vectors; 17 heads are more than a table keeps
+ * on its stack. */
+static void check_attention_f16(const bn_kernels_t *K)
+{
+    if (!K->attention_heads_f16)
+        BN_FAIL("%s: attention_heads_f16 is NULL (kernels.h: required in every table)", K->name);
+    static const int hd[] = { 32, 36, 40, 64, 128 };
+    static const int npos[] = { 64, 255, 700 };
+    for (int mode = 0; mode < 4; mode++)
+        for (size_t i = 0; i < sizeof hd / sizeof hd[0]; i++) {
+            for (int np = 1; np <= 17; np++)
+                check_attention_f16_case(K, mode, hd[i], np, 1 + np % 5);
+            for (int j = 0; j < 3; j++)
+                check_attention_f16_case(K, mode, hd[i], npos[j], 3 + j);
+        }
+    check_attention_f16_case(K, 0, 128, 33, 17);
+}
+
 static void check_float_ops(const bn_kernels_t *K)
 {
     static const int ns[] = { 32, 256, 640, 2560, 6912 };
@@ -300,6 +381,7 @@ static void check_float_ops(const bn_kernels_t *K)
             free(k);
             free(v);
         }
+    check_attention_f16(K);
 }
 
 BN_TEST(kernels_quantize_act)

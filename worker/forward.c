@@ -117,9 +117,9 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, int kv_typ
     if (!s->x || !s->xn || !s->xq || !s->xs || !s->xr || !s->xqsum || !s->stats || !s->ones || !s->q ||
         !s->k || !s->v || !s->att || !s->gate || !s->up || !s->out || !s->rope || !s->hq || !s->hd ||
         (cache && (!s->key_cache || !s->value_cache))) {
+        const size_t kv_mb = s->cache_bytes * 2 >> 20;
         bn_state_destroy(&s);
-        return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state (KV cache of %zu MB)",
-                      s->cache_bytes * 2 >> 20);
+        return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state (KV cache of %zu MB)", kv_mb);
     }
     for (size_t t = 0; t < B; t++)
         s->ones[t] = 1.0f;

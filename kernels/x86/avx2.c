@@ -331,6 +331,99 @@ static void attention(const float *q, const float *k, const float *v, size_t str
         _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inv));
 }
 
+/* attention_heads_f16 keeps each head's state on the stack: wider heads go to
+ * the reference, larger groups in parts */
+#define ATT_MAX_DIM 256
+#define ATT_MAX_HEADS 16
+
+/* 8 halves widened to floats, exactly */
+static inline __m256 load8_f16(const bn_fp16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* q . k over nv vectors of 8; two chains halve the FMA latency of a lone head */
+static inline float dot_f16(const float *q, const bn_fp16_t *k, int nv)
+{
+    __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 2 <= nv; i += 2) {
+        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), load8_f16(k + 8 * i), d0);
+        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i + 8), load8_f16(k + 8 * i + 8), d1);
+    }
+    if (i < nv)
+        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), load8_f16(k + 8 * i), d0);
+    return hsum_ps(_mm256_add_ps(d0, d1));
+}
+
+/* One position for one head: the online-softmax update of `attention` on the
+ * head's running max *m, sum *l and accumulators acc (head_dim) */
+static inline void head_step_f16(const float *q, const bn_fp16_t *kt, const bn_fp16_t *vt, int nv, float scale,
+                                 float *acc, float *m, float *l)
+{
+    const float sc = dot_f16(q, kt, nv) * scale;
+    float mh = *m, lh = *l;
+    if (sc > mh) { /* a new maximum: rescale what was summed so far */
+        const float alpha = expf(mh - sc);
+        const __m256 va = _mm256_set1_ps(alpha);
+        for (int i = 0; i < nv; i++)
+            _mm256_store_ps(acc + 8 * i, _mm256_mul_ps(_mm256_load_ps(acc + 8 * i), va));
+        lh *= alpha;
+        mh = sc;
+    }
+    const float p = expf(sc - mh);
+    const __m256 vp = _mm256_set1_ps(p);
+    for (int i = 0; i < nv; i++)
+        _mm256_store_ps(acc + 8 * i, _mm256_fmadd_ps(vp, load8_f16(vt + 8 * i), _mm256_load_ps(acc + 8 * i)));
+    *m = mh;
+    *l = lh + p;
+}
+
+/* Up to ATT_MAX_HEADS heads: positions outer, heads inner, so each position's
+ * key and value rows come from memory once and from L1 for the other heads. A
+ * head's state (running max, sum, accumulators) waits on the stack between
+ * positions. */
+static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v, size_t stride,
+                      int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    const int nv = head_dim / 8;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    _Alignas(32) float acc[ATT_MAX_HEADS][ATT_MAX_DIM]; /* (nq, head_dim) */
+    float m[ATT_MAX_HEADS], l[ATT_MAX_HEADS];
+    for (int h = 0; h < nq; h++) {
+        memset(acc[h], 0, (size_t)head_dim * sizeof(float));
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+    }
+    for (int t = 0; t < n_pos; t++) {
+        const bn_fp16_t *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
+        for (int h = 0; h < nq; h++)
+            head_step_f16(q + (size_t)h * q_stride, kt, vt, nv, scale, acc[h], &m[h], &l[h]);
+    }
+    for (int h = 0; h < nq; h++) {
+        const __m256 inv = _mm256_set1_ps(1.0f / l[h]);
+        float *o = out + (size_t)h * out_stride;
+        for (int i = 0; i < nv; i++)
+            _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(_mm256_load_ps(acc[h] + 8 * i), inv));
+    }
+}
+
+/* The heads of a GQA group with an fp16 cache. A head's arithmetic never looks at
+ * nq or at the other heads (groups larger than the stack holds go in parts, not
+ * to the reference): each head's result is bit-identical to a call with that
+ * head alone. */
+static void attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    if (head_dim % 8 || head_dim > ATT_MAX_DIM) {
+        bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride);
+        return;
+    }
+    for (int h = 0; h < nq; h += ATT_MAX_HEADS)
+        heads_f16(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, stride,
+                  n_pos, head_dim, out + (size_t)h * out_stride, out_stride);
+}
+
 static void ffn_act(const float *g, const float *u, int n, int relu2, float *out)
 {
     if (!relu2) { /* silu needs exp: the reference's per-element expf */
@@ -358,6 +451,6 @@ const bn_kernels_t bn_kernels_avx2 = {
     .rmsnorm = rmsnorm,
     .rope_neox = rope_neox,
     .attention = attention,
-    .attention_heads_f16 = bn_ref_attention_heads_f16,
+    .attention_heads_f16 = attention_heads_f16,
     .ffn_act = ffn_act,
 };

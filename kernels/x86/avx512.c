@@ -695,9 +695,15 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
 static void attention_heads(const float *q, int nq, size_t q_stride, const float *k, const float *v, size_t stride,
                             int n_pos, int head_dim, float *out, size_t out_stride)
 {
-    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC || nq > ATT_MAX_HEADS) {
+    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC) {
         for (int h = 0; h < nq; h++)
             bn_ref_attention(q + h * q_stride, k, v, stride, n_pos, head_dim, out + h * out_stride);
+        return;
+    }
+    if (nq > ATT_MAX_HEADS) { /* in parts: each head's result does not depend on its part */
+        for (int h = 0; h < nq; h += ATT_MAX_HEADS)
+            attention_heads(q + h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, stride,
+                            n_pos, head_dim, out + h * out_stride, out_stride);
         return;
     }
     switch (head_dim / 16) {
@@ -711,8 +717,14 @@ static void attention_heads(const float *q, int nq, size_t q_stride, const float
 static void attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
                                 size_t stride, int n_pos, int head_dim, float *out, size_t out_stride)
 {
-    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC || nq > ATT_MAX_HEADS) {
+    if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC) {
         bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride);
+        return;
+    }
+    if (nq > ATT_MAX_HEADS) { /* in parts, as attention_heads */
+        for (int h = 0; h < nq; h += ATT_MAX_HEADS)
+            attention_heads_f16(q + h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v,
+                                stride, n_pos, head_dim, out + h * out_stride, out_stride);
         return;
     }
     switch (head_dim / 16) {
