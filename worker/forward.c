@@ -315,9 +315,26 @@ static void job_rope_cache(void *arg, int ith, int nth)
     }
 }
 
+/* Into how many parts each GQA group's query heads are cut: 1 (keys and values
+ * read once per group) when there are jobs enough for the threads; otherwise
+ * (decode: one token, few KV heads) the fewest parts that give every thread the
+ * same number of jobs. 2B4T decode at 2000 positions, 2 threads: 5 groups split
+ * 3:2 over the threads, 10 half-groups 5:5, +5% tokens/s. Each head's result
+ * does not depend on the heads it is computed with (kernels.h), so any cut gives
+ * the same bits. */
+static int attention_parts(int jobs, int group, int nth)
+{
+    if (jobs >= 4 * nth || jobs % nth == 0)
+        return 1;
+    for (int p = 2; p < group; p++)
+        if (group % p == 0 && jobs * p % nth == 0)
+            return p;
+    return group;
+}
+
 /* a = causal_gqa_attention(q, k, v): query head h reads KV head h / (n_head / n_head_kv).
- * Split by (token, KV head): the query heads of a group are done together, so
- * their keys and values are read once. */
+ * Split by (token, KV head, part of the group): the query heads of a group (or
+ * of a part) are done together, so their keys and values are read once. */
 static void job_attention(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
@@ -326,12 +343,13 @@ static void job_attention(void *arg, int ith, int nth)
     const bn_shard_t *sh = &cx->m->shard;
     const int HD = (int)c->head_dim, QD = (int)s->q_dim, KVH = (int)(sh->kv1 - sh->kv0);
     const int group = (int)(c->n_head / c->n_head_kv);
+    const int parts = attention_parts(cx->nt * KVH, group, nth);
     int i0, i1;
-    bn_pool_split(cx->nt * KVH, ith, nth, 1, &i0, &i1);
+    bn_pool_split(cx->nt * KVH * parts, ith, nth, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        const int t = i / KVH, kh = i % KVH, g = (int)sh->kv0 + kh;
+        const int t = i / (KVH * parts), kh = i / parts % KVH, part = i % parts, g = (int)sh->kv0 + kh;
         /* this rank's query heads that read KV head g */
-        int h0 = g * group, h1 = h0 + group;
+        int h0 = g * group + part * group / parts, h1 = g * group + (part + 1) * group / parts;
         h0 = h0 > (int)sh->head0 ? h0 : (int)sh->head0;
         h1 = h1 < (int)sh->head1 ? h1 : (int)sh->head1;
         if (h0 >= h1)
