@@ -155,9 +155,10 @@ lm_head_for() {
     if [ -n "$LM_HEAD" ]; then echo "$LM_HEAD"; elif [ "$1" = q6_k ]; then echo q6; else echo f16; fi
 }
 
-run_worker() { # wtype embd threads
+run_worker() { # wtype embd threads [lm-head [rows file]]
     f=$(model_file "$1" "$2")
-    set -- "$1" "$2" "$3" "$(lm_head_for "$2")"
+    out=${5:-$ROWS}
+    set -- "$1" "$2" "$3" "${4:-$(lm_head_for "$2")}"
     args="--model $f --tokens $TOKENS -n $TG --temp 0 --stats --log-level warn"
     [ "$W_THREADS" = 1 ] && args="$args --threads $3"
     [ "$W_LMHEAD" = 1 ] && args="$args --lm-head $4"
@@ -182,7 +183,7 @@ run_worker() { # wtype embd threads
     lmh=${lmh:-$4}
     printf 'bitnet-worker\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$PP" "$TG" \
         "$(median <"$TMP/pp")" "$(median <"$TMP/tg")" "$(sort -n "$TMP/gen" | head -n 1)" \
-        "$(sort -g "$TMP/rss" | tail -n 1)" "${wmb:--}" "${kern:--}" "${lmh:--}" >>"$ROWS"
+        "$(sort -g "$TMP/rss" | tail -n 1)" "${wmb:--}" "${kern:--}" "${lmh:--}" >>"$out"
 }
 
 run_llama() { # wtype embd threads pp tg runs
@@ -238,6 +239,17 @@ for spec in $FILES; do
     done
     if [ "$w" != i2_s ]; then check_logits "$w" "$e"; fi
 done
+# The files with an F16 embedding once more with bitnet-worker's default LM head (q6),
+# which is what a user gets: a second table, beside the like-for-like one above.
+DEFROWS=$TMP/rows-default.tsv
+: >"$DEFROWS"
+if [ -z "$LM_HEAD" ] && [ "$W_LMHEAD" = 1 ]; then
+    for spec in $FILES; do
+        w=${spec%%:*} e=${spec#*:}
+        [ "$e" = f16 ] || continue
+        for t in $THREADS; do run_worker "$w" "$e" "$t" q6 "$DEFROWS"; done
+    done
+fi
 probe
 # bw.txt: best per thread count, "bw: threads=N gbps=X"
 sed 's/[=]/ /g' "$TMP/bw-all.txt" | sort -k3,3n -k5,5gr | awk '$3 != last { printf "bw: threads=%s gbps=%s\n", $3, $5; last = $3 }' >"$TMP/bw.txt"
@@ -352,6 +364,22 @@ ELAPSED=$(($(date +%s) - T_START))
         }
     }' "$ROWS"
     echo
+    if [ -s "$DEFROWS" ]; then
+        echo "F16-embedding files with bitnet-worker's default LM head (\`--lm-head q6\`: 267 MB per token instead of"
+        echo "657 MB; logits within 0.10 of f16 on the fixtures), against llama.cpp's F16 output matrix on the same file:"
+        echo
+        echo "| file | thr | tg$TG t/s (q6 head) | llama.cpp | tg x | MB/token | GB/s | % of probe |"
+        echo "|---|---|---|---|---|---|---|---|"
+        awk -F'\t' -v pp="$PP" -v tg="$TG" -v bwfile="$TMP/bw.txt" -v kvpos="$((N_LAYER * 2 * N_KV * 2))" '
+            BEGIN { while ((getline line < bwfile) > 0) { split(line, p, /[= ]/); bw[p[3]] = p[5] } }
+            FNR == NR { if ($1 == "llama.cpp" && $5 == pp && $6 == tg) peer[$3 "/" $4] = $8; next }
+            {
+                mb = $11 + kvpos * ($5 + $6 / 2) / 1e6; gbs = mb * $8 / 1e3; pt = peer[$3 "/" $4]
+                printf "| %s %s | %s | %.1f | %s | %s | %.0f | %.1f | %s |\n", $2, $3, $4, $8, pt == "" ? "-" : sprintf("%.1f", pt),
+                    pt == "" ? "-" : sprintf("%.2fx", $8 / pt), mb, gbs, bw[$4] ? sprintf("%.0f%%", 100 * gbs / bw[$4]) : "-"
+            }' "$ROWS" "$DEFROWS"
+        echo
+    fi
     if [ -s "$TMP/logits.txt" ]; then
         echo "Same model check, the prompt's last logits of bitnet-worker and llama.cpp on each TQ2_0 file"
         echo "(close, not equal: llama.cpp quantizes activations per 256-block, BitNet per token):"
