@@ -7,6 +7,7 @@
     X(bitlinear_golden) \
     X(logits_golden) \
     X(scale_tensor_applied) \
+    X(repack_tq2_vs_naive) \
     X(greedy_golden) \
     X(forward_batch_contract) \
     X(formats_same_logits) \

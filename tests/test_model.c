@@ -10,6 +10,7 @@
 #include "worker/forward.h"
 #include "worker/gguf.h"
 #include "worker/model.h"
+#include "worker/repack.h"
 
 #include <math.h>
 #include <string.h>
@@ -348,4 +349,57 @@ BN_TEST(scale_tensor_applied)
     bn_model_destroy(&a);
     bn_model_destroy(&b);
     unlink(p);
+}
+
+/* TQ2_0 into the kernels' layout against the formats.md definition, element by
+ * element, for whole rows and for a column slice; and a field holding 3 (not a
+ * trit) rejected with the tensor named. */
+BN_TEST(repack_tq2_vs_naive)
+{
+    enum { R = 5, N = 768, NB = N / 256 };
+    static bn_block_tq2_0 src[R * NB];
+    static uint8_t u[R][N];
+    uint32_t seed = (uint32_t)bn_test_seed();
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < N; i++) {
+            seed = seed * 1664525u + 1013904223u;
+            u[r][i] = (uint8_t)((seed >> 16) % 3);
+        }
+    /* formats.md: value 128h + 32n + m of a block is (qs[32h + m] >> 2n) & 3 */
+    memset(src, 0, sizeof src);
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) {
+            bn_block_tq2_0 *blk = &src[r * NB + b];
+            blk->d = bn_f32_to_fp16(0.5f);
+            for (int k = 0; k < 256; k++) {
+                int h = k / 128, n = k % 128 / 32, m = k % 32;
+                blk->qs[32 * h + m] |= (uint8_t)(u[r][256 * b + k] << (2 * n));
+            }
+        }
+    static const uint32_t cols[2][2] = { { 0, N }, { 256, 768 } };
+    for (int c = 0; c < 2; c++) {
+        bn_tmat_t w;
+        void *owned = NULL;
+        char err[256];
+        const uint32_t c0 = cols[c][0], c1 = cols[c][1];
+        CHECK_EQ_INT(bn_repack_ternary("t", BN_TYPE_TQ2_0, src, N, R, 1, R, c0, c1, &w, &owned, err, sizeof err), BN_OK);
+        CHECK(owned != NULL && w.n_out == R - 1 && w.n_in == c1 - c0 && w.scale == 0.5f && !w.bscale);
+        for (int r = 1; r < R; r++)
+            for (uint32_t e = 0; e < c1 - c0; e++) {
+                /* kernels.h: weight 128b + 32g + j of a row is in byte 32b + j, bits 6-2g..7-2g */
+                uint32_t b = e / 128, g = e % 128 / 32, j = e % 32;
+                int got = (w.data[(size_t)(r - 1) * w.row_bytes + 32 * b + j] >> (6 - 2 * g)) & 3;
+                if (got != u[r][c0 + e])
+                    BN_FAIL("row %d column %u: %d, want %d", r, c0 + e, got, u[r][c0 + e]);
+            }
+        free(owned);
+    }
+    src[2 * NB + 1].qs[17] |= 3 << 4; /* row 2, block 1: a field of 3 */
+    bn_tmat_t w;
+    void *owned = NULL;
+    char err[256] = "";
+    CHECK_EQ_INT(bn_repack_ternary("blk.0.ffn_up.weight", BN_TYPE_TQ2_0, src, N, R, 0, R, 0, N, &w, &owned, err,
+                                   sizeof err), BN_EFORMAT);
+    CHECK(owned == NULL);
+    CHECK(strstr(err, "blk.0.ffn_up.weight") && strstr(err, "block 1 of row 2") && strstr(err, "not a trit"));
 }

@@ -14,13 +14,20 @@ static inline int tq1_trit(uint8_t b, int n)
     return ((uint16_t)(uint8_t)(b * pow3[n]) * 3) >> 8;
 }
 
-/* u[256] of one TQ2_0 block */
-static void tq2_decode(const bn_block_tq2_0 *blk, uint8_t *u)
+/* One TQ2_0 block into the kernels' layout at o (64 bytes). Both keep the u = w + 1
+ * of weights 128h + 32n + m in byte 32h + m, TQ2_0 at bits 2n, ours at bits 6 - 2n:
+ * each byte's four fields are reversed. Returns -1 if a field is 3 (not a trit),
+ * else whether a weight is nonzero. */
+static int tq2_convert(const bn_block_tq2_0 *blk, uint8_t *o)
 {
-    for (int h = 0; h < 2; h++)
-        for (int n = 0; n < 4; n++)
-            for (int m = 0; m < 32; m++)
-                u[128 * h + 32 * n + m] = (blk->qs[32 * h + m] >> (2 * n)) & 3;
+    unsigned bad = 0, nonzero = 0;
+    for (int i = 0; i < 64; i++) {
+        const unsigned x = blk->qs[i];
+        bad |= x & (x >> 1) & 0x55;
+        nonzero |= x ^ 0x55;
+        o[i] = (uint8_t)((x >> 6) | ((x >> 2) & 0x0c) | ((x << 2) & 0x30) | ((x << 6) & 0xc0));
+    }
+    return bad ? -1 : nonzero != 0;
 }
 
 /* u[256] of one TQ1_0 block */
@@ -182,28 +189,28 @@ int bn_repack_ternary(const char *name, uint32_t type, const void *src, uint32_t
             for (uint32_t b = 0; b < cols / 256; b++) {
                 const uint8_t *blk = (const uint8_t *)src + (size_t)(r0 + r) * src_row + (size_t)(c0 / 256 + b) * bsz;
                 float d;
+                int nonzero = 0;
                 if (type == BN_TYPE_TQ2_0) {
-                    tq2_decode((const bn_block_tq2_0 *)blk, u);
+                    nonzero = tq2_convert((const bn_block_tq2_0 *)blk, buf + (size_t)r * out->row_bytes + 64 * b);
                     d = bn_fp16_to_f32(((const bn_block_tq2_0 *)blk)->d);
                 } else {
                     tq1_decode((const bn_block_tq1_0 *)blk, u);
                     d = bn_fp16_to_f32(((const bn_block_tq1_0 *)blk)->d);
+                    for (int k = 0; k < 256 && nonzero >= 0; k++)
+                        nonzero = u[k] > 2 ? -1 : nonzero | (u[k] != 1);
+                    if (nonzero >= 0)
+                        put_u(buf + (size_t)r * out->row_bytes, (int)(256 * b), u, 256);
                 }
-                int nonzero = 0;
-                for (int k = 0; k < 256; k++) {
-                    if (u[k] > 2) {
-                        free(buf);
-                        return bn_err(err, errlen, BN_EFORMAT, "tensor '%s': block %u of row %u holds a value that "
-                                      "is not a trit", name, c0 / 256 + b, r0 + r);
-                    }
-                    nonzero |= u[k] != 1;
+                if (nonzero < 0) {
+                    free(buf);
+                    return bn_err(err, errlen, BN_EFORMAT, "tensor '%s': block %u of row %u holds a value that "
+                                  "is not a trit", name, c0 / 256 + b, r0 + r);
                 }
                 if (!isfinite(d)) {
                     free(buf);
                     return bn_err(err, errlen, BN_EFORMAT, "tensor '%s': block %u of row %u has a non-finite scale",
                                   name, c0 / 256 + b, r0 + r);
                 }
-                put_u(buf + (size_t)r * out->row_bytes, (int)(256 * b), u, 256);
                 bs[(size_t)r * (cols / 256) + b] = d;
                 if (nonzero) {
                     if (isnan(common))

@@ -20,8 +20,9 @@
  * padding the caller multiplies by zero activations.
  * *owned is NULL when out points into src, else a malloc'd buffer behind out's
  * data and bscale, for the caller to free. Returns BN_OK, BN_EUNSUPPORTED (a type
- * that is not ternary, or a float tensor whose values are not), BN_EINVAL (ranges)
- * or BN_ENOMEM, naming the tensor. Thread safe (pure function of its inputs). */
+ * that is not ternary, or a float tensor whose values are not), BN_EFORMAT (a TQ2_0
+ * field of 3, a non-finite block scale), BN_EINVAL (ranges) or BN_ENOMEM, naming
+ * the tensor. Thread safe (pure function of its inputs). */
 int bn_repack_ternary(const char *name, uint32_t type, const void *src, uint32_t n_in, uint32_t n_out,
                       uint32_t r0, uint32_t r1, uint32_t c0, uint32_t c1, bn_tmat_t *out, void **owned,
                       char *err, size_t errlen);
