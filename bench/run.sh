@@ -155,48 +155,73 @@ lm_head_for() {
     if [ -n "$LM_HEAD" ]; then echo "$LM_HEAD"; elif [ "$1" = q6_k ]; then echo q6; else echo f16; fi
 }
 
-run_worker() { # wtype embd threads [lm-head [rows file]]
+# One bitnet-worker run; its rates and memory are appended to $TMP/<tag>-{pp,tg,gen,rss}.
+worker_once() { # wtype embd threads lm-head run tag
     f=$(model_file "$1" "$2")
-    out=${5:-$ROWS}
-    set -- "$1" "$2" "$3" "${4:-$(lm_head_for "$2")}"
     args="--model $f --tokens $TOKENS -n $TG --temp 0 --stats --log-level warn"
     [ "$W_THREADS" = 1 ] && args="$args --threads $3"
     [ "$W_LMHEAD" = 1 ] && args="$args --lm-head $4"
     [ "$W_CTX" = 1 ] && args="$args --ctx $CTX"
-    : >"$TMP/pp" && : >"$TMP/tg" && : >"$TMP/gen" && : >"$TMP/rss"
-    r=0
-    while [ $r -lt "$RUNS" ]; do
-        r=$((r + 1))
-        say "bitnet-worker $1/$2 threads $3 run $r/$RUNS"
-        # shellcheck disable=SC2086
-        $WORKER $args >"$TMP/w.out" 2>"$TMP/w.err" || { tail -n 20 "$TMP/w.err" >&2; die "bitnet-worker failed: $WORKER $args"; }
-        line=$(grep '^stats:' "$TMP/w.err" | tail -n 1)
-        [ -n "$line" ] || die "no stats line from bitnet-worker"
-        kv "$line" prompt_tps >>"$TMP/pp"
-        kv "$line" gen_tps >>"$TMP/tg"
-        kv "$line" gen_tokens >>"$TMP/gen"
-        kv "$line" peak_rss_mb >>"$TMP/rss"
-    done
+    say "bitnet-worker $1/$2 threads $3 --lm-head $4 run $5/$RUNS"
+    # shellcheck disable=SC2086
+    $WORKER $args >"$TMP/w.out" 2>"$TMP/w.err" || { tail -n 20 "$TMP/w.err" >&2; die "bitnet-worker failed: $WORKER $args"; }
+    line=$(grep '^stats:' "$TMP/w.err" | tail -n 1)
+    [ -n "$line" ] || die "no stats line from bitnet-worker"
+    echo "$line" >"$TMP/$6-line"
+    kv "$line" prompt_tps >>"$TMP/$6-pp"
+    kv "$line" gen_tps >>"$TMP/$6-tg"
+    kv "$line" gen_tokens >>"$TMP/$6-gen"
+    kv "$line" peak_rss_mb >>"$TMP/$6-rss"
+}
+
+worker_row() { # wtype embd threads lm-head rows-file tag: the medians of the runs so far
+    line=$(cat "$TMP/$6-line")
     wmb=$(kv "$line" weight_mb_per_token)
     kern=$(kv "$line" kernels)
     lmh=$(kv "$line" lm_head)
-    lmh=${lmh:-$4}
     printf 'bitnet-worker\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$PP" "$TG" \
-        "$(median <"$TMP/pp")" "$(median <"$TMP/tg")" "$(sort -n "$TMP/gen" | head -n 1)" \
-        "$(sort -g "$TMP/rss" | tail -n 1)" "${wmb:--}" "${kern:--}" "${lmh:--}" >>"$out"
+        "$(median <"$TMP/$6-pp")" "$(median <"$TMP/$6-tg")" "$(sort -n "$TMP/$6-gen" | head -n 1)" \
+        "$(sort -g "$TMP/$6-rss" | tail -n 1)" "${wmb:--}" "${kern:--}" "${lmh:-$4}" >>"$5"
 }
 
-run_llama() { # wtype embd threads pp tg runs
+# llama.cpp runs (after one warm-up run each time it starts); rates appended to $TMP/l-{pp,tg}.
+llama_once() { # wtype embd threads pp tg runs
     f=$(model_file "$1" "$2")
     say "llama.cpp $1/$2 threads $3 pp $4 tg $5 x $6"
     "$PEER/llama-driver" --model "$f" --libdir "$LIBDIR" --threads "$3" --pp "$4" --tg "$5" --runs "$6" \
         --first-token "$FIRST_TOKEN" --dump-logits "$TMP/llama-$1-$2-$4.f32" >"$TMP/l.out" 2>"$TMP/l.err" ||
         { tail -n 20 "$TMP/l.err" >&2; die "llama.cpp failed on $f"; }
     LLAMA_CPU=$(sed -n 's/.*loaded CPU backend from .*\/\([^/]*\)$/\1/p' "$TMP/l.err" | head -n 1)
-    rss=$(sed -n 's/^llama: peak_rss_mb=\([0-9.]*\).*/\1/p' "$TMP/l.out")
+    LLAMA_RSS=$(sed -n 's/^llama: peak_rss_mb=\([0-9.]*\).*/\1/p' "$TMP/l.out")
+    sed -n 's/.* pp_tps=\([0-9.]*\).*/\1/p' "$TMP/l.out" >>"$TMP/l-pp"
+    sed -n 's/.* tg_tps=\([0-9.]*\).*/\1/p' "$TMP/l.out" >>"$TMP/l-tg"
+}
+
+llama_row() { # wtype embd threads pp tg
     printf 'llama.cpp\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" \
-        "$(sed -n 's/.* pp_tps=\([0-9.]*\).*/\1/p' "$TMP/l.out" | median)" \
-        "$(sed -n 's/.* tg_tps=\([0-9.]*\).*/\1/p' "$TMP/l.out" | median)" "$5" "$rss" "${LLAMA_CPU:--}" "$2" >>"$ROWS"
+        "$(median <"$TMP/l-pp")" "$(median <"$TMP/l-tg")" "$5" "$LLAMA_RSS" "${LLAMA_CPU:--}" "$2" >>"$ROWS"
+}
+
+# One file at one thread count: bitnet-worker and llama.cpp (TQ2_0 files) take turns, run by
+# run, so that a change in the machine's state (these are shared hosts) hits both alike. Files
+# with an F16 embedding also run with bitnet-worker's default LM head (q6), in the same turns.
+DEFROWS=$TMP/rows-default.tsv
+: >"$DEFROWS"
+measure() { # wtype embd threads
+    for x in w d l; do for y in pp tg gen rss; do : >"$TMP/$x-$y"; done; done
+    lmh_w=$(lm_head_for "$2")
+    also_q6=0
+    [ -z "$LM_HEAD" ] && [ "$W_LMHEAD" = 1 ] && [ "$2" = f16 ] && also_q6=1
+    r=0
+    while [ $r -lt "$RUNS" ]; do
+        r=$((r + 1))
+        worker_once "$1" "$2" "$3" "$lmh_w" $r w
+        [ "$1" = i2_s ] || llama_once "$1" "$2" "$3" "$PP" "$TG" 1
+        [ $also_q6 = 0 ] || worker_once "$1" "$2" "$3" q6 $r d
+    done
+    [ $also_q6 = 0 ] || worker_row "$1" "$2" "$3" q6 "$DEFROWS" d
+    worker_row "$1" "$2" "$3" "$lmh_w" "$ROWS" w
+    [ "$1" = i2_s ] || llama_row "$1" "$2" "$3" "$PP" "$TG"
 }
 
 # Same model? The prompt's last logits of both engines on the same file: they differ a
@@ -229,27 +254,15 @@ for spec in $FILES; do
     w=${spec%%:*} e=${spec#*:}
     cat "$(model_file "$w" "$e")" >/dev/null # into the page cache, for both engines
     for t in $THREADS; do
-        run_worker "$w" "$e" "$t"
-        if [ "$w" != i2_s ]; then
-            run_llama "$w" "$e" "$t" "$PP" "$TG" "$RUNS"
-            if [ "$QUICK" = 1 ] && [ "$PP.$TG.$RUNS" != "$FULL_PP.$FULL_TG.$FULL_RUNS" ]; then
-                run_llama "$w" "$e" "$t" "$FULL_PP" "$FULL_TG" "$FULL_RUNS"
-            fi
+        measure "$w" "$e" "$t"
+        if [ "$w" != i2_s ] && [ "$QUICK" = 1 ] && [ "$PP.$TG.$RUNS" != "$FULL_PP.$FULL_TG.$FULL_RUNS" ]; then
+            : >"$TMP/l-pp" && : >"$TMP/l-tg"
+            llama_once "$w" "$e" "$t" "$FULL_PP" "$FULL_TG" "$FULL_RUNS"
+            llama_row "$w" "$e" "$t" "$FULL_PP" "$FULL_TG"
         fi
     done
     if [ "$w" != i2_s ]; then check_logits "$w" "$e"; fi
 done
-# The files with an F16 embedding once more with bitnet-worker's default LM head (q6),
-# which is what a user gets: a second table, beside the like-for-like one above.
-DEFROWS=$TMP/rows-default.tsv
-: >"$DEFROWS"
-if [ -z "$LM_HEAD" ] && [ "$W_LMHEAD" = 1 ]; then
-    for spec in $FILES; do
-        w=${spec%%:*} e=${spec#*:}
-        [ "$e" = f16 ] || continue
-        for t in $THREADS; do run_worker "$w" "$e" "$t" q6 "$DEFROWS"; done
-    done
-fi
 probe
 # bw.txt: best per thread count, "bw: threads=N gbps=X"
 sed 's/[=]/ /g' "$TMP/bw-all.txt" | sort -k3,3n -k5,5gr | awk '$3 != last { printf "bw: threads=%s gbps=%s\n", $3, $5; last = $3 }' >"$TMP/bw.txt"
