@@ -210,18 +210,22 @@ DEFROWS=$TMP/rows-default.tsv
 measure() { # wtype embd threads
     for x in w d l; do for y in pp tg gen rss; do : >"$TMP/$x-$y"; done; done
     lmh_w=$(lm_head_for "$2")
+    # llama.cpp cannot read I2_S: its turns run on the TQ2_0 file of the same weights
+    peer=$1
+    [ "$1" != i2_s ] || { peer=tq2_0; [ -f "$(model_file tq2_0 "$2")" ] || peer=; }
     also_q6=0
     [ -z "$LM_HEAD" ] && [ "$W_LMHEAD" = 1 ] && [ "$2" = f16 ] && also_q6=1
     r=0
     while [ $r -lt "$RUNS" ]; do
         r=$((r + 1))
         worker_once "$1" "$2" "$3" "$lmh_w" $r w
-        [ "$1" = i2_s ] || llama_once "$1" "$2" "$3" "$PP" "$TG" 1
+        [ -z "$peer" ] || llama_once "$peer" "$2" "$3" "$PP" "$TG" 1
         [ $also_q6 = 0 ] || worker_once "$1" "$2" "$3" q6 $r d
     done
     [ $also_q6 = 0 ] || worker_row "$1" "$2" "$3" q6 "$DEFROWS" d
     worker_row "$1" "$2" "$3" "$lmh_w" "$ROWS" w
-    [ "$1" = i2_s ] || llama_row "$1" "$2" "$3" "$PP" "$TG"
+    # (a row of llama.cpp on the TQ2_0 file made in an I2_S file's turns is keyed i2_s)
+    [ -z "$peer" ] || llama_row "$1" "$2" "$3" "$PP" "$TG"
 }
 
 # Same model? The prompt's last logits of both engines on the same file: they differ a
@@ -338,7 +342,8 @@ ELAPSED=$(($(date +%s) - T_START))
         print "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         for (i = 1; i <= n; i++) {
             k = order[i]; split(w[k], a, "\t"); split(k, kk, "/")
-            peer = "tq2_0/" kk[2] "/" kk[3]; split(l[peer], b, "\t"); mark = (kk[1] == "tq2_0") ? "" : " *"
+            peer = (kk[1] "/" kk[2] "/" kk[3]) in l ? kk[1] "/" kk[2] "/" kk[3] : "tq2_0/" kk[2] "/" kk[3]
+            split(l[peer], b, "\t"); mark = (kk[1] == "tq2_0") ? "" : " *"
             pct = bw[kk[3]] ? 100 * wgbs[k] / bw[kk[3]] : ""
             aim = size[kk[1] "/" kk[2]] / 1048576 + kvpos * ctx / 1048576 + 64
             rp = (b[7] != "") ? a[7] / b[7] : ""; rt = (b[8] != "") ? a[8] / b[8] : ""
@@ -353,14 +358,14 @@ ELAPSED=$(($(date +%s) - T_START))
         split(w[order[1]], a, "\t")
         printf "bitnet-worker kernels: %s; LM head (--lm-head): %s. ", a[12], lmh
         print "Aims (issue 7): pp >= 2.0x, tg >= 1.6x llama.cpp on the same weights, embedding and threads; tg at >= 85% of the probe; peak RSS <= file + KV + 64 MB."
-        print "* i2_s rows: llama.cpp cannot read I2_S; compared with llama.cpp on the tq2_0 file of the same weights and embedding."
+        print "* i2_s rows: llama.cpp cannot read I2_S; compared with llama.cpp on the tq2_0 file of the same weights and embedding, run in turns with the I2_S runs."
         print ""
         print "llama.cpp, same sizes:"
         print ""
         print "| file | thr | pp t/s | tg t/s | MB/token | GB/s | % of probe | peak RSS MiB |"
         print "|---|---|---|---|---|---|---|---|"
         for (i = 1; i <= n; i++) {
-            k = order[i]; if (!(k in l)) continue; split(l[k], b, "\t")
+            k = order[i]; if (!(k in l) || k ~ /^i2_s/) continue; split(l[k], b, "\t")
             printf "| %s %s | %s | %s | %s | %s | %s | %s | %s |\n", b[2], b[3], b[4], f1(b[7]), f1(b[8]), f1(lmb[k]),
                 f1(lgbs[k]), bw[b[4]] ? sprintf("%.0f%%", 100 * lgbs[k] / bw[b[4]]) : "-", f1(b[10])
         }
