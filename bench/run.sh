@@ -390,9 +390,10 @@ ELAPSED=$(($(date +%s) - T_START))
         echo "|---|---|---|---|---|---|---|---|"
         awk -F'\t' -v pp="$PP" -v tg="$TG" -v bwfile="$TMP/bw.txt" -v kvpos="$((N_LAYER * 2 * N_KV * 2))" '
             BEGIN { while ((getline line < bwfile) > 0) { split(line, p, /[= ]/); bw[p[3]] = p[5] } }
-            FNR == NR { if ($1 == "llama.cpp" && $5 == pp && $6 == tg) peer[$3 "/" $4] = $8; next }
+            FNR == NR { if ($1 == "llama.cpp" && $5 == pp && $6 == tg) peer[$2 "/" $3 "/" $4] = $8; next }
             {
-                mb = $11 + kvpos * ($5 + $6 / 2) / 1e6; gbs = mb * $8 / 1e3; pt = peer[$3 "/" $4]
+                k = $2 "/" $3 "/" $4; if (!(k in peer)) k = "tq2_0/" $3 "/" $4
+                mb = $11 + kvpos * ($5 + $6 / 2) / 1e6; gbs = mb * $8 / 1e3; pt = peer[k]
                 printf "| %s %s | %s | %.1f | %s | %s | %.0f | %.1f | %s |\n", $2, $3, $4, $8, pt == "" ? "-" : sprintf("%.1f", pt),
                     pt == "" ? "-" : sprintf("%.2fx", $8 / pt), mb, gbs, bw[$4] ? sprintf("%.0f%%", 100 * gbs / bw[$4]) : "-"
             }' "$ROWS" "$DEFROWS"
