@@ -619,6 +619,7 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
 {
     const float scale = 1.0f / sqrtf((float)head_dim);
     _Alignas(64) float accs[ATT_MAX_HEADS][16 * ATT_MAX_VEC];
+    _Alignas(64) float kbuf[16 * 16 * ATT_MAX_VEC], vbuf[16 * 16 * ATT_MAX_VEC]; /* a block, widened (f16) */
     float ms[ATT_MAX_HEADS], ls[ATT_MAX_HEADS];
     for (int h = 0; h < nq; h++) {
         memset(accs[h], 0, (size_t)head_dim * sizeof(float));
@@ -628,6 +629,25 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
     for (int t0 = 0; t0 < n_pos; t0 += 16) {
         const int cnt = n_pos - t0 < 16 ? n_pos - t0 : 16;
         const __mmask16 live = lanes16(cnt);
+        /* the block's keys and values as floats, rows bst apart: in place, or
+         * widened from fp16 once for all the heads (exactly: the same values) */
+        const float *kb, *vb;
+        size_t bst;
+        if (f16) {
+            for (int j = 0; j < cnt; j++)
+#pragma GCC unroll 16
+                for (int i = 0; i < nv; i++) {
+                    _mm512_store_ps(kbuf + (size_t)j * 16 * nv + 16 * i, kv16(k, (size_t)(t0 + j) * stride + 16 * i, 1));
+                    _mm512_store_ps(vbuf + (size_t)j * 16 * nv + 16 * i, kv16(v, (size_t)(t0 + j) * stride + 16 * i, 1));
+                }
+            kb = kbuf;
+            vb = vbuf;
+            bst = (size_t)16 * nv;
+        } else {
+            kb = (const float *)k + (size_t)t0 * stride;
+            vb = (const float *)v + (size_t)t0 * stride;
+            bst = stride;
+        }
         for (int h = 0; h < nq; h++) {
             const float *qh = q + h * q_stride;
             __m512 acc[ATT_MAX_VEC];
@@ -639,24 +659,24 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
                 __m512 d[16];
 #pragma GCC unroll 16
                 for (int j = 0; j < 16; j++) {
-                    const size_t kt = (size_t)(t0 + j) * stride;
-                    d[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), kv16(k, kt, f16));
+                    const float *kt = kb + (size_t)j * bst;
+                    d[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kt));
 #pragma GCC unroll 16
                     for (int i = 1; i < nv; i++)
-                        d[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kv16(k, kt + 16 * i, f16), d[j]);
+                        d[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d[j]);
                 }
                 _mm512_storeu_ps(sc, _mm512_mul_ps(reduce16f(d), _mm512_set1_ps(scale)));
             }
             for (int j = 0; j < cnt && cnt < 16; j++) {
-                const size_t kt = (size_t)(t0 + j) * stride;
-                __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(qh), kv16(k, kt, f16)), d1 = _mm512_setzero_ps();
+                const float *kt = kb + (size_t)j * bst;
+                __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kt)), d1 = _mm512_setzero_ps();
                 int i = 1;
                 for (; i + 2 <= nv; i += 2) {
-                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kv16(k, kt + 16 * i, f16), d1);
-                    d0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i + 16), kv16(k, kt + 16 * i + 16, f16), d0);
+                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d1);
+                    d0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i + 16), _mm512_loadu_ps(kt + 16 * i + 16), d0);
                 }
                 if (i < nv)
-                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kv16(k, kt + 16 * i, f16), d1);
+                    d1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kt + 16 * i), d1);
                 sc[j] = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1)) * scale;
             }
             __m512 vs = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc);
@@ -674,11 +694,11 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
             ls[h] += _mm512_reduce_add_ps(vp);
             _mm512_storeu_ps(p, vp);
             for (int j = 0; j < cnt; j++) {
-                const size_t vt = (size_t)(t0 + j) * stride;
+                const float *vt = vb + (size_t)j * bst;
                 const __m512 pj = _mm512_set1_ps(p[j]);
 #pragma GCC unroll 16
                 for (int i = 0; i < nv; i++)
-                    acc[i] = _mm512_fmadd_ps(pj, kv16(v, vt + 16 * i, f16), acc[i]);
+                    acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vt + 16 * i), acc[i]);
             }
 #pragma GCC unroll 16
             for (int i = 0; i < nv; i++)
