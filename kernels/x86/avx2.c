@@ -343,25 +343,26 @@ static inline __m256 load8_f16(const bn_fp16_t *p)
 }
 
 /* q . k over nv vectors of 8; two chains halve the FMA latency of a lone head */
-static inline float dot_f16(const float *q, const bn_fp16_t *k, int nv)
+static inline float dot_rows(const float *q, const float *k, int nv)
 {
     __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 2 <= nv; i += 2) {
-        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), load8_f16(k + 8 * i), d0);
-        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i + 8), load8_f16(k + 8 * i + 8), d1);
+        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_load_ps(k + 8 * i), d0);
+        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i + 8), _mm256_load_ps(k + 8 * i + 8), d1);
     }
     if (i < nv)
-        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), load8_f16(k + 8 * i), d0);
+        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_load_ps(k + 8 * i), d0);
     return hsum_ps(_mm256_add_ps(d0, d1));
 }
 
 /* One position for one head: the online-softmax update of `attention` on the
- * head's running max *m, sum *l and accumulators acc (head_dim) */
-static inline void head_step_f16(const float *q, const bn_fp16_t *kt, const bn_fp16_t *vt, int nv, float scale,
-                                 float *acc, float *m, float *l)
+ * head's running max *m, sum *l and accumulators acc (head_dim); kt and vt are
+ * the position's key and value, widened (32-byte aligned) */
+static inline void head_step(const float *q, const float *kt, const float *vt, int nv, float scale, float *acc,
+                             float *m, float *l)
 {
-    const float sc = dot_f16(q, kt, nv) * scale;
+    const float sc = dot_rows(q, kt, nv) * scale;
     float mh = *m, lh = *l;
     if (sc > mh) { /* a new maximum: rescale what was summed so far */
         const float alpha = expf(mh - sc);
@@ -374,15 +375,15 @@ static inline void head_step_f16(const float *q, const bn_fp16_t *kt, const bn_f
     const float p = expf(sc - mh);
     const __m256 vp = _mm256_set1_ps(p);
     for (int i = 0; i < nv; i++)
-        _mm256_store_ps(acc + 8 * i, _mm256_fmadd_ps(vp, load8_f16(vt + 8 * i), _mm256_load_ps(acc + 8 * i)));
+        _mm256_store_ps(acc + 8 * i, _mm256_fmadd_ps(vp, _mm256_load_ps(vt + 8 * i), _mm256_load_ps(acc + 8 * i)));
     *m = mh;
     *l = lh + p;
 }
 
 /* Up to ATT_MAX_HEADS heads: positions outer, heads inner, so each position's
- * key and value rows come from memory once and from L1 for the other heads. A
- * head's state (running max, sum, accumulators) waits on the stack between
- * positions. */
+ * key and value rows come from memory and are widened once for all the heads
+ * (exactly: the same values as widening per head). A head's state (running max,
+ * sum, accumulators) waits on the stack between positions. */
 static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v, size_t stride,
                       int n_pos, int head_dim, float *out, size_t out_stride)
 {
@@ -395,10 +396,15 @@ static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *
         m[h] = -INFINITY;
         l[h] = 0.0f;
     }
+    _Alignas(32) float kf[ATT_MAX_DIM], vf[ATT_MAX_DIM];
     for (int t = 0; t < n_pos; t++) {
         const bn_fp16_t *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
+        for (int i = 0; i < nv; i++) {
+            _mm256_store_ps(kf + 8 * i, load8_f16(kt + 8 * i));
+            _mm256_store_ps(vf + 8 * i, load8_f16(vt + 8 * i));
+        }
         for (int h = 0; h < nq; h++)
-            head_step_f16(q + (size_t)h * q_stride, kt, vt, nv, scale, acc[h], &m[h], &l[h]);
+            head_step(q + (size_t)h * q_stride, kf, vf, nv, scale, acc[h], &m[h], &l[h]);
     }
     for (int h = 0; h < nq; h++) {
         const __m256 inv = _mm256_set1_ps(1.0f / l[h]);
