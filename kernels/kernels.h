@@ -20,19 +20,59 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* A ternary weight matrix in the kernels' layout, which is I2_S's (formats.md):
- * each row is n_in/128 blocks of 32 bytes; weight 128b + 32g + j of a row is in
- * byte 32b + j of the row, bits 6-2g..7-2g, as u = w + 1. An I2_S tensor from the
- * file is used in place; TQ2_0/TQ1_0 (and F16/F32 tensors holding w*scale) are
- * repacked into it once at load (kernels/repack.c). */
+/* A ternary weight matrix in the kernels' layout. Each row is I2_S's (formats.md):
+ * n_in/128 blocks of 32 bytes; weight 128b + 32g + j of a row is in byte j of its
+ * block b, bits 6-2g..7-2g, as u = w + 1. The rows are stored in groups of
+ * BN_TGROUP: a group holds block 0 of its rows in order, then block 1, and so on,
+ * so block b of row r is at bn_tmat_row(w, r) + BN_TBLOCK_STRIDE * b. A decode
+ * GEMV then reads one sequential stream and loads each activation block once for
+ * the group's rows. The last group is padded with zero bytes (bn_tmat_bytes).
+ * Matrices are repacked into this layout once at load (worker/repack.c writes
+ * row-major I2_S rows, bn_tmat_interleave groups them); the file stays as it is. */
+#define BN_TGROUP 8
+#define BN_TBLOCK_STRIDE (32 * BN_TGROUP)
 typedef struct {
     uint32_t n_in, n_out;   /* n_in a multiple of 128 */
-    const uint8_t *data;    /* (n_out, row_bytes) */
+    const uint8_t *data;    /* bn_tmat_bytes(n_out, row_bytes) bytes, grouped as above */
     size_t row_bytes;       /* n_in / 4 */
     float scale;            /* per-tensor scale (I2_S tail, or the TQ blocks' common d) */
     const float *bscale;    /* NULL; or (n_out, n_in/256) factors of TQ files whose
                                blocks do not share one d (reference kernel only) */
 } bn_tmat_t;
+
+/* block 0 of row r; block b is BN_TBLOCK_STRIDE * b bytes further */
+static inline const uint8_t *bn_tmat_row(const bn_tmat_t *w, int r)
+{
+    return w->data + (size_t)(r / BN_TGROUP) * BN_TGROUP * w->row_bytes + (size_t)(r % BN_TGROUP) * 32;
+}
+
+/* bytes of an n_out-row matrix in the grouped layout (the last group padded) */
+static inline size_t bn_tmat_bytes(uint32_t n_out, size_t row_bytes)
+{
+    return ((size_t)n_out + BN_TGROUP - 1) / BN_TGROUP * BN_TGROUP * row_bytes;
+}
+
+/* Decode GEMV over rows [r0, r1) by whole row groups (group(r, n): rows r..r+7,
+ * the first n stored), the rows outside them one at a time (row(r)); the matrix's
+ * last group may be short, its padding read but not stored. For SIMD tables. */
+typedef void bn_gemv_row_fn(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r);
+typedef void bn_gemv_group_fn(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r, int n);
+static inline void bn_gemv_by_groups(bn_gemv_row_fn *row, bn_gemv_group_fn *group, const bn_tmat_t *w,
+                                     const int8_t *q, float s, int32_t qsum, float *y, int r0, int r1)
+{
+    int r = r0;
+    for (; r < r1 && r % BN_TGROUP; r++)
+        row(w, q, s, qsum, y, r);
+    for (; r + BN_TGROUP <= r1 || (r < r1 && r1 == (int)w->n_out); r += BN_TGROUP)
+        group(w, q, s, qsum, y, r, r1 - r < BN_TGROUP ? r1 - r : BN_TGROUP);
+    for (; r < r1; r++)
+        row(w, q, s, qsum, y, r);
+}
+
+/* n_rows row-major rows of row_bytes (src) into the grouped layout at dst
+ * (bn_tmat_bytes(n_rows, row_bytes) bytes, the padding rows zero); src and dst
+ * may start at any group of a larger matrix (kernels/ref/bitlinear.c) */
+void bn_tmat_interleave(uint8_t *dst, const uint8_t *src, size_t row_bytes, uint32_t n_rows);
 
 /* LM head formats (--lm-head). Rows of n_in values; blocks of 32 for the
  * quantized ones: Q8 = bn_block_q8_0, Q4 = bn_block_q4_0, Q6 = bn_block_q6_h. */

@@ -57,13 +57,23 @@ static bn_tmat_t make_tmat(int n_in, int n_out, int mode, uint8_t **buf)
 {
     bn_tmat_t w = { .n_in = (uint32_t)n_in, .n_out = (uint32_t)n_out, .row_bytes = (size_t)n_in / 4,
                     .scale = 0.5f + (float)(rnd() % 1000) / 1000.0f };
-    *buf = calloc((size_t)n_out, w.row_bytes);
+    uint8_t *rows = calloc((size_t)n_out, w.row_bytes);
     for (int r = 0; r < n_out; r++)
         for (int i = 0; i < n_in; i++) {
             int u = mode == 0 ? (int)(rnd() % 3) : mode == 1 ? 0 : mode == 2 ? 1 : 2;
             int b = i >> 7, g = (i >> 5) & 3, j = i & 31;
-            (*buf)[(size_t)r * w.row_bytes + 32 * b + j] |= (uint8_t)(u << (6 - 2 * g));
+            rows[(size_t)r * w.row_bytes + 32 * b + j] |= (uint8_t)(u << (6 - 2 * g));
         }
+    /* into row groups; the padding rows get random bytes, which may be read but
+     * must never reach an output */
+    *buf = malloc(bn_tmat_bytes((uint32_t)n_out, w.row_bytes));
+    bn_tmat_interleave(*buf, rows, w.row_bytes, (uint32_t)n_out);
+    w.data = *buf;
+    for (int r = n_out; r % BN_TGROUP; r++)
+        for (int b = 0; b < n_in / 128; b++)
+            for (int j = 0; j < 32; j++)
+                (*buf)[bn_tmat_row(&w, r) - w.data + BN_TBLOCK_STRIDE * b + j] = (uint8_t)rnd();
+    free(rows);
     w.data = *buf;
     return w;
 }

@@ -386,7 +386,7 @@ BN_TEST(repack_tq2_vs_naive)
         CHECK(owned != NULL && w.n_out == R - 1 && w.n_in == c1 - c0 && w.scale == 0.5f && !w.bscale);
         for (int r = 1; r < R; r++)
             for (uint32_t e = 0; e < c1 - c0; e++) {
-                /* kernels.h: weight 128b + 32g + j of a row is in byte 32b + j, bits 6-2g..7-2g */
+                /* repack.h: row-major I2_S rows, weight 128b + 32g + j in byte 32b + j, bits 6-2g..7-2g */
                 uint32_t b = e / 128, g = e % 128 / 32, j = e % 32;
                 int got = (w.data[(size_t)(r - 1) * w.row_bytes + 32 * b + j] >> (6 - 2 * g)) & 3;
                 if (got != u[r][c0 + e])

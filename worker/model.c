@@ -228,6 +228,9 @@ typedef struct {
     const uint8_t *src;
     size_t bytes;
     int from_file;
+    uint32_t rows;      /* grouped copies (tgroup_part): the matrix's rows, */
+    size_t row_bytes;   /* their length, */
+    int failed;         /* and whether a thread ran out of memory */
 } copy_job_t;
 
 /* a thread's share of a copy, in whole huge pages: the kernel zeroes each new
@@ -246,6 +249,37 @@ static void copy_part(void *arg, int ith, int nth)
         memcpy(j->dst + a, j->src + a, b - a);
 }
 
+/* a thread's share of a grouped copy (row-major rows into the kernels' row
+ * groups, kernels.h), whole groups each; rows from the file come through a
+ * bounce buffer of about 1 MB, so the file's pages are never mapped here */
+static void tgroup_part(void *arg, int ith, int nth)
+{
+    copy_job_t *j = arg;
+    const size_t gbytes = BN_TGROUP * j->row_bytes;
+    const uint32_t groups = (j->rows + BN_TGROUP - 1) / BN_TGROUP;
+    const uint32_t g0 = (uint32_t)((uint64_t)groups * (uint64_t)ith / (uint64_t)nth);
+    const uint32_t g1 = (uint32_t)((uint64_t)groups * (uint64_t)(ith + 1) / (uint64_t)nth);
+    if (g0 >= g1)
+        return;
+    const uint32_t step = gbytes < (1u << 20) ? (uint32_t)((1u << 20) / gbytes) : 1;
+    uint8_t *bounce = NULL;
+    if (j->from_file && !(bounce = malloc(step * gbytes))) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (uint32_t g = g0; g < g1; g += step) {
+        const uint32_t n = g1 - g < step ? g1 - g : step;
+        const uint32_t r0 = g * BN_TGROUP, r1 = r0 + n * BN_TGROUP < j->rows ? r0 + n * BN_TGROUP : j->rows;
+        const uint8_t *src = j->src + (size_t)r0 * j->row_bytes;
+        if (bounce) {
+            bn_gguf_pread(j->m->gguf, src, (size_t)(r1 - r0) * j->row_bytes, bounce);
+            src = bounce;
+        }
+        bn_tmat_interleave(j->dst + (size_t)g * gbytes, src, j->row_bytes, r1 - r0);
+    }
+    free(bounce);
+}
+
 /* the weights of a matrix moved into the arena; the source was either the file
  * (read with pread, so its pages are never mapped here) or a malloc'd repacked
  * copy (freed) */
@@ -256,6 +290,22 @@ static const void *to_arena(bn_model_t *m, const void *src, size_t bytes, void *
         return NULL;
     copy_job_t job = { .m = m, .dst = dst, .src = src, .bytes = bytes, .from_file = owned == NULL };
     bn_pool_run(m->load_pool, copy_part, &job);
+    free(owned);
+    return dst;
+}
+
+/* the same for a ternary matrix of row-major rows, grouped on the way
+ * (kernels.h); NULL when out of memory, owned then still the caller's */
+static const void *tmat_to_arena(bn_model_t *m, const bn_tmat_t *w, void *owned)
+{
+    void *dst = weights_alloc(m, bn_tmat_bytes(w->n_out, w->row_bytes));
+    if (!dst)
+        return NULL;
+    copy_job_t job = { .m = m, .dst = dst, .src = w->data, .from_file = owned == NULL, .rows = w->n_out,
+                       .row_bytes = w->row_bytes };
+    bn_pool_run(m->load_pool, tgroup_part, &job);
+    if (job.failed)
+        return NULL;
     free(owned);
     return dst;
 }
@@ -338,7 +388,7 @@ static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t 
         w->scale = scale;
         owned = NULL;
     } else if (!w->bscale) { /* (per-block scales live in the repacked buffer itself) */
-        const void *data = to_arena(m, w->data, (size_t)w->n_out * w->row_bytes, owned);
+        const void *data = tmat_to_arena(m, w, owned);
         if (!data) {
             if (owned)
                 free(owned);
@@ -347,6 +397,19 @@ static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t 
         }
         w->data = data;
         owned = NULL;
+    } else { /* grouped in the heap, the per-block scales after the rows */
+        const size_t db = bn_tmat_bytes(w->n_out, w->row_bytes), nbs = (size_t)w->n_out * (w->n_in / 256);
+        uint8_t *g = malloc(db + nbs * sizeof(float));
+        if (!g) {
+            free(owned);
+            return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for tensor '%s'", m->gguf->path, name);
+        }
+        bn_tmat_interleave(g, w->data, w->row_bytes, w->n_out);
+        memcpy(g + db, w->bscale, nbs * sizeof(float)); /* db is a multiple of 64 */
+        free(owned);
+        owned = g;
+        w->data = g;
+        w->bscale = (const float *)(const void *)(g + db);
     }
     if ((rc = own(m, owned, err, errlen)))
         return rc;

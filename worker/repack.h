@@ -1,10 +1,13 @@
-/* repack.h - ternary tensors from the file into the kernels' layout (kernels.h).
+/* repack.h - ternary tensors from the file into row-major I2_S rows, the rows the
+ * kernels' layout (kernels.h) is made of.
  *
  * Runs once at load. An I2_S tensor whose full rows are wanted is used in place
  * (no copy); I2_S column slices (a tensor rank's part of o or down) are copied, so
  * each rank streams its own contiguous rows; TQ2_0 and TQ1_0 tensors, column slices, and F16/F32 tensors whose
  * values are w * scale with w in {-1, 0, +1} (llama.cpp writes such rows when they
- * are not a multiple of 256) are decoded into a new buffer. */
+ * are not a multiple of 256) are decoded into a new buffer. The result is not yet
+ * in row groups: worker/model.c groups the rows (bn_tmat_interleave) as it moves
+ * them into the weight arena. */
 #ifndef BN_REPACK_H
 #define BN_REPACK_H
 

@@ -145,7 +145,7 @@ static ALWAYS_INLINE void row_dots_mla_n(const uint8_t *row, int nb, const int8_
         acc[t][0] = acc[t][1] = vdupq_n_s32(0);
     for (int b = 0; b < nb; b++) {
         int8x16_t u[8];
-        unpack_block(row + 32 * b, u);
+        unpack_block(row + BN_TBLOCK_STRIDE * b, u);
 #pragma GCC unroll 4
         for (int t = 0; t < tn; t++)
             block_dot_mla(u, q + (size_t)t * ldq + 128 * b, &acc[t][0], &acc[t][1]);
@@ -164,7 +164,7 @@ static DOTPROD ALWAYS_INLINE void row_dots_sdot_n(const uint8_t *row, int nb, co
         acc[t][0] = acc[t][1] = vdupq_n_s32(0);
     for (int b = 0; b < nb; b++) {
         int8x16_t u[8];
-        unpack_block(row + 32 * b, u);
+        unpack_block(row + BN_TBLOCK_STRIDE * b, u);
 #pragma GCC unroll 4
         for (int t = 0; t < tn; t++)
             block_dot_sdot(u, q + (size_t)t * ldq + 128 * b, &acc[t][0], &acc[t][1]);
@@ -209,7 +209,7 @@ static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int
         const int tn = nt - t0 < TILE_T ? nt - t0 : TILE_T;
         for (int r = r0; r < r1; r++) {
             int32_t dot[TILE_T];
-            row_dots(w->data + (size_t)r * w->row_bytes, nb, q + (size_t)t0 * n, (size_t)n, tn, dot);
+            row_dots(bn_tmat_row(w, r), nb, q + (size_t)t0 * n, (size_t)n, tn, dot);
             for (int t = 0; t < tn; t++) /* the reference's epilogue, operation for operation */
                 y[(size_t)(t0 + t) * ldy + r] = (float)(dot[t] - qsum[t0 + t]) * w->scale / s[t0 + t];
         }

@@ -108,28 +108,53 @@ static inline __m256i block_dot(__m256i u0, __m256i u1, __m256i u2, __m256i u3, 
     return _mm256_madd_epi16(s16, ones);
 }
 
-/* Decode: one row at a time, prefetching a few rows ahead. (Four rows sharing the
- * activation loads looked cheaper but ran at a third of the speed on matrices
- * larger than the caches: four interleaved streams defeat the hardware
- * prefetcher; see bench/RESULTS.md.) */
-#define PREFETCH_ROWS 8
-static void gemv_rows(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r0, int r1)
+/* Decode: a row group (kernels.h) at a time: one sequential stream, each
+ * activation vector loaded once for the group's eight rows (2560-wide rows from
+ * DRAM on Zen 4: 23 GB/s a row at a time with prefetch, 25 grouped). Rows outside
+ * whole groups (a thread's range not on a group boundary) go one at a time. */
+static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r)
 {
     const int nb = (int)(w->n_in / 128);
     const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-        if (r + PREFETCH_ROWS < r1)
-            for (size_t k = 0; k < w->row_bytes; k += 64)
-                _mm_prefetch((const char *)(row + PREFETCH_ROWS * w->row_bytes + k), _MM_HINT_T0);
-        __m256i acc = _mm256_setzero_si256();
-        for (int b = 0; b < nb; b++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(row + 32 * b)), u0, u1, u2, u3;
-            UNPACK(wv, m3, u0, u1, u2, u3);
-            acc = _mm256_add_epi32(acc, block_dot(u0, u1, u2, u3, q + 128 * b, ones));
-        }
-        y[r] = (float)(hsum_epi32(acc) - qsum) * w->scale / s;
+    const uint8_t *row = bn_tmat_row(w, r);
+    __m256i acc = _mm256_setzero_si256();
+    for (int b = 0; b < nb; b++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(row + BN_TBLOCK_STRIDE * b)), u0, u1, u2, u3;
+        UNPACK(wv, m3, u0, u1, u2, u3);
+        acc = _mm256_add_epi32(acc, block_dot(u0, u1, u2, u3, q + 128 * b, ones));
     }
+    y[r] = (float)(hsum_epi32(acc) - qsum) * w->scale / s;
+}
+
+/* rows r .. r+7 of one group; only the first n (<= 8) are stored */
+static void gemv_group(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r, int n)
+{
+    const int nb = (int)(w->n_in / 128);
+    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    const uint8_t *g = bn_tmat_row(w, r);
+    __m256i acc[BN_TGROUP];
+    for (int i = 0; i < BN_TGROUP; i++)
+        acc[i] = _mm256_setzero_si256();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *qb = q + 128 * b;
+        const __m256i q0 = _mm256_loadu_si256((const __m256i *)qb), q1 = _mm256_loadu_si256((const __m256i *)(qb + 32)),
+                      q2 = _mm256_loadu_si256((const __m256i *)(qb + 64)), q3 = _mm256_loadu_si256((const __m256i *)(qb + 96));
+#pragma GCC unroll 8
+        for (int i = 0; i < BN_TGROUP; i++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(g + BN_TBLOCK_STRIDE * b + 32 * i)), u0, u1, u2, u3;
+            UNPACK(wv, m3, u0, u1, u2, u3);
+            __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, q0), _mm256_maddubs_epi16(u1, q1)),
+                                           _mm256_add_epi16(_mm256_maddubs_epi16(u2, q2), _mm256_maddubs_epi16(u3, q3)));
+            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(s16, ones));
+        }
+    }
+    for (int i = 0; i < n; i++)
+        y[r + i] = (float)(hsum_epi32(acc[i]) - qsum) * w->scale / s;
+}
+
+static void gemv_rows(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r0, int r1)
+{
+    bn_gemv_by_groups(gemv_row, gemv_group, w, q, s, qsum, y, r0, r1);
 }
 
 /* Prefill / batches: each 32-byte weight chunk is unpacked once and used for a
@@ -148,12 +173,12 @@ static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int
         const int tn = nt - t0 < TILE_T ? nt - t0 : TILE_T;
         const int8_t *q0 = q + (size_t)t0 * n;
         for (int r = r0; r < r1; r++) {
-            const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+            const uint8_t *row = bn_tmat_row(w, r);
             __m256i acc[TILE_T];
             for (int t = 0; t < TILE_T; t++)
                 acc[t] = _mm256_setzero_si256();
             for (int b = 0; b < nb; b++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(row + 32 * b)), u0, u1, u2, u3;
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(row + BN_TBLOCK_STRIDE * b)), u0, u1, u2, u3;
                 UNPACK(wv, m3, u0, u1, u2, u3);
                 for (int t = 0; t < tn; t++)
                     acc[t] = _mm256_add_epi32(acc[t], block_dot(u0, u1, u2, u3, q0 + (size_t)t * n + 128 * b, ones));

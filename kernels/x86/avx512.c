@@ -58,7 +58,7 @@ static void quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qs
 
 /* ---- BitLinear: the ternary product ----
  *
- * One 32-byte block (128 weights) of a row, broadcast to both 256-bit halves,
+ * Prefill tiles (decode's GEMV, below them, uses the fields unshifted). One 32-byte block (128 weights) of a row, broadcast to both 256-bit halves,
  * gives two u8 vectors whose bytes line up with 64 consecutive activations each:
  *   lo = (w >> 4) & [0x0c x32 | 0x03 x32]   groups 0 | 1  as  4*u | u   against q[128b ..  +64)
  *   hi =  w       & [0x0c x32 | 0x03 x32]   groups 2 | 3  as  4*u | u   against q[128b+64 .. +64)
@@ -85,42 +85,102 @@ INLINE __m512i bcast_block(const uint8_t *p)
     return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
 }
 
-/* the exact dot of an accumulator laid out as above */
-INLINE int32_t dot_of(__m512i acc)
-{
-    const __m512i shift = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_reduce_add_epi32(_mm512_srav_epi32(acc, shift));
-}
-
 INLINE __m512i group_mask(void)
 {
     return _mm512_inserti64x4(_mm512_set1_epi8(0x0c), _mm256_set1_epi8(0x03), 1);
 }
 
-/* Decode (one token): memory-bound. A row at a time, so [r0, r1) is read as one
- * sequential stream, and one block per step: on Zen 4 this reads 23-27 GB/s,
- * where two blocks per step or two rows at once read 9-12 GB/s, and software
- * prefetch gains nothing. */
+/* Decode (one token): memory-bound. A row group (kernels.h) at a time, so the
+ * matrix is read as one sequential stream and each activation block is loaded
+ * once for the group's eight rows: activation loads from L1 between the stream's
+ * fills slow the stream (one row at a time read 23-25 GB/s of 2560-wide rows
+ * from DRAM, a group of eight 29). The fields are not shifted down either:
+ *   hi = w & [0xc0 x32 | 0x30 x32]   groups 0 | 1  as  64*u | 16*u  against q[128b .. +64)
+ *   lo = w & [0x0c x32 | 0x03 x32]   groups 2 | 3  as   4*u |    u  against q[128b+64 .. +64)
+ * so a block costs one broadcast load, two ands and two vpdpbusd per row (31 GB/s
+ * from DRAM, the probe's speed); each lane's sum is a multiple of its factor and
+ * is shifted back exactly at the end. A 64x lane adds at most 4*128*128 per
+ * block, 512 n over n inputs: within int32 for n <= 2^22. Rows outside whole
+ * groups (a thread's range not on a group boundary) go one at a time. */
+INLINE __m512i gemv_mask_hi(void)
+{
+    return _mm512_inserti64x4(_mm512_set1_epi8((char)0xc0), _mm256_set1_epi8(0x30), 1);
+}
+
+INLINE __m512i gemv_mask_lo(void)
+{
+    return _mm512_inserti64x4(_mm512_set1_epi8(0x0c), _mm256_set1_epi8(0x03), 1);
+}
+
+/* hi and lo accumulators as above -> one vector of exact dots */
+INLINE __m512i gemv_unscale(__m512i hi, __m512i lo)
+{
+    const __m512i sh = _mm512_setr_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4);
+    const __m512i sl = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_add_epi32(_mm512_srav_epi32(hi, sh), _mm512_srav_epi32(lo, sl));
+}
+
+static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r)
+{
+    const int nb = (int)(w->n_in / 128);
+    const __m512i mh = gemv_mask_hi(), ml = gemv_mask_lo();
+    const uint8_t *row = bn_tmat_row(w, r);
+    __m512i hi = _mm512_setzero_si512(), lo = hi;
+    for (int b = 0; b < nb; b++) {
+        __m512i wv = bcast_block(row + BN_TBLOCK_STRIDE * b);
+        hi = dpbusd_acc(hi, _mm512_and_si512(wv, mh), _mm512_loadu_si512(q + 128 * b));
+        lo = dpbusd_acc(lo, _mm512_and_si512(wv, ml), _mm512_loadu_si512(q + 128 * b + 64));
+    }
+    y[r] = (float)(_mm512_reduce_add_epi32(gemv_unscale(hi, lo)) - qsum) * w->scale / s; /* the reference's epilogue */
+}
+
+/* rows r .. r+7 of one group; only the first n (<= 8) are stored */
+static void gemv_group(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r, int n)
+{
+    const int nb = (int)(w->n_in / 128);
+    const __m512i mh = gemv_mask_hi(), ml = gemv_mask_lo();
+    const uint8_t *g = bn_tmat_row(w, r);
+    __m512i hi[BN_TGROUP], lo[BN_TGROUP];
+#pragma GCC unroll 8
+    for (int i = 0; i < BN_TGROUP; i++)
+        hi[i] = lo[i] = _mm512_setzero_si512();
+    for (int b = 0; b < nb; b++) {
+        const __m512i qh = _mm512_loadu_si512(q + 128 * b), ql = _mm512_loadu_si512(q + 128 * b + 64);
+        const uint8_t *blk = g + BN_TBLOCK_STRIDE * b;
+#pragma GCC unroll 8
+        for (int i = 0; i < BN_TGROUP; i++) {
+            __m512i wv = bcast_block(blk + 32 * i);
+            hi[i] = dpbusd_acc(hi[i], _mm512_and_si512(wv, mh), qh);
+            lo[i] = dpbusd_acc(lo[i], _mm512_and_si512(wv, ml), ql);
+        }
+    }
+    /* eight horizontal sums at once: pairs of 32-bit lanes, then 64-bit, then the
+     * four 128-bit lanes; rows 0-7 end in lanes 0-7 */
+    __m512i quad[2];
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; k++) {
+        __m512i v0 = gemv_unscale(hi[4 * k], lo[4 * k]), v1 = gemv_unscale(hi[4 * k + 1], lo[4 * k + 1]);
+        __m512i v2 = gemv_unscale(hi[4 * k + 2], lo[4 * k + 2]), v3 = gemv_unscale(hi[4 * k + 3], lo[4 * k + 3]);
+        __m512i p = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+        __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+        quad[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(p, t), _mm512_unpackhi_epi64(p, t));
+    }
+    __m512i h = _mm512_add_epi32(_mm512_shuffle_i32x4(quad[0], quad[1], 0x88), _mm512_shuffle_i32x4(quad[0], quad[1], 0xdd));
+    h = _mm512_add_epi32(_mm512_shuffle_i32x4(h, h, 0x88), _mm512_shuffle_i32x4(h, h, 0xdd));
+    __m256 out = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm512_castsi512_si256(h), _mm256_set1_epi32(qsum)));
+    out = _mm256_div_ps(_mm256_mul_ps(out, _mm256_set1_ps(w->scale)), _mm256_set1_ps(s));
+    _mm256_mask_storeu_ps(y + r, (__mmask8)((1u << n) - 1), out);
+}
+
 #define GEMV_COPY_MAX_IN 16384
 static void gemv_rows(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r0, int r1)
 {
-    const int nb = (int)(w->n_in / 128);
     _Alignas(64) int8_t buf[GEMV_COPY_MAX_IN];
     if (((uintptr_t)q & 63) && w->n_in <= GEMV_COPY_MAX_IN) { /* see tgemm: no loads across lines */
         memcpy(buf, q, w->n_in);
         q = buf;
     }
-    const __m512i m = group_mask();
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
-        for (int b = 0; b < nb; b++) {
-            __m512i wv = bcast_block(row + 32 * b);
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(_mm512_srli_epi16(wv, 4), m), _mm512_loadu_si512(q + 128 * b));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(wv, m), _mm512_loadu_si512(q + 128 * b + 64));
-        }
-        y[r] = (float)(dot_of(_mm512_add_epi32(a0, a1)) - qsum) * w->scale / s;
-    }
+    bn_gemv_by_groups(gemv_row, gemv_group, w, q, s, qsum, y, r0, r1);
 }
 
 /* Prefill / batches: a tile of R rows x T tokens (R, T compile-time constants
@@ -158,7 +218,10 @@ INLINE void tile(const bn_tmat_t *w, const int8_t *q, size_t ldq, const float *s
 {
     const int nb = (int)w->n_in / 128;
     const __m512i m = group_mask();
-    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+    const uint8_t *rows[TILE_R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+        rows[i] = bn_tmat_row(w, r + i);
     __m512i acc[16]; /* acc[4t + i]: token t, row r + i */
 #pragma GCC unroll 16
     for (int j = 0; j < 16; j++)
@@ -167,7 +230,7 @@ INLINE void tile(const bn_tmat_t *w, const int8_t *q, size_t ldq, const float *s
         __m512i ulo[TILE_R], uhi[TILE_R];
 #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
-            __m512i wv = bcast_block(row + (size_t)i * w->row_bytes + 32 * b);
+            __m512i wv = bcast_block(rows[i] + BN_TBLOCK_STRIDE * b);
             ulo[i] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m);
             uhi[i] = _mm512_and_si512(wv, m);
         }
@@ -198,19 +261,20 @@ INLINE void tile(const bn_tmat_t *w, const int8_t *q, size_t ldq, const float *s
             y[(size_t)t * ldy + r + i] = o[4 * t + i];
 }
 
-/* rows [r0, r1) for one tile of T tokens. On the first pass the rows PF_TILES
- * tiles ahead (up to rlim) are prefetched into L2: the hardware prefetcher does
- * not follow four interleaved rows, and one tile ahead (or into L1) is too close
- * for a few tokens (measured: 4 tokens at half the speed of 64 without it). */
-#define PF_TILES 8
+/* rows [r0, r1) for one tile of T tokens. On the first pass, at each row group,
+ * the group PF_GROUPS ahead (up to rlim) is prefetched into L2: a tile reads half
+ * of each 256-byte block column, which the hardware prefetcher does not follow,
+ * and one tile ahead (or into L1) is too close for a few tokens (measured: 4
+ * tokens at half the speed of 64 without it). */
+#define PF_GROUPS 4
 INLINE void tile_rows(const bn_tmat_t *w, const int8_t *q, size_t ldq, const float *s, const int32_t *qsum, float *y,
                       size_t ldy, int r0, int r1, int rlim, int first, const int T)
 {
     int r = r0;
     for (; r + TILE_R <= r1; r += TILE_R) {
-        if (first && r + (PF_TILES + 1) * TILE_R <= rlim) {
-            const uint8_t *next = w->data + (size_t)(r + PF_TILES * TILE_R) * w->row_bytes;
-            for (size_t k = 0; k < TILE_R * w->row_bytes; k += 64)
+        if (first && r % BN_TGROUP == 0 && r + (PF_GROUPS + 1) * BN_TGROUP <= rlim) {
+            const uint8_t *next = bn_tmat_row(w, r + PF_GROUPS * BN_TGROUP);
+            for (size_t k = 0; k < BN_TGROUP * w->row_bytes; k += 64)
                 _mm_prefetch((const char *)(next + k), _MM_HINT_T1);
         }
         tile(w, q, ldq, s, qsum, y, ldy, r, TILE_R, T);
