@@ -85,12 +85,65 @@ typedef enum { BN_HEAD_F16 = 0, BN_HEAD_Q8 = 1, BN_HEAD_Q6 = 2, BN_HEAD_Q4 = 3 }
 typedef struct { bn_fp16_t d; uint8_t ql[16]; uint8_t qh[8]; } bn_block_q6_h;
 _Static_assert(sizeof(bn_block_q6_h) == 26, "q6_h block is 26 bytes");
 
+/* The LM head: rows of n_in/32 blocks of the type (f16: 32 halves, 64 bytes;
+ * q8: bn_block_q8_0; q6: bn_block_q6_h; q4: bn_block_q4_0), stored like the
+ * ternary matrices in groups of BN_HGROUP rows: each row is cut into units of
+ * bn_head_unit_blocks(type) blocks (the last unit may be shorter), and a group
+ * holds unit 0 of its rows in order, then unit 1, and so on; within a unit the
+ * row's blocks are as in the row. A GEMV loads each activation unit once for the
+ * group's rows. The last group is padded with zero rows (bn_hmat_bytes). */
+#define BN_HGROUP 4
 typedef struct {
     bn_head_type_t type;
     uint32_t n_in, n_out;   /* n_in a multiple of 32 */
-    const uint8_t *data;    /* (n_out, row_bytes) */
-    size_t row_bytes;
+    const uint8_t *data;    /* bn_hmat_bytes(n_out, row_bytes) bytes, grouped as above */
+    size_t row_bytes;       /* n_in / 32 blocks */
 } bn_hmat_t;
+
+static inline size_t bn_head_block_bytes(bn_head_type_t type)
+{
+    return type == BN_HEAD_F16 ? 64 : type == BN_HEAD_Q8 ? sizeof(bn_block_q8_0)
+         : type == BN_HEAD_Q6 ? sizeof(bn_block_q6_h) : sizeof(bn_block_q4_0);
+}
+
+/* blocks per unit: f16 one (a group's rows are read side by side), q4 and q6
+ * four (one 128-bit lane each in the AVX-512 kernel), q8 the whole row (its
+ * kernel gathers the scales of 16 consecutive blocks and reads rows one by one) */
+static inline int bn_head_unit_blocks(bn_head_type_t type, uint32_t n_in)
+{
+    return type == BN_HEAD_Q8 ? (int)(n_in / 32) : type == BN_HEAD_F16 ? 1 : 4;
+}
+
+/* unit u of row r: min(unit blocks, blocks left) consecutive blocks */
+static inline const uint8_t *bn_hmat_unit(const bn_hmat_t *h, int r, int u)
+{
+    const size_t bb = bn_head_block_bytes(h->type);
+    const int ub = bn_head_unit_blocks(h->type, h->n_in), left = (int)(h->n_in / 32) - u * ub;
+    return h->data + (size_t)(r / BN_HGROUP) * BN_HGROUP * h->row_bytes + (size_t)u * BN_HGROUP * ub * bb +
+           (size_t)(r % BN_HGROUP) * (size_t)(left < ub ? left : ub) * bb;
+}
+
+static inline size_t bn_hmat_bytes(uint32_t n_out, size_t row_bytes)
+{
+    return ((size_t)n_out + BN_HGROUP - 1) / BN_HGROUP * BN_HGROUP * row_bytes;
+}
+
+/* Head rows [r0, r1) by whole row groups, the rows outside them one at a time:
+ * ROWS(r, R) with R = BN_HGROUP from a group's first row, or 1. For SIMD tables. */
+#define BN_HEAD_BY_GROUPS(r0, r1, ROWS)                             \
+    do {                                                            \
+        int r_ = (r0);                                              \
+        for (; r_ < (r1) && r_ % BN_HGROUP; r_++)                   \
+            ROWS(r_, 1);                                            \
+        for (; r_ + BN_HGROUP <= (r1); r_ += BN_HGROUP)             \
+            ROWS(r_, BN_HGROUP);                                    \
+        for (; r_ < (r1); r_++)                                     \
+            ROWS(r_, 1);                                            \
+    } while (0)
+
+/* row r of h's layout (at data, which h->data may not point to yet) from a
+ * row-major row of h->row_bytes (kernels/ref/dequant.c) */
+void bn_hmat_place_row(const bn_hmat_t *h, uint8_t *data, int r, const uint8_t *row);
 
 /* The LM head's input: x for F16 heads; for quantized heads q8 blocks of 32 values
  * (q, and one scale d per block, q = round(x / d), d = max|x| / 127). */
@@ -155,8 +208,6 @@ void bn_ref_rope_table(int pos, int rope_dim, float base, float *cs);
 /* Dequantize n elements of one row of a file tensor type (F32, F16, BF16, Q8_0,
  * Q4_0, Q6_K) into out; n a multiple of the type's block. */
 void bn_ref_dequant_row(uint32_t type, const void *row, float *out, int n);
-/* One row of a head format, dequantized. */
-void bn_ref_head_dequant_row(const bn_hmat_t *h, int r, float *out);
 
 /* --- tables --- */
 /* The kernels for this CPU, chosen once from CPUID; BN_KERNELS=ref|avx2|avx512|neon

@@ -204,18 +204,23 @@ static void check_head(const bn_kernels_t *K)
             for (int i = 0; i < rows * n; i++)
                 e[i] = gauss() * 0.02f;
             fill_x(x, n, di % 2);
-            static const size_t bb[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
             bn_hmat_t h = { .type = (bn_head_type_t)type, .n_in = (uint32_t)n, .n_out = (uint32_t)rows,
-                            .row_bytes = (size_t)n / 32 * bb[type] };
-            uint8_t *data = malloc(h.row_bytes * rows);
+                            .row_bytes = (size_t)n / 32 * bn_head_block_bytes((bn_head_type_t)type) };
+            /* rows into the head's row groups; the padding rows are all ones
+             * (NaN scales and halves), which must never reach a logit */
+            uint8_t *data = malloc(bn_hmat_bytes((uint32_t)rows, h.row_bytes)), *dst = malloc(h.row_bytes);
+            memset(dst, 0xff, h.row_bytes);
+            for (int r = rows; r % BN_HGROUP; r++)
+                bn_hmat_place_row(&h, data, r, dst);
             for (int r = 0; r < rows; r++) {
-                uint8_t *dst = data + (size_t)r * h.row_bytes;
                 const float *src = e + (size_t)r * n;
                 if (type == BN_HEAD_F16) bn_pack_f16(src, n, (bn_fp16_t *)dst);
                 if (type == BN_HEAD_Q8) bn_pack_q8_0(src, n, (bn_block_q8_0 *)dst);
                 if (type == BN_HEAD_Q6) bn_pack_q6_h(src, n, (bn_block_q6_h *)dst);
                 if (type == BN_HEAD_Q4) bn_pack_q4_0(src, n, (bn_block_q4_0 *)dst);
+                bn_hmat_place_row(&h, data, r, dst);
             }
+            free(dst);
             h.data = data;
             int8_t *qa = malloc(n), *qb = malloc(n);
             float *da = malloc(n / 32 * sizeof(float)), *db = malloc(n / 32 * sizeof(float));

@@ -225,29 +225,12 @@ static void *weights_alloc(bn_model_t *m, size_t bytes)
 typedef struct {
     const bn_model_t *m;
     uint8_t *dst;
-    const uint8_t *src;
-    size_t bytes;
+    const uint8_t *src; /* row-major rows, in the file's mapping or the heap */
     int from_file;
-    uint32_t rows;      /* grouped copies (tgroup_part): the matrix's rows, */
+    uint32_t rows;      /* the matrix's rows, */
     size_t row_bytes;   /* their length, */
     int failed;         /* and whether a thread ran out of memory */
 } copy_job_t;
-
-/* a thread's share of a copy, in whole huge pages: the kernel zeroes each new
- * page (about 1 GB/s here), so the threads fault them in side by side */
-static void copy_part(void *arg, int ith, int nth)
-{
-    const copy_job_t *j = arg;
-    const size_t pages = (j->bytes + HUGE_PAGE - 1) / HUGE_PAGE;
-    const size_t a = pages * (size_t)ith / (size_t)nth * HUGE_PAGE, b0 = pages * (size_t)(ith + 1) / (size_t)nth * HUGE_PAGE;
-    const size_t b = b0 < j->bytes ? b0 : j->bytes;
-    if (a >= b)
-        return;
-    if (j->from_file)
-        bn_gguf_pread(j->m->gguf, j->src + a, b - a, j->dst + a);
-    else
-        memcpy(j->dst + a, j->src + a, b - a);
-}
 
 /* a thread's share of a grouped copy (row-major rows into the kernels' row
  * groups, kernels.h), whole groups each; rows from the file come through a
@@ -280,22 +263,10 @@ static void tgroup_part(void *arg, int ith, int nth)
     free(bounce);
 }
 
-/* the weights of a matrix moved into the arena; the source was either the file
- * (read with pread, so its pages are never mapped here) or a malloc'd repacked
- * copy (freed) */
-static const void *to_arena(bn_model_t *m, const void *src, size_t bytes, void *owned)
-{
-    void *dst = weights_alloc(m, bytes);
-    if (!dst)
-        return NULL;
-    copy_job_t job = { .m = m, .dst = dst, .src = src, .bytes = bytes, .from_file = owned == NULL };
-    bn_pool_run(m->load_pool, copy_part, &job);
-    free(owned);
-    return dst;
-}
-
-/* the same for a ternary matrix of row-major rows, grouped on the way
- * (kernels.h); NULL when out of memory, owned then still the caller's */
+/* a ternary matrix of row-major rows moved into the arena, grouped on the way
+ * (kernels.h): from the file (read with pread, so its pages are never mapped
+ * here) or from a malloc'd repacked copy (then freed); NULL when out of memory,
+ * owned then still the caller's */
 static const void *tmat_to_arena(bn_model_t *m, const bn_tmat_t *w, void *owned)
 {
     void *dst = weights_alloc(m, bn_tmat_bytes(w->n_out, w->row_bytes));
@@ -437,8 +408,7 @@ static int bind_linear(bn_model_t *m, const char *name, uint32_t n_in, uint32_t 
 
 size_t bn_head_row_bytes(int type, uint32_t n_in)
 {
-    static const size_t block_bytes[4] = { 64, sizeof(bn_block_q8_0), sizeof(bn_block_q6_h), sizeof(bn_block_q4_0) };
-    return n_in / 32 * block_bytes[type];
+    return n_in / 32 * bn_head_block_bytes((bn_head_type_t)type);
 }
 
 const char *bn_head_type_name(int t)
@@ -455,14 +425,14 @@ int bn_head_type_parse(const char *s)
     return -1;
 }
 
-/* The LM head in format `type`: an F16 embedding is used in place for f16;
- * anything else is converted row by row into a new buffer. */
-/* rows [r0, r1) of the LM head, converted from the embedding, split over a pool */
+/* The LM head in format `type`, rows [v0, v1) of the embedding converted (or, F16
+ * to f16, read as they are) row by row into the head's row groups (kernels.h),
+ * in chunks of rows, each split over a pool */
 #define HEAD_CHUNK 4096u
 typedef struct {
     bn_model_t *m;
+    bn_hmat_t *h;
     uint8_t *dst;
-    int type;
     uint32_t r0, r1;
     volatile int failed;
 } head_job_t;
@@ -472,27 +442,37 @@ static void head_rows(void *arg, int ith, int nth)
     head_job_t *j = arg;
     const bn_config_t *c = &j->m->cfg;
     const bn_weights_t *w = &j->m->w;
-    const size_t rb = w->head.row_bytes;
+    const bn_hmat_t *h = j->h;
+    const int copy = h->type == BN_HEAD_F16 && w->embd_type == BN_TYPE_F16;
     int a, b;
     bn_pool_split((int)(j->r1 - j->r0), ith, nth, 1, &a, &b);
     if (a >= b)
         return;
     float *row = malloc(c->n_embd * sizeof(float));
-    if (!row) {
+    uint8_t *packed = malloc(h->row_bytes);
+    if (!row || !packed) {
+        free(row);
+        free(packed);
         j->failed = 1;
         return;
     }
     for (uint32_t r = j->r0 + (uint32_t)a; r < j->r0 + (uint32_t)b; r++) {
-        bn_ref_dequant_row(w->embd_type, w->token_embd + (size_t)r * w->embd_row_bytes, row, (int)c->n_embd);
-        uint8_t *dst = j->dst + (size_t)(r - j->m->shard.vocab0) * rb;
-        switch (j->type) {
-        case BN_HEAD_F16: bn_pack_f16(row, c->n_embd, (bn_fp16_t *)dst); break;
-        case BN_HEAD_Q8: bn_pack_q8_0(row, c->n_embd, (bn_block_q8_0 *)dst); break;
-        case BN_HEAD_Q6: bn_pack_q6_h(row, c->n_embd, (bn_block_q6_h *)dst); break;
-        case BN_HEAD_Q4: bn_pack_q4_0(row, c->n_embd, (bn_block_q4_0 *)dst); break;
+        const uint8_t *src = w->token_embd + (size_t)r * w->embd_row_bytes;
+        if (copy) { /* read, so the file's pages are never mapped here */
+            bn_gguf_pread(j->m->gguf, src, h->row_bytes, packed);
+        } else {
+            bn_ref_dequant_row(w->embd_type, src, row, (int)c->n_embd);
+            switch (h->type) {
+            case BN_HEAD_F16: bn_pack_f16(row, c->n_embd, (bn_fp16_t *)packed); break;
+            case BN_HEAD_Q8: bn_pack_q8_0(row, c->n_embd, (bn_block_q8_0 *)packed); break;
+            case BN_HEAD_Q6: bn_pack_q6_h(row, c->n_embd, (bn_block_q6_h *)packed); break;
+            case BN_HEAD_Q4: bn_pack_q4_0(row, c->n_embd, (bn_block_q4_0 *)packed); break;
+            }
         }
+        bn_hmat_place_row(h, j->dst, (int)(r - j->m->shard.vocab0), packed);
     }
     free(row);
+    free(packed);
 }
 
 static int build_head(bn_model_t *m, int type, bn_pool_t *pool, char *err, size_t errlen)
@@ -510,20 +490,14 @@ static int build_head(bn_model_t *m, int type, bn_pool_t *pool, char *err, size_
     h->row_bytes = bn_head_row_bytes(type, c->n_embd);
     if (h->n_out == 0)
         return BN_OK; /* not the last stage: no LM head here */
-    if (type == BN_HEAD_F16 && w->embd_type == BN_TYPE_F16) { /* the rows as they are */
-        h->data = to_arena(m, w->token_embd + (size_t)v0 * w->embd_row_bytes, h->row_bytes * h->n_out, NULL);
-        if (!h->data)
-            return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for the LM head (%zu MB)", m->gguf->path,
-                          h->row_bytes * h->n_out >> 20);
-        return BN_OK;
-    }
-    uint8_t *buf = weights_alloc(m, h->row_bytes * h->n_out);
+    const size_t bytes = bn_hmat_bytes(h->n_out, h->row_bytes);
+    uint8_t *buf = weights_alloc(m, bytes);
     if (!buf)
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory for the LM head (%zu MB)", m->gguf->path,
-                      h->row_bytes * h->n_out >> 20);
-    /* in chunks of rows, each split over the pool; the source rows of a chunk
-     * are released after it, so the peak is one copy, not two */
-    head_job_t job = { .m = m, .dst = buf, .type = type };
+                      bytes >> 20);
+    /* the source rows of a chunk are released after it, so the peak is one copy,
+     * not two; the padding rows of the last group are zero */
+    head_job_t job = { .m = m, .h = h, .dst = buf };
     for (uint32_t r0 = v0; r0 < v1; r0 += HEAD_CHUNK) {
         job.r0 = r0;
         job.r1 = v1 - r0 < HEAD_CHUNK ? v1 : r0 + HEAD_CHUNK;
@@ -535,6 +509,14 @@ static int build_head(bn_model_t *m, int type, bn_pool_t *pool, char *err, size_
     }
     if (job.failed)
         return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory converting the LM head", m->gguf->path);
+    if (h->n_out % BN_HGROUP) {
+        uint8_t *zero = calloc(1, h->row_bytes);
+        if (!zero)
+            return bn_err(err, errlen, BN_ENOMEM, "%s: out of memory converting the LM head", m->gguf->path);
+        for (uint32_t r = h->n_out; r % BN_HGROUP; r++)
+            bn_hmat_place_row(h, buf, (int)r, zero);
+        free(zero);
+    }
     h->data = buf;
     return BN_OK;
 }

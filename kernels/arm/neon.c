@@ -260,61 +260,92 @@ static inline int32_t dot32(int8x16_t w0, int8x16_t w1, const int8_t *q)
     return vaddvq_s32(acc);
 }
 
-static float head_row_f16(const bn_fp16_t *e, const float *x, int n)
+/* A row's running sums: four vectors for F16; for quantized rows the block's exact
+ * int32 dot, then the reference's float expression in the reference's order, so
+ * these logits equal its own. */
+typedef struct {
+    float32x4_t v[4];
+    float s;
+} head_acc_t;
+
+/* blocks b0 .. b0+cnt-1 of a row, at p, into *acc */
+static void head_unit(const bn_hmat_t *h, const uint8_t *p, int b0, int cnt, const bn_hact_t *a, head_acc_t *acc)
 {
-    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
-    for (int i = 0; i < n; i += 16) { /* n is a multiple of 32 */
-        const float16x8_t h0 = vreinterpretq_f16_u16(vld1q_u16(e + i));
-        const float16x8_t h1 = vreinterpretq_f16_u16(vld1q_u16(e + i + 8));
-        a0 = vfmaq_f32(a0, vcvt_f32_f16(vget_low_f16(h0)), vld1q_f32(x + i));
-        a1 = vfmaq_f32(a1, vcvt_high_f32_f16(h0), vld1q_f32(x + i + 4));
-        a2 = vfmaq_f32(a2, vcvt_f32_f16(vget_low_f16(h1)), vld1q_f32(x + i + 8));
-        a3 = vfmaq_f32(a3, vcvt_high_f32_f16(h1), vld1q_f32(x + i + 12));
+    if (h->type == BN_HEAD_F16) {
+        const bn_fp16_t *e = (const bn_fp16_t *)(const void *)p;
+        const float *x = a->x + 32 * b0;
+        for (int i = 0; i < 32 * cnt; i += 16) {
+            const float16x8_t h0 = vreinterpretq_f16_u16(vld1q_u16(e + i));
+            const float16x8_t h1 = vreinterpretq_f16_u16(vld1q_u16(e + i + 8));
+            acc->v[0] = vfmaq_f32(acc->v[0], vcvt_f32_f16(vget_low_f16(h0)), vld1q_f32(x + i));
+            acc->v[1] = vfmaq_f32(acc->v[1], vcvt_high_f32_f16(h0), vld1q_f32(x + i + 4));
+            acc->v[2] = vfmaq_f32(acc->v[2], vcvt_f32_f16(vget_low_f16(h1)), vld1q_f32(x + i + 8));
+            acc->v[3] = vfmaq_f32(acc->v[3], vcvt_high_f32_f16(h1), vld1q_f32(x + i + 12));
+        }
+        return;
     }
-    return vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+    const uint8x16_t m15 = vdupq_n_u8(15), m3 = vdupq_n_u8(3);
+    const size_t bb = bn_head_block_bytes(h->type);
+    for (int b = b0; b < b0 + cnt; b++, p += bb) {
+        int8x16_t w0, w1;
+        bn_fp16_t d;
+        if (h->type == BN_HEAD_Q8) {
+            const bn_block_q8_0 *blk = (const bn_block_q8_0 *)(const void *)p;
+            w0 = vld1q_s8(blk->qs);
+            w1 = vld1q_s8(blk->qs + 16);
+            d = blk->d;
+        } else if (h->type == BN_HEAD_Q4) { /* low nibbles 0..15, high 16..31, minus 8 */
+            const bn_block_q4_0 *blk = (const bn_block_q4_0 *)(const void *)p;
+            const uint8x16_t v = vld1q_u8(blk->qs);
+            w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, m15)), vdupq_n_s8(8));
+            w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vdupq_n_s8(8));
+            d = blk->d;
+        } else { /* BN_HEAD_Q6: lo nibble from ql[j % 16], 2 high bits from qh[j % 8] */
+            const bn_block_q6_h *blk = (const bn_block_q6_h *)(const void *)p;
+            const uint8x16_t l = vld1q_u8(blk->ql);
+            const uint8x8_t qh = vld1_u8(blk->qh);
+            /* element j takes bits 2(j/8)..2(j/8)+1 of qh[j % 8] */
+            const uint8x16_t h0 = vandq_u8(vcombine_u8(qh, vshr_n_u8(qh, 2)), m3);
+            const uint8x16_t h1 = vcombine_u8(vand_u8(vshr_n_u8(qh, 4), vget_low_u8(m3)), vshr_n_u8(qh, 6));
+            w0 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(l, m15), vshlq_n_u8(h0, 4))), vdupq_n_s8(32));
+            w1 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(l, 4), vshlq_n_u8(h1, 4))), vdupq_n_s8(32));
+            d = blk->d;
+        }
+        acc->s += h2f(d) * a->d[b] * (float)dot32(w0, w1, a->q + 32 * b);
+    }
 }
 
+/* a row group's rows side by side, unit by unit: the group is read in memory
+ * order (kernels.h) */
 static void head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1)
 {
-    const int n = (int)h->n_in, nb = n / 32;
-    const uint8x16_t m15 = vdupq_n_u8(15), m3 = vdupq_n_u8(3);
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = h->data + (size_t)r * h->row_bytes;
-        if (h->type == BN_HEAD_F16) {
-            logits[r] = head_row_f16((const bn_fp16_t *)row, a->x, n);
-            continue;
+    const int nb = (int)h->n_in / 32, ub = bn_head_unit_blocks(h->type, h->n_in);
+    const size_t bb = bn_head_block_bytes(h->type);
+    for (int g = r0 - r0 % BN_HGROUP; g < r1; g += BN_HGROUP) {
+        const int lo = g > r0 ? g : r0, hi = g + BN_HGROUP < r1 ? g + BN_HGROUP : r1;
+        head_acc_t acc[BN_HGROUP];
+        for (int r = lo; r < hi; r++) {
+            for (int k = 0; k < 4; k++)
+                acc[r - g].v[k] = vdupq_n_f32(0.0f);
+            acc[r - g].s = 0.0f;
         }
-        /* Quantized rows: the block's exact int32 dot, then the reference's float
-         * expression in the reference's order, so these logits equal its own. */
-        float acc = 0.0f;
-        for (int b = 0; b < nb; b++) {
-            int8x16_t w0, w1;
-            bn_fp16_t d;
-            if (h->type == BN_HEAD_Q8) {
-                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)row + b;
-                w0 = vld1q_s8(blk->qs);
-                w1 = vld1q_s8(blk->qs + 16);
-                d = blk->d;
-            } else if (h->type == BN_HEAD_Q4) { /* low nibbles 0..15, high 16..31, minus 8 */
-                const bn_block_q4_0 *blk = (const bn_block_q4_0 *)row + b;
-                const uint8x16_t p = vld1q_u8(blk->qs);
-                w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(p, m15)), vdupq_n_s8(8));
-                w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(p, 4)), vdupq_n_s8(8));
-                d = blk->d;
-            } else { /* BN_HEAD_Q6: lo nibble from ql[j % 16], 2 high bits from qh[j % 8] */
-                const bn_block_q6_h *blk = (const bn_block_q6_h *)row + b;
-                const uint8x16_t l = vld1q_u8(blk->ql);
-                const uint8x8_t qh = vld1_u8(blk->qh);
-                /* element j takes bits 2(j/8)..2(j/8)+1 of qh[j % 8] */
-                const uint8x16_t h0 = vandq_u8(vcombine_u8(qh, vshr_n_u8(qh, 2)), m3);
-                const uint8x16_t h1 = vcombine_u8(vand_u8(vshr_n_u8(qh, 4), vget_low_u8(m3)), vshr_n_u8(qh, 6));
-                w0 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(l, m15), vshlq_n_u8(h0, 4))), vdupq_n_s8(32));
-                w1 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(l, 4), vshlq_n_u8(h1, 4))), vdupq_n_s8(32));
-                d = blk->d;
+        const uint8_t *p[BN_HGROUP];
+        for (int r = lo; r < hi; r++)
+            p[r - g] = bn_hmat_unit(h, r, 0);
+        int u = 0;
+        for (; (u + 1) * ub <= nb; u++) /* whole units lie BN_HGROUP units apart */
+            for (int r = lo; r < hi; r++) {
+                head_unit(h, p[r - g], u * ub, ub, a, &acc[r - g]);
+                p[r - g] += BN_HGROUP * ub * bb;
             }
-            acc += h2f(d) * a->d[b] * (float)dot32(w0, w1, a->q + 32 * b);
+        if (u * ub < nb) /* the row's short last unit */
+            for (int r = lo; r < hi; r++)
+                head_unit(h, bn_hmat_unit(h, r, u), u * ub, nb - u * ub, a, &acc[r - g]);
+        for (int r = lo; r < hi; r++) {
+            const float32x4_t *v = acc[r - g].v;
+            logits[r] = h->type == BN_HEAD_F16 ? vaddvq_f32(vaddq_f32(vaddq_f32(v[0], v[1]), vaddq_f32(v[2], v[3])))
+                                               : acc[r - g].s;
         }
-        logits[r] = acc;
     }
 }
 

@@ -93,69 +93,56 @@ static inline int q6h_value(const bn_block_q6_h *b, int j)
     return (lo | hi << 4) - 32;
 }
 
+void bn_hmat_place_row(const bn_hmat_t *h, uint8_t *data, int r, const uint8_t *row)
+{
+    const size_t bb = bn_head_block_bytes(h->type);
+    const int nb = (int)(h->n_in / 32), ub = bn_head_unit_blocks(h->type, h->n_in);
+    const bn_hmat_t at = { .type = h->type, .n_in = h->n_in, .data = data, .row_bytes = h->row_bytes };
+    for (int u = 0; u * ub < nb; u++) {
+        const int cnt = nb - u * ub < ub ? nb - u * ub : ub;
+        memcpy((uint8_t *)bn_hmat_unit(&at, r, u), row + (size_t)u * ub * bb, (size_t)cnt * bb);
+    }
+}
+
 void bn_ref_head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1)
 {
-    const int n = (int)h->n_in, nb = n / 32;
+    const int nb = (int)h->n_in / 32, ub = bn_head_unit_blocks(h->type, h->n_in);
+    const size_t bb = bn_head_block_bytes(h->type);
     for (int r = r0; r < r1; r++) {
-        const uint8_t *row = h->data + (size_t)r * h->row_bytes;
         float acc = 0.0f;
-        switch (h->type) {
-        case BN_HEAD_F16:
-            for (int i = 0; i < n; i++)
-                acc += bn_fp16_to_f32(((const bn_fp16_t *)row)[i]) * a->x[i];
-            break;
-        case BN_HEAD_Q8:
-            for (int b = 0; b < nb; b++) {
-                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)row + b;
-                int32_t s = 0;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *p = bn_hmat_unit(h, r, b / ub) + (size_t)(b % ub) * bb;
+            const int8_t *q = a->q + 32 * b;
+            int32_t s = 0;
+            switch (h->type) {
+            case BN_HEAD_F16:
                 for (int i = 0; i < 32; i++)
-                    s += blk->qs[i] * a->q[32 * b + i];
+                    acc += bn_fp16_to_f32(((const bn_fp16_t *)p)[i]) * a->x[32 * b + i];
+                continue;
+            case BN_HEAD_Q8: {
+                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)p;
+                for (int i = 0; i < 32; i++)
+                    s += blk->qs[i] * q[i];
                 acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
+                break;
             }
-            break;
-        case BN_HEAD_Q4:
-            for (int b = 0; b < nb; b++) {
-                const bn_block_q4_0 *blk = (const bn_block_q4_0 *)row + b;
-                int32_t s = 0;
+            case BN_HEAD_Q4: {
+                const bn_block_q4_0 *blk = (const bn_block_q4_0 *)p;
                 for (int i = 0; i < 16; i++)
-                    s += ((blk->qs[i] & 15) - 8) * a->q[32 * b + i] + ((blk->qs[i] >> 4) - 8) * a->q[32 * b + 16 + i];
+                    s += ((blk->qs[i] & 15) - 8) * q[i] + ((blk->qs[i] >> 4) - 8) * q[16 + i];
                 acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
+                break;
             }
-            break;
-        case BN_HEAD_Q6:
-            for (int b = 0; b < nb; b++) {
-                const bn_block_q6_h *blk = (const bn_block_q6_h *)row + b;
-                int32_t s = 0;
+            case BN_HEAD_Q6: {
+                const bn_block_q6_h *blk = (const bn_block_q6_h *)p;
                 for (int i = 0; i < 32; i++)
-                    s += q6h_value(blk, i) * a->q[32 * b + i];
+                    s += q6h_value(blk, i) * q[i];
                 acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
+                break;
             }
-            break;
+            }
         }
         logits[r] = acc;
     }
 }
 
-void bn_ref_head_dequant_row(const bn_hmat_t *h, int r, float *out)
-{
-    const uint8_t *row = h->data + (size_t)r * h->row_bytes;
-    switch (h->type) {
-    case BN_HEAD_F16:
-        bn_ref_dequant_row(BN_TYPE_F16, row, out, (int)h->n_in);
-        break;
-    case BN_HEAD_Q8:
-        bn_ref_dequant_row(BN_TYPE_Q8_0, row, out, (int)h->n_in);
-        break;
-    case BN_HEAD_Q4:
-        bn_ref_dequant_row(BN_TYPE_Q4_0, row, out, (int)h->n_in);
-        break;
-    case BN_HEAD_Q6:
-        for (uint32_t b = 0; b < h->n_in / 32; b++) {
-            const bn_block_q6_h *blk = (const bn_block_q6_h *)row + b;
-            float d = bn_fp16_to_f32(blk->d);
-            for (int i = 0; i < 32; i++)
-                out[32 * b + i] = d * (float)q6h_value(blk, i);
-        }
-        break;
-    }
-}

@@ -220,56 +220,112 @@ static inline __m256i dot_s8(__m256i wq, __m256i xq, __m256i ones)
     return _mm256_madd_epi16(p, ones);
 }
 
+/* acc (acc1 for F16's odd halves) += blocks b0 .. b0+cnt-1 of a row, at p */
+static inline __attribute__((always_inline)) void head_unit(const bn_head_type_t type, const uint8_t *p, int b0,
+                                                             int cnt, const bn_hact_t *a, __m256 *acc, __m256 *acc1)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (type == BN_HEAD_F16) {
+        const bn_fp16_t *e = (const bn_fp16_t *)(const void *)p;
+        const float *x = a->x + 32 * b0;
+        for (int i = 0; i < 32 * cnt; i += 16) {
+            *acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i))), _mm256_loadu_ps(x + i), *acc);
+            *acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i + 8))), _mm256_loadu_ps(x + i + 8),
+                                    *acc1);
+        }
+        return;
+    }
+    const size_t bb = bn_head_block_bytes(type);
+    for (int b = b0; b < b0 + cnt; b++, p += bb) {
+        __m256i wq, xq = _mm256_loadu_si256((const __m256i *)(a->q + 32 * b));
+        float dw;
+        if (type == BN_HEAD_Q8) {
+            const bn_block_q8_0 *blk = (const bn_block_q8_0 *)(const void *)p;
+            wq = _mm256_loadu_si256((const __m256i *)blk->qs);
+            dw = _cvtsh_ss(blk->d);
+        } else if (type == BN_HEAD_Q4) {
+            const bn_block_q4_0 *blk = (const bn_block_q4_0 *)(const void *)p;
+            __m128i v = _mm_loadu_si128((const __m128i *)blk->qs), m15 = _mm_set1_epi8(15);
+            wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m15), _mm_and_si128(v, m15));
+            wq = _mm256_sub_epi8(wq, _mm256_set1_epi8(8));
+            dw = _cvtsh_ss(blk->d);
+        } else { /* BN_HEAD_Q6 */
+            const bn_block_q6_h *blk = (const bn_block_q6_h *)(const void *)p;
+            __m128i l = _mm_loadu_si128((const __m128i *)blk->ql), m15 = _mm_set1_epi8(15);
+            __m256i lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l, 4), m15), _mm_and_si128(l, m15));
+            int64_t qh;
+            memcpy(&qh, blk->qh, 8);
+            /* byte j of 64-bit lane k holds element 8k + j in bits 2k..2k+1 */
+            __m256i hi = _mm256_srlv_epi64(_mm256_set1_epi64x(qh), _mm256_setr_epi64x(0, 2, 4, 6));
+            hi = _mm256_and_si256(hi, _mm256_set1_epi8(3));
+            wq = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+            dw = _cvtsh_ss(blk->d);
+        }
+        /* Q4 (-8..7) and Q6 (-32..31) stay inside [-127, 127] as dot_s8 needs */
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8(wq, xq, ones)), _mm256_set1_ps(dw * a->d[b]), *acc);
+    }
+}
+
+/* rows r .. r+R-1 (R = 1, or BN_HGROUP from a group's first row) side by side,
+ * unit by unit: a group is read in memory order (kernels.h) */
+static inline __attribute__((always_inline)) void head_rows(const bn_hmat_t *h, const bn_hact_t *a, float *logits,
+                                                            int r, const int R, const bn_head_type_t type)
+{
+    const int nb = (int)h->n_in / 32, ub = bn_head_unit_blocks(type, h->n_in);
+    const size_t step = BN_HGROUP * (size_t)ub * bn_head_block_bytes(type); /* whole units lie this far apart */
+    __m256 acc[BN_HGROUP][2];
+    const uint8_t *p[BN_HGROUP];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++) {
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        p[i] = bn_hmat_unit(h, r + i, 0);
+    }
+    int u = 0;
+    if (type == BN_HEAD_F16 && R == BN_HGROUP) { /* units of one block: the group's rows' blocks side by side */
+        for (; u < nb; u++) {
+            const float *x = a->x + 32 * u;
+            const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8), x2 = _mm256_loadu_ps(x + 16),
+                         x3 = _mm256_loadu_ps(x + 24);
+            const bn_fp16_t *e = (const bn_fp16_t *)(const void *)(p[0] + (size_t)u * step);
+#pragma GCC unroll 4
+            for (int i = 0; i < BN_HGROUP; i++, e += 32) {
+                acc[i][0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)e)), x0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + 8))), x1, acc[i][1]);
+                acc[i][0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + 16))), x2, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + 24))), x3, acc[i][1]);
+            }
+        }
+    }
+    for (; (u + 1) * ub <= nb; u++)
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            head_unit(type, p[i], u * ub, ub, a, &acc[i][0], &acc[i][1]);
+            p[i] += step;
+        }
+    if (u * ub < nb) /* the rows' short last unit */
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++)
+            head_unit(type, bn_hmat_unit(h, r + i, u), u * ub, nb - u * ub, a, &acc[i][0], &acc[i][1]);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+        logits[r + i] = hsum_ps(_mm256_add_ps(acc[i][0], acc[i][1]));
+}
+
+static inline __attribute__((always_inline)) void head_rows_of(const bn_hmat_t *h, const bn_hact_t *a, float *logits,
+                                                               int r0, int r1, const bn_head_type_t type)
+{
+#define HEAD_ROWS(r, R) head_rows(h, a, logits, r, R, type)
+    BN_HEAD_BY_GROUPS(r0, r1, HEAD_ROWS);
+#undef HEAD_ROWS
+}
+
 static void head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1)
 {
-    const int n = (int)h->n_in, nb = n / 32;
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = h->data + (size_t)r * h->row_bytes;
-        __m256 acc = _mm256_setzero_ps();
-        if (h->type == BN_HEAD_F16) {
-            __m256 acc1 = _mm256_setzero_ps();
-            const bn_fp16_t *e = (const bn_fp16_t *)row;
-            int i = 0;
-            for (; i + 16 <= n; i += 16) {
-                acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i))), _mm256_loadu_ps(a->x + i), acc);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i + 8))),
-                                       _mm256_loadu_ps(a->x + i + 8), acc1);
-            }
-            for (; i < n; i += 8) /* n is a multiple of 32 */
-                acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i))), _mm256_loadu_ps(a->x + i), acc);
-            logits[r] = hsum_ps(_mm256_add_ps(acc, acc1));
-            continue;
-        }
-        for (int b = 0; b < nb; b++) {
-            __m256i wq, xq = _mm256_loadu_si256((const __m256i *)(a->q + 32 * b));
-            float dw;
-            if (h->type == BN_HEAD_Q8) {
-                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)row + b;
-                wq = _mm256_loadu_si256((const __m256i *)blk->qs);
-                dw = _cvtsh_ss(blk->d);
-            } else if (h->type == BN_HEAD_Q4) {
-                const bn_block_q4_0 *blk = (const bn_block_q4_0 *)row + b;
-                __m128i p = _mm_loadu_si128((const __m128i *)blk->qs), m15 = _mm_set1_epi8(15);
-                wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m15), _mm_and_si128(p, m15));
-                wq = _mm256_sub_epi8(wq, _mm256_set1_epi8(8));
-                dw = _cvtsh_ss(blk->d);
-            } else { /* BN_HEAD_Q6 */
-                const bn_block_q6_h *blk = (const bn_block_q6_h *)row + b;
-                __m128i l = _mm_loadu_si128((const __m128i *)blk->ql), m15 = _mm_set1_epi8(15);
-                __m256i lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l, 4), m15), _mm_and_si128(l, m15));
-                int64_t qh;
-                memcpy(&qh, blk->qh, 8);
-                /* byte j of 64-bit lane k holds element 8k + j in bits 2k..2k+1 */
-                __m256i hi = _mm256_srlv_epi64(_mm256_set1_epi64x(qh), _mm256_setr_epi64x(0, 2, 4, 6));
-                hi = _mm256_and_si256(hi, _mm256_set1_epi8(3));
-                wq = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-                dw = _cvtsh_ss(blk->d);
-            }
-            /* Q4 (-8..7) and Q6 (-32..31) stay inside [-127, 127] as dot_s8 needs */
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8(wq, xq, ones)), _mm256_set1_ps(dw * a->d[b]), acc);
-        }
-        logits[r] = hsum_ps(acc);
+    switch (h->type) { /* each type's loops compiled on their own (a type test per block cost 8%) */
+    case BN_HEAD_F16: head_rows_of(h, a, logits, r0, r1, BN_HEAD_F16); break;
+    case BN_HEAD_Q8: head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q8); break;
+    case BN_HEAD_Q6: head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q6); break;
+    case BN_HEAD_Q4: head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q4); break;
     }
 }
 

@@ -400,17 +400,6 @@ INLINE __m512 block_scales(const uint8_t *p, const int bytes, const dpick_t *pk,
     return _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(d)), _mm512_maskz_loadu_ps(lanes16(cnt), da));
 }
 
-/* Rows HEAD_AHEAD ahead into L2, for the Q4 and Q6 loops only: they read memory
- * too slowly for the hardware prefetcher to run ahead (measured 15 -> 21 GB/s);
- * the F16 and Q8 loops are faster without (28 -> 19 GB/s for F16) */
-#define HEAD_AHEAD 8
-INLINE void prefetch_ahead(const bn_hmat_t *h, int r, int r1)
-{
-    if (r + HEAD_AHEAD < r1)
-        for (size_t o = 0; o < h->row_bytes; o += 64)
-            _mm_prefetch((const char *)h->data + (size_t)(r + HEAD_AHEAD) * h->row_bytes + o, _MM_HINT_T1);
-}
-
 /* Q8 rows: pair j holds blocks 2j, 2j+1 as stored (int32 lanes 0-7 and 8-15) */
 INLINE __m512 q8_pair(const uint8_t *b0, const uint8_t *b1, __m512i start, __m512i act, __m512 ds, const int k,
                       __m512 acc)
@@ -434,7 +423,7 @@ static void head_rows_q8(const bn_hmat_t *h, const bn_hact_t *a, float *logits, 
                                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), act[j]));
     }
     for (int r = r0; r < r1; r++) {
-        const uint8_t *row = h->data + (size_t)r * h->row_bytes;
+        const uint8_t *row = bn_hmat_unit(h, r, 0); /* q8 rows are whole units (kernels.h) */
         __m512 acc = _mm512_setzero_ps();
         int b = 0;
         for (; b + 16 <= nb; b += 16) {
@@ -510,17 +499,44 @@ INLINE __m512 nib_group(const uint8_t *blk, int span, const nibidx_t *ix, const 
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, da), acc);
 }
 
-/* group g holds blocks 4g .. 4g+3, one per 128-bit lane */
-INLINE void head_rows_nib(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1, const int q6)
+/* rows r .. r+R-1 (R = 1, or BN_HGROUP from a group's first row): unit g holds
+ * blocks 4g .. 4g+3, one per 128-bit lane, the rows' units R apart (kernels.h) */
+INLINE void nib_rows(const bn_hmat_t *h, const nibidx_t *ix, const __m512i *alo, const __m512i *ahi,
+                     const __m512i *start, const __m512 *da, float *logits, int r, const int R, const int q6)
 {
     const int nb = (int)h->n_in / 32, ng = (nb + 3) / 4;
     const int bytes = q6 ? (int)sizeof(bn_block_q6_h) : (int)sizeof(bn_block_q4_0);
-    /* per group: values 0-15 (alo) and 16-31 (ahi) of block 4g + c in lane c, the
+    __m512 acc[BN_HGROUP];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+        acc[i] = _mm512_setzero_ps();
+    int g = 0;
+    for (; g < nb / 4; g++) {
+        const uint8_t *u0 = bn_hmat_unit(h, r, g);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++)
+            acc[i] = nib_group(u0 + (size_t)i * 4 * bytes, 4 * bytes, ix, q6, start[g], alo[g], ahi[g], da[g], acc[i]);
+    }
+    if (g < ng) {
+        const int span = (nb - 4 * g) * bytes;
+        const uint8_t *u0 = bn_hmat_unit(h, r, g);
+        for (int i = 0; i < R; i++)
+            acc[i] = nib_group(u0 + (size_t)i * span, span, ix, q6, start[g], alo[g], ahi[g], da[g], acc[i]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+        logits[r + i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+INLINE void head_rows_nib(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1, const int q6)
+{
+    const int nb = (int)h->n_in / 32, ng = (nb + 3) / 4;
+    /* per unit: values 0-15 (alo) and 16-31 (ahi) of block 4g + c in lane c, the
      * offset's share, and d_a of block 4g + c in the lane's four floats */
     __m512i alo[HEAD_MAX_IN / 128], ahi[HEAD_MAX_IN / 128], start[HEAD_MAX_IN / 128];
     __m512 da[HEAD_MAX_IN / 128];
     nibidx_t ix;
-    nibidx_init(&ix, bytes);
+    nibidx_init(&ix, q6 ? (int)sizeof(bn_block_q6_h) : (int)sizeof(bn_block_q4_0));
     for (int g = 0; g < ng; g++) {
         int8_t tmp[2][4][16] = { { { 0 } } };
         float d4[16] = { 0 };
@@ -537,18 +553,35 @@ INLINE void head_rows_nib(const bn_hmat_t *h, const bn_hact_t *a, float *logits,
         sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), ahi[g]);
         start[g] = _mm512_mullo_epi32(sum, _mm512_set1_epi32(q6 ? -32 : -8));
     }
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = h->data + (size_t)r * h->row_bytes;
-        prefetch_ahead(h, r, r1);
-        __m512 acc = _mm512_setzero_ps();
-        int g = 0;
-        for (; g < nb / 4; g++)
-            acc = nib_group(row + (size_t)g * 4 * bytes, 4 * bytes, &ix, q6, start[g], alo[g], ahi[g], da[g], acc);
-        if (g < ng)
-            acc = nib_group(row + (size_t)g * 4 * bytes, (nb - 4 * g) * bytes, &ix, q6, start[g], alo[g], ahi[g], da[g],
-                            acc);
-        logits[r] = _mm512_reduce_add_ps(acc);
+#define NIB_ROWS(r, R) nib_rows(h, &ix, alo, ahi, start, da, logits, r, R, q6)
+    BN_HEAD_BY_GROUPS(r0, r1, NIB_ROWS);
+#undef NIB_ROWS
+}
+
+/* F16 rows r .. r+R-1 (R = 1, or BN_HGROUP from a group's first row): a group
+ * stores block b of its rows together, so it is read in order (units of 128
+ * halves, read a row at a time within the unit, ran no faster than rows one at a
+ * time: 2B4T decode 21 tok/s, 24 this way) */
+INLINE void f16_rows(const bn_hmat_t *h, const float *x, float *logits, int r, const int R)
+{
+    const int nb = (int)h->n_in / 32;
+    __m512 acc[BN_HGROUP][2];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const bn_fp16_t *u0 = (const bn_fp16_t *)(const void *)bn_hmat_unit(h, r, 0);
+    for (int b = 0; b < nb; b++, u0 += 32 * BN_HGROUP) { /* units of one block (kernels.h) */
+        const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            acc[i][0] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u0 + 32 * i))), x0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u0 + 32 * i + 16))), x1,
+                                        acc[i][1]);
+        }
     }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+        logits[r + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
 static void head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1)
@@ -556,20 +589,9 @@ static void head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int
     const int n = (int)h->n_in;
     switch (h->type) {
     case BN_HEAD_F16:
-        for (int r = r0; r < r1; r++) {
-            const bn_fp16_t *e = (const bn_fp16_t *)(h->data + (size_t)r * h->row_bytes);
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            int i = 0;
-            for (; i + 64 <= n; i += 64) {
-                a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(e + i))), _mm512_loadu_ps(a->x + i), a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(e + i + 16))), _mm512_loadu_ps(a->x + i + 16), a1);
-                a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(e + i + 32))), _mm512_loadu_ps(a->x + i + 32), a2);
-                a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(e + i + 48))), _mm512_loadu_ps(a->x + i + 48), a3);
-            }
-            for (; i < n; i += 16) /* n is a multiple of 32 */
-                a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(e + i))), _mm512_loadu_ps(a->x + i), a0);
-            logits[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-        }
+#define F16_ROWS(r, R) f16_rows(h, a->x, logits, r, R)
+        BN_HEAD_BY_GROUPS(r0, r1, F16_ROWS);
+#undef F16_ROWS
         return;
     case BN_HEAD_Q8: if (n <= HEAD_MAX_IN) { head_rows_q8(h, a, logits, r0, r1); return; } break;
     case BN_HEAD_Q4: if (n <= HEAD_MAX_IN) { head_rows_nib(h, a, logits, r0, r1, 0); return; } break;
