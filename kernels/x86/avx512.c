@@ -520,6 +520,7 @@ INLINE void nib_rows(const bn_hmat_t *h, const nibidx_t *ix, const __m512i *alo,
     if (g < ng) {
         const int span = (nb - 4 * g) * bytes;
         const uint8_t *u0 = bn_hmat_unit(h, r, g);
+#pragma GCC unroll 4
         for (int i = 0; i < R; i++)
             acc[i] = nib_group(u0 + (size_t)i * span, span, ix, q6, start[g], alo[g], ahi[g], da[g], acc[i]);
     }
