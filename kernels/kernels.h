@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* A ternary weight matrix in the kernels' layout. Each row is I2_S's (formats.md):
  * n_in/128 blocks of 32 bytes; weight 128b + 32g + j of a row is in byte j of its
@@ -89,9 +90,13 @@ _Static_assert(sizeof(bn_block_q6_h) == 26, "q6_h block is 26 bytes");
  * q8: bn_block_q8_0; q6: bn_block_q6_h; q4: bn_block_q4_0), stored like the
  * ternary matrices in groups of BN_HGROUP rows: each row is cut into units of
  * bn_head_unit_blocks(type) blocks (the last unit may be shorter), and a group
- * holds unit 0 of its rows in order, then unit 1, and so on; within a unit the
- * row's blocks are as in the row. A GEMV loads each activation unit once for the
- * group's rows. The last group is padded with zero rows (bn_hmat_bytes). */
+ * holds unit 0 of its rows in order, then unit 1, and so on, so a GEMV reads a
+ * group's rows side by side in memory order. Within an f16 or q8 unit the blocks
+ * are as in the row; a q4 or q6 unit of m blocks holds them field by field: the
+ * m blocks' qs (q4) or ql (q6), 16 bytes each, then (q6) their qh, 8 bytes each,
+ * then their d (bn_hunit_*). The last group is padded with zero rows
+ * (bn_hmat_bytes). Rows are packed block by block (kernels/ref/pack.c) and put
+ * in place by bn_hmat_place_row. */
 #define BN_HGROUP 4
 typedef struct {
     bn_head_type_t type;
@@ -121,6 +126,24 @@ static inline const uint8_t *bn_hmat_unit(const bn_hmat_t *h, int r, int u)
     const int ub = bn_head_unit_blocks(h->type, h->n_in), left = (int)(h->n_in / 32) - u * ub;
     return h->data + (size_t)(r / BN_HGROUP) * BN_HGROUP * h->row_bytes + (size_t)u * BN_HGROUP * ub * bb +
            (size_t)(r % BN_HGROUP) * (size_t)(left < ub ? left : ub) * bb;
+}
+
+/* fields of block k of a q4/q6 unit of m blocks at p */
+static inline const uint8_t *bn_hunit_qs(const uint8_t *p, int k)
+{
+    return p + 16 * k;
+}
+
+static inline const uint8_t *bn_hunit_qh(const uint8_t *p, int m, int k)
+{
+    return p + 16 * m + 8 * k;
+}
+
+static inline bn_fp16_t bn_hunit_d(const uint8_t *p, bn_head_type_t type, int m, int k)
+{
+    bn_fp16_t d;
+    memcpy(&d, p + (type == BN_HEAD_Q6 ? 24 : 16) * m + 2 * k, sizeof d);
+    return d;
 }
 
 static inline size_t bn_hmat_bytes(uint32_t n_out, size_t row_bytes)

@@ -268,7 +268,7 @@ typedef struct {
     float s;
 } head_acc_t;
 
-/* blocks b0 .. b0+cnt-1 of a row, at p, into *acc */
+/* blocks b0 .. b0+cnt-1 of a row (the unit at p, kernels.h) into *acc */
 static void head_unit(const bn_hmat_t *h, const uint8_t *p, int b0, int cnt, const bn_hact_t *a, head_acc_t *acc)
 {
     if (h->type == BN_HEAD_F16) {
@@ -285,31 +285,29 @@ static void head_unit(const bn_hmat_t *h, const uint8_t *p, int b0, int cnt, con
         return;
     }
     const uint8x16_t m15 = vdupq_n_u8(15), m3 = vdupq_n_u8(3);
-    const size_t bb = bn_head_block_bytes(h->type);
-    for (int b = b0; b < b0 + cnt; b++, p += bb) {
+    for (int b = b0; b < b0 + cnt; b++) {
+        const int k = b - b0; /* block k of the unit's cnt (kernels.h) */
         int8x16_t w0, w1;
         bn_fp16_t d;
         if (h->type == BN_HEAD_Q8) {
-            const bn_block_q8_0 *blk = (const bn_block_q8_0 *)(const void *)p;
+            const bn_block_q8_0 *blk = (const bn_block_q8_0 *)(const void *)(p + (size_t)k * sizeof(bn_block_q8_0));
             w0 = vld1q_s8(blk->qs);
             w1 = vld1q_s8(blk->qs + 16);
             d = blk->d;
         } else if (h->type == BN_HEAD_Q4) { /* low nibbles 0..15, high 16..31, minus 8 */
-            const bn_block_q4_0 *blk = (const bn_block_q4_0 *)(const void *)p;
-            const uint8x16_t v = vld1q_u8(blk->qs);
+            const uint8x16_t v = vld1q_u8(bn_hunit_qs(p, k));
             w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, m15)), vdupq_n_s8(8));
             w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vdupq_n_s8(8));
-            d = blk->d;
+            d = bn_hunit_d(p, h->type, cnt, k);
         } else { /* BN_HEAD_Q6: lo nibble from ql[j % 16], 2 high bits from qh[j % 8] */
-            const bn_block_q6_h *blk = (const bn_block_q6_h *)(const void *)p;
-            const uint8x16_t l = vld1q_u8(blk->ql);
-            const uint8x8_t qh = vld1_u8(blk->qh);
+            const uint8x16_t l = vld1q_u8(bn_hunit_qs(p, k));
+            const uint8x8_t qh = vld1_u8(bn_hunit_qh(p, cnt, k));
             /* element j takes bits 2(j/8)..2(j/8)+1 of qh[j % 8] */
             const uint8x16_t h0 = vandq_u8(vcombine_u8(qh, vshr_n_u8(qh, 2)), m3);
             const uint8x16_t h1 = vcombine_u8(vand_u8(vshr_n_u8(qh, 4), vget_low_u8(m3)), vshr_n_u8(qh, 6));
             w0 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(l, m15), vshlq_n_u8(h0, 4))), vdupq_n_s8(32));
             w1 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(l, 4), vshlq_n_u8(h1, 4))), vdupq_n_s8(32));
-            d = blk->d;
+            d = bn_hunit_d(p, h->type, cnt, k);
         }
         acc->s += h2f(d) * a->d[b] * (float)dot32(w0, w1, a->q + 32 * b);
     }

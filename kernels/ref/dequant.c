@@ -87,9 +87,9 @@ void bn_ref_head_quantize(const float *x, int n, int8_t *q, float *d)
 }
 
 /* q6_h value j of a block, in [-32, 31] */
-static inline int q6h_value(const bn_block_q6_h *b, int j)
+static inline int q6h_value(const uint8_t *ql, const uint8_t *qh, int j)
 {
-    int lo = (b->ql[j % 16] >> (4 * (j / 16))) & 15, hi = (b->qh[j % 8] >> (2 * (j / 8))) & 3;
+    int lo = (ql[j % 16] >> (4 * (j / 16))) & 15, hi = (qh[j % 8] >> (2 * (j / 8))) & 3;
     return (lo | hi << 4) - 32;
 }
 
@@ -99,8 +99,28 @@ void bn_hmat_place_row(const bn_hmat_t *h, uint8_t *data, int r, const uint8_t *
     const int nb = (int)(h->n_in / 32), ub = bn_head_unit_blocks(h->type, h->n_in);
     const bn_hmat_t at = { .type = h->type, .n_in = h->n_in, .data = data, .row_bytes = h->row_bytes };
     for (int u = 0; u * ub < nb; u++) {
-        const int cnt = nb - u * ub < ub ? nb - u * ub : ub;
-        memcpy((uint8_t *)bn_hmat_unit(&at, r, u), row + (size_t)u * ub * bb, (size_t)cnt * bb);
+        const int m = nb - u * ub < ub ? nb - u * ub : ub;
+        const uint8_t *src = row + (size_t)u * ub * bb;
+        uint8_t *p = (uint8_t *)bn_hmat_unit(&at, r, u);
+        if (h->type == BN_HEAD_F16 || h->type == BN_HEAD_Q8) {
+            memcpy(p, src, (size_t)m * bb);
+            continue;
+        }
+        /* q4 / q6: field by field (kernels.h) */
+        const int q6 = h->type == BN_HEAD_Q6;
+        for (int k = 0; k < m; k++) {
+            const uint8_t *blk = src + (size_t)k * bb;
+            if (q6) {
+                const bn_block_q6_h *b6 = (const bn_block_q6_h *)(const void *)blk;
+                memcpy(p + 16 * k, b6->ql, 16);
+                memcpy(p + 16 * m + 8 * k, b6->qh, 8);
+                memcpy(p + 24 * m + 2 * k, &b6->d, 2);
+            } else {
+                const bn_block_q4_0 *b4 = (const bn_block_q4_0 *)(const void *)blk;
+                memcpy(p + 16 * k, b4->qs, 16);
+                memcpy(p + 16 * m + 2 * k, &b4->d, 2);
+            }
+        }
     }
 }
 
@@ -111,33 +131,34 @@ void bn_ref_head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int
     for (int r = r0; r < r1; r++) {
         float acc = 0.0f;
         for (int b = 0; b < nb; b++) {
-            const uint8_t *p = bn_hmat_unit(h, r, b / ub) + (size_t)(b % ub) * bb;
+            const int u = b / ub, k = b % ub, m = nb - u * ub < ub ? nb - u * ub : ub;
+            const uint8_t *p = bn_hmat_unit(h, r, u); /* the unit; block k of its m (kernels.h) */
             const int8_t *q = a->q + 32 * b;
             int32_t s = 0;
             switch (h->type) {
             case BN_HEAD_F16:
                 for (int i = 0; i < 32; i++)
-                    acc += bn_fp16_to_f32(((const bn_fp16_t *)p)[i]) * a->x[32 * b + i];
+                    acc += bn_fp16_to_f32(((const bn_fp16_t *)(const void *)(p + k * bb))[i]) * a->x[32 * b + i];
                 continue;
             case BN_HEAD_Q8: {
-                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)p;
+                const bn_block_q8_0 *blk = (const bn_block_q8_0 *)(const void *)(p + k * bb);
                 for (int i = 0; i < 32; i++)
                     s += blk->qs[i] * q[i];
                 acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
                 break;
             }
             case BN_HEAD_Q4: {
-                const bn_block_q4_0 *blk = (const bn_block_q4_0 *)p;
+                const uint8_t *qs = bn_hunit_qs(p, k);
                 for (int i = 0; i < 16; i++)
-                    s += ((blk->qs[i] & 15) - 8) * q[i] + ((blk->qs[i] >> 4) - 8) * q[16 + i];
-                acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
+                    s += ((qs[i] & 15) - 8) * q[i] + ((qs[i] >> 4) - 8) * q[16 + i];
+                acc += bn_fp16_to_f32(bn_hunit_d(p, h->type, m, k)) * a->d[b] * (float)s;
                 break;
             }
             case BN_HEAD_Q6: {
-                const bn_block_q6_h *blk = (const bn_block_q6_h *)p;
+                const uint8_t *ql = bn_hunit_qs(p, k), *qh = bn_hunit_qh(p, m, k);
                 for (int i = 0; i < 32; i++)
-                    s += q6h_value(blk, i) * q[i];
-                acc += bn_fp16_to_f32(blk->d) * a->d[b] * (float)s;
+                    s += q6h_value(ql, qh, i) * q[i];
+                acc += bn_fp16_to_f32(bn_hunit_d(p, h->type, m, k)) * a->d[b] * (float)s;
                 break;
             }
             }

@@ -220,7 +220,7 @@ static inline __m256i dot_s8(__m256i wq, __m256i xq, __m256i ones)
     return _mm256_madd_epi16(p, ones);
 }
 
-/* acc (acc1 for F16's odd halves) += blocks b0 .. b0+cnt-1 of a row, at p */
+/* acc (acc1 for F16's odd halves) += blocks b0 .. b0+cnt-1 of a row: the unit at p */
 static inline __attribute__((always_inline)) void head_unit(const bn_head_type_t type, const uint8_t *p, int b0,
                                                              int cnt, const bn_hact_t *a, __m256 *acc, __m256 *acc1)
 {
@@ -235,31 +235,29 @@ static inline __attribute__((always_inline)) void head_unit(const bn_head_type_t
         }
         return;
     }
-    const size_t bb = bn_head_block_bytes(type);
-    for (int b = b0; b < b0 + cnt; b++, p += bb) {
+    for (int b = b0; b < b0 + cnt; b++) {
+        const int k = b - b0; /* block k of the unit's cnt (kernels.h) */
         __m256i wq, xq = _mm256_loadu_si256((const __m256i *)(a->q + 32 * b));
         float dw;
         if (type == BN_HEAD_Q8) {
-            const bn_block_q8_0 *blk = (const bn_block_q8_0 *)(const void *)p;
+            const bn_block_q8_0 *blk = (const bn_block_q8_0 *)(const void *)(p + (size_t)k * sizeof(bn_block_q8_0));
             wq = _mm256_loadu_si256((const __m256i *)blk->qs);
             dw = _cvtsh_ss(blk->d);
         } else if (type == BN_HEAD_Q4) {
-            const bn_block_q4_0 *blk = (const bn_block_q4_0 *)(const void *)p;
-            __m128i v = _mm_loadu_si128((const __m128i *)blk->qs), m15 = _mm_set1_epi8(15);
+            __m128i v = _mm_loadu_si128((const __m128i *)bn_hunit_qs(p, k)), m15 = _mm_set1_epi8(15);
             wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m15), _mm_and_si128(v, m15));
             wq = _mm256_sub_epi8(wq, _mm256_set1_epi8(8));
-            dw = _cvtsh_ss(blk->d);
+            dw = _cvtsh_ss(bn_hunit_d(p, type, cnt, k));
         } else { /* BN_HEAD_Q6 */
-            const bn_block_q6_h *blk = (const bn_block_q6_h *)(const void *)p;
-            __m128i l = _mm_loadu_si128((const __m128i *)blk->ql), m15 = _mm_set1_epi8(15);
+            __m128i l = _mm_loadu_si128((const __m128i *)bn_hunit_qs(p, k)), m15 = _mm_set1_epi8(15);
             __m256i lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l, 4), m15), _mm_and_si128(l, m15));
             int64_t qh;
-            memcpy(&qh, blk->qh, 8);
+            memcpy(&qh, bn_hunit_qh(p, cnt, k), 8);
             /* byte j of 64-bit lane k holds element 8k + j in bits 2k..2k+1 */
             __m256i hi = _mm256_srlv_epi64(_mm256_set1_epi64x(qh), _mm256_setr_epi64x(0, 2, 4, 6));
             hi = _mm256_and_si256(hi, _mm256_set1_epi8(3));
             wq = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-            dw = _cvtsh_ss(blk->d);
+            dw = _cvtsh_ss(bn_hunit_d(p, type, cnt, k));
         }
         /* Q4 (-8..7) and Q6 (-32..31) stay inside [-127, 127] as dot_s8 needs */
         *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8(wq, xq, ones)), _mm256_set1_ps(dw * a->d[b]), *acc);

@@ -445,49 +445,31 @@ static void head_rows_q8(const bn_hmat_t *h, const bn_hact_t *a, float *logits, 
     }
 }
 
-/* Q4 and Q6 rows, four blocks (72 or 104 bytes) at a time: two loads, then word
- * permutes (the blocks' fields start at even offsets) put each block's 16 bytes
- * of nibbles in its 128-bit lane, its eight q6 qh bytes in both halves of the
- * lane, and its fp16 d four times in the low half, which converts straight to the
- * lanes' scales. (Against four 16-byte loads and inserts per group and a
- * gather of 16 d: Q6 40% faster, Q4 within 10%, and simpler.) */
-typedef struct {
-    __m512i qs, qh, d; /* word indices into the group's first 128 bytes */
-} nibidx_t;
+/* Q4 and Q6 rows, a unit of four blocks (72 or 104 bytes, kernels.h) at a time:
+ * its 64 bytes of nibbles in one load, block c's 16 bytes in 128-bit lane c; its
+ * q6 qh words doubled into their lane by one qword permute; its four fp16 d
+ * widened and spread four to a lane. (The blocks stored whole needed three
+ * two-table word permutes per unit, and the 2B4T q6 head ran 10-15% slower.) */
 
-static void nibidx_init(nibidx_t *ix, int bytes)
-{
-    const int wb = bytes / 2; /* words per block */
-    int16_t qs[32], qh[32], d[32] = { 0 };
-    for (int c = 0; c < 4; c++)
-        for (int j = 0; j < 8; j++) {
-            qs[8 * c + j] = (int16_t)(wb * c + 1 + j);     /* ql / qs: bytes 2..17 */
-            qh[8 * c + j] = (int16_t)(wb * c + 9 + j % 4); /* q6 qh: bytes 18..25, twice */
-            if (j < 4)
-                d[4 * c + j] = (int16_t)(wb * c);
-        }
-    ix->qs = _mm512_loadu_si512(qs);
-    ix->qh = _mm512_loadu_si512(qh);
-    ix->d = _mm512_loadu_si512(d);
-}
-
-/* acc + the dots of the blocks in the first `span` bytes at blk (four blocks, or
- * fewer at the end of a row: the loads stay inside the span, and the lanes of
- * missing blocks read zero codes and scales) times their scales d_w * d_a.
+/* acc + the dots of the m (1..4) blocks of the unit at p times their scales
+ * d_w * d_a; the lanes of missing blocks read zero codes and scales, and no
+ * load leaves the unit.
  * q6_h high bits: qh[i] holds bits 4-5 of values i, 8+i, 16+i, 24+i in its bit
  * pairs 0-1, 2-3, 4-5, 6-7; rotating the lane's two copies of qh left by (4, 2)
  * puts the pairs of values 0-15 at bits 4-5, by (0, -2) those of values 16-31. */
-INLINE __m512 nib_group(const uint8_t *blk, int span, const nibidx_t *ix, const int q6, __m512i start, __m512i alo,
-                        __m512i ahi, __m512 da, __m512 acc)
+INLINE __m512 nib_group(const uint8_t *p, const int m, const int q6, __m512i start, __m512i alo, __m512i ahi,
+                        __m512 da, __m512 acc)
 {
     const __m512i m15 = _mm512_set1_epi8(15);
-    __m512i z0 = load_within(blk, 0, span), z1 = load_within(blk, 64, span);
-    __m512i v = _mm512_permutex2var_epi16(z0, ix->qs, z1), lo, hi;
+    const int full = m == 4;
+    __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(((__mmask64)1 << (16 * m)) - 1, p), lo, hi;
     if (q6) {
-        const __m512i m = _mm512_set1_epi8(0x30);
-        __m512i h = _mm512_permutex2var_epi16(z0, ix->qh, z1);
-        __m512i l2 = _mm512_and_si512(_mm512_rolv_epi64(h, _mm512_setr_epi64(4, 2, 4, 2, 4, 2, 4, 2)), m);
-        __m512i h2 = _mm512_and_si512(_mm512_rolv_epi64(h, _mm512_setr_epi64(0, 62, 0, 62, 0, 62, 0, 62)), m);
+        const __m512i m30 = _mm512_set1_epi8(0x30);
+        const __m256i qh = full ? _mm256_loadu_si256((const __m256i *)(p + 64))
+                                : _mm256_maskz_loadu_epi64((__mmask8)((1u << m) - 1), p + 16 * m);
+        __m512i h = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3), _mm512_castsi256_si512(qh));
+        __m512i l2 = _mm512_and_si512(_mm512_rolv_epi64(h, _mm512_setr_epi64(4, 2, 4, 2, 4, 2, 4, 2)), m30);
+        __m512i h2 = _mm512_and_si512(_mm512_rolv_epi64(h, _mm512_setr_epi64(0, 62, 0, 62, 0, 62, 0, 62)), m30);
         lo = _mm512_ternarylogic_epi32(v, m15, l2, 0xea); /* (v & 15) | l2 */
         hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m15, h2, 0xea);
     } else {
@@ -495,13 +477,15 @@ INLINE __m512 nib_group(const uint8_t *blk, int span, const nibidx_t *ix, const 
         hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
     }
     __m512i dot = dpbusd_acc(dpbusd_acc(start, lo, alo), hi, ahi);
-    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(z0, ix->d, z1)));
+    const __m128i d = _mm_maskz_loadu_epi16((__mmask8)((1u << m) - 1), p + (q6 ? 24 : 16) * m);
+    const __m512 dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                            _mm512_castps128_ps512(_mm_cvtph_ps(d)));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, da), acc);
 }
 
 /* rows r .. r+R-1 (R = 1, or BN_HGROUP from a group's first row): unit g holds
  * blocks 4g .. 4g+3, one per 128-bit lane, the rows' units R apart (kernels.h) */
-INLINE void nib_rows(const bn_hmat_t *h, const nibidx_t *ix, const __m512i *alo, const __m512i *ahi,
+INLINE void nib_rows(const bn_hmat_t *h, const __m512i *alo, const __m512i *ahi,
                      const __m512i *start, const __m512 *da, float *logits, int r, const int R, const int q6)
 {
     const int nb = (int)h->n_in / 32, ng = (nb + 3) / 4;
@@ -515,14 +499,14 @@ INLINE void nib_rows(const bn_hmat_t *h, const nibidx_t *ix, const __m512i *alo,
         const uint8_t *u0 = bn_hmat_unit(h, r, g);
 #pragma GCC unroll 4
         for (int i = 0; i < R; i++)
-            acc[i] = nib_group(u0 + (size_t)i * 4 * bytes, 4 * bytes, ix, q6, start[g], alo[g], ahi[g], da[g], acc[i]);
+            acc[i] = nib_group(u0 + (size_t)i * 4 * bytes, 4, q6, start[g], alo[g], ahi[g], da[g], acc[i]);
     }
     if (g < ng) {
         const int span = (nb - 4 * g) * bytes;
         const uint8_t *u0 = bn_hmat_unit(h, r, g);
 #pragma GCC unroll 4
         for (int i = 0; i < R; i++)
-            acc[i] = nib_group(u0 + (size_t)i * span, span, ix, q6, start[g], alo[g], ahi[g], da[g], acc[i]);
+            acc[i] = nib_group(u0 + (size_t)i * span, nb - 4 * g, q6, start[g], alo[g], ahi[g], da[g], acc[i]);
     }
 #pragma GCC unroll 4
     for (int i = 0; i < R; i++)
@@ -536,8 +520,6 @@ INLINE void head_rows_nib(const bn_hmat_t *h, const bn_hact_t *a, float *logits,
      * offset's share, and d_a of block 4g + c in the lane's four floats */
     __m512i alo[HEAD_MAX_IN / 128], ahi[HEAD_MAX_IN / 128], start[HEAD_MAX_IN / 128];
     __m512 da[HEAD_MAX_IN / 128];
-    nibidx_t ix;
-    nibidx_init(&ix, q6 ? (int)sizeof(bn_block_q6_h) : (int)sizeof(bn_block_q4_0));
     for (int g = 0; g < ng; g++) {
         int8_t tmp[2][4][16] = { { { 0 } } };
         float d4[16] = { 0 };
@@ -554,7 +536,7 @@ INLINE void head_rows_nib(const bn_hmat_t *h, const bn_hact_t *a, float *logits,
         sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), ahi[g]);
         start[g] = _mm512_mullo_epi32(sum, _mm512_set1_epi32(q6 ? -32 : -8));
     }
-#define NIB_ROWS(r, R) nib_rows(h, &ix, alo, ahi, start, da, logits, r, R, q6)
+#define NIB_ROWS(r, R) nib_rows(h, alo, ahi, start, da, logits, r, R, q6)
     BN_HEAD_BY_GROUPS(r0, r1, NIB_ROWS);
 #undef NIB_ROWS
 }
