@@ -196,11 +196,53 @@ static DOTPROD void row_dots_sdot(const uint8_t *row, int nb, const int8_t *q, s
             row_dots_sdot_n(row, nb, q + (size_t)t * ldq, ldq, 1, dot + t);
 }
 
+/* Decode: dot[i] = sum(u*q) of the eight rows of a row group (kernels.h) against
+ * one token, block by block, so the group is read in memory order; 16
+ * accumulators and one unpacked block stay in registers (of 32). */
+#define GROUP_DOTS(name, attr, block_dot)                                           \
+    static attr void name(const uint8_t *g, int nb, const int8_t *q, int32_t *dot)  \
+    {                                                                               \
+        int32x4_t acc[BN_TGROUP][2];                                                \
+        _Pragma("GCC unroll 8") for (int i = 0; i < BN_TGROUP; i++)                 \
+            acc[i][0] = acc[i][1] = vdupq_n_s32(0);                                 \
+        for (int b = 0; b < nb; b++)                                                \
+            _Pragma("GCC unroll 8") for (int i = 0; i < BN_TGROUP; i++) {           \
+                int8x16_t u[8];                                                     \
+                unpack_block(g + BN_TBLOCK_STRIDE * b + 32 * i, u);                 \
+                block_dot(u, q + 128 * b, &acc[i][0], &acc[i][1]);                  \
+            }                                                                       \
+        _Pragma("GCC unroll 8") for (int i = 0; i < BN_TGROUP; i++)                 \
+            dot[i] = vaddvq_s32(vaddq_s32(acc[i][0], acc[i][1]));                   \
+    }
+GROUP_DOTS(group_dots_mla, , block_dot_mla)
+GROUP_DOTS(group_dots_sdot, DOTPROD, block_dot_sdot)
+#undef GROUP_DOTS
+
+/* one row, or one group (the first n rows stored), with the reference's epilogue */
+static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r)
+{
+    int32_t dot;
+    (cpu_has_sdot() ? row_dots_sdot : row_dots_mla)(bn_tmat_row(w, r), (int)w->n_in / 128, q, w->n_in, 1, &dot);
+    y[r] = (float)(dot - qsum) * w->scale / s;
+}
+
+static void gemv_group(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r, int n)
+{
+    int32_t dot[BN_TGROUP];
+    (cpu_has_sdot() ? group_dots_sdot : group_dots_mla)(bn_tmat_row(w, r), (int)w->n_in / 128, q, dot);
+    for (int i = 0; i < n; i++)
+        y[r + i] = (float)(dot[i] - qsum) * w->scale / s;
+}
+
 static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int32_t *qsum, int nt,
                   float *y, size_t ldy, int r0, int r1)
 {
     if (w->bscale) { /* per-block factors: the reference's job (kernels.h) */
         bn_ref_tgemm(w, q, s, qsum, nt, y, ldy, r0, r1);
+        return;
+    }
+    if (nt == 1) {
+        bn_gemv_by_groups(gemv_row, gemv_group, w, q, s[0], qsum[0], y, r0, r1);
         return;
     }
     row_dots_fn *row_dots = cpu_has_sdot() ? row_dots_sdot : row_dots_mla;
