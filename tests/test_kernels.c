@@ -74,7 +74,6 @@ static bn_tmat_t make_tmat(int n_in, int n_out, int mode, uint8_t **buf)
             for (int j = 0; j < 32; j++)
                 (*buf)[bn_tmat_row(&w, r) - w.data + BN_TBLOCK_STRIDE * b + j] = (uint8_t)rnd();
     free(rows);
-    w.data = *buf;
     return w;
 }
 

@@ -486,7 +486,8 @@ INLINE __m512 nib_group(const uint8_t *p, const int m, const int q6, __m512i sta
 }
 
 /* rows r .. r+R-1 (R = 1, or BN_HGROUP from a group's first row): unit g holds
- * blocks 4g .. 4g+3, one per 128-bit lane, the rows' units R apart (kernels.h) */
+ * blocks 4g .. 4g+3, one per 128-bit lane; a group's rows' units g lie one after
+ * another (kernels.h) */
 INLINE void nib_rows(const bn_hmat_t *h, const __m512i *alo, const __m512i *ahi,
                      const __m512i *start, const __m512 *da, float *logits, int r, const int R, const int q6)
 {
