@@ -380,6 +380,39 @@ static void job_attention(void *arg, int ith, int nth)
  * both the norm and the int8 scale. Then xn = v * (1/rms) * norm and
  * q = round(xn * 127 / max(max|xn|, 1e-5)) as in bitlinear().
  * Before the exchange: this rank's blocks' sums and its max, per token. */
+static inline void stat1(double *sum, float *max, float x, float g)
+{
+    const float a = fabsf(x * g);
+    *sum += (double)x * x;
+    *max = a > *max ? a : *max;
+}
+
+/* The sum of x[i]^2 over one block, in double, in four running sums (element i
+ * in sum i % 4; the same order on every rank, and four additions in flight); *am
+ * raised to the largest |x[i] * g[i]| (NaNs skipped), also in four parts. */
+static double block_stats(const float *x, const float *g, int n, float *am)
+{
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    float m0 = *am, m1 = *am, m2 = *am, m3 = *am;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        stat1(&s0, &m0, x[i], g[i]);
+        stat1(&s1, &m1, x[i + 1], g[i + 1]);
+        stat1(&s2, &m2, x[i + 2], g[i + 2]);
+        stat1(&s3, &m3, x[i + 3], g[i + 3]);
+    }
+    if (i < n)
+        stat1(&s0, &m0, x[i], g[i]);
+    if (i + 1 < n)
+        stat1(&s1, &m1, x[i + 1], g[i + 1]);
+    if (i + 2 < n)
+        stat1(&s2, &m2, x[i + 2], g[i + 2]);
+    m0 = m1 > m0 ? m1 : m0;
+    m2 = m3 > m2 ? m3 : m2;
+    *am = m2 > m0 ? m2 : m0;
+    return (s0 + s1) + (s2 + s3);
+}
+
 static void job_sub_stats(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
@@ -396,13 +429,7 @@ static void job_sub_stats(void *arg, int ith, int nth)
         /* block by block (this rank's slice starts on a block boundary) */
         for (int i0 = 0; i0 < W; i0 += B) {
             const int i1 = W - i0 < B ? W : i0 + B;
-            double ss = 0.0;
-            for (int i = i0; i < i1; i++) {
-                ss += (double)v[i] * v[i];
-                float a = fabsf(v[i] * g[i]);
-                am = a > am ? a : am;
-            }
-            st[1 + (off + i0) / B] = ss;
+            st[1 + (off + i0) / B] = block_stats(v + i0, g + i0, i1 - i0, &am);
         }
         st[0] = am;
     }

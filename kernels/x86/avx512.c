@@ -684,6 +684,85 @@ INLINE __m512 kv16(const void *base, size_t e, const int f16)
     return _mm512_loadu_ps((const float *)base + e);
 }
 
+/* One whole block of 16 positions of an fp16 cache, for nh heads at once (nh and
+ * nv compile-time constants): each key and value row is widened once into
+ * registers and used by every head, rather than stored widened and read back per
+ * head. Per head, the same operations in the same order as the one-head path
+ * below (the dot products as there, the same transpose-sum, exp and accumulation
+ * order), so the same bits. */
+INLINE void f16_block(const float *q, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v, size_t stride,
+                      int t0, float scale, float (*accs)[16 * ATT_MAX_VEC], float *ms, float *ls, const int nv,
+                      const int nh)
+{
+    _Alignas(64) float dots[4][16 * 16], p[4][16];
+    for (int j = 0; j < 16; j++) {
+        const bn_fp16_t *kt = k + (size_t)(t0 + j) * stride;
+        __m512 kc[ATT_MAX_VEC];
+#pragma GCC unroll 16
+        for (int i = 0; i < ATT_MAX_VEC; i++) /* (all set: quiets a false maybe-uninitialized) */
+            kc[i] = i < nv ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kt + 16 * i))) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int h = 0; h < nh; h++) {
+            const float *qh = q + h * q_stride;
+            __m512 d = _mm512_mul_ps(_mm512_loadu_ps(qh), kc[0]);
+#pragma GCC unroll 16
+            for (int i = 1; i < nv; i++)
+                d = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kc[i], d);
+            _mm512_store_ps(dots[h] + 16 * j, d);
+        }
+    }
+#pragma GCC unroll 4
+    for (int h = 0; h < nh; h++) {
+        __m512 d[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++)
+            d[j] = _mm512_load_ps(dots[h] + 16 * j);
+        const __m512 vs = _mm512_mul_ps(reduce16f(d), _mm512_set1_ps(scale));
+        const float cmax = _mm512_reduce_max_ps(vs);
+        if (cmax > ms[h]) { /* a new maximum: rescale what was summed so far */
+            const float alpha = expf(ms[h] - cmax);
+            const __m512 va = _mm512_set1_ps(alpha);
+            for (int i = 0; i < nv; i++)
+                _mm512_store_ps(accs[h] + 16 * i, _mm512_mul_ps(_mm512_load_ps(accs[h] + 16 * i), va));
+            ls[h] *= alpha;
+            ms[h] = cmax;
+        }
+        const __m512 vp = exp512(_mm512_sub_ps(vs, _mm512_set1_ps(ms[h])));
+        ls[h] += _mm512_reduce_add_ps(vp);
+        _mm512_store_ps(p[h], vp);
+    }
+    /* the values, four vectors of the head at a time: 4 x nh accumulators */
+#pragma GCC unroll 4
+    for (int c0 = 0; c0 < nv; c0 += 4) {
+        const int nc = nv - c0 < 4 ? nv - c0 : 4;
+        __m512 acc[4][4];
+#pragma GCC unroll 4
+        for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                acc[h][c] = c < nc ? _mm512_load_ps(accs[h] + 16 * (c0 + c)) : _mm512_setzero_ps();
+        for (int j = 0; j < 16; j++) {
+            const bn_fp16_t *vt = v + (size_t)(t0 + j) * stride + 16 * c0;
+            __m512 vc[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < nc; c++)
+                vc[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vt + 16 * c)));
+#pragma GCC unroll 4
+            for (int h = 0; h < nh; h++) {
+                const __m512 pj = _mm512_set1_ps(p[h][j]);
+#pragma GCC unroll 4
+                for (int c = 0; c < nc; c++)
+                    acc[h][c] = _mm512_fmadd_ps(pj, vc[c], acc[h][c]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
+            for (int c = 0; c < nc; c++)
+                _mm512_store_ps(accs[h] + 16 * (c0 + c), acc[h][c]);
+    }
+}
+
 /* nv = head_dim / 16 and the cache's element type, compile-time constants after
  * inlining, so the accumulators stay in registers */
 INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const void *k, const void *v, size_t stride,
@@ -703,6 +782,18 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
         const __mmask16 live = lanes16(cnt);
         /* the block's keys and values as floats, rows bst apart: in place, or
          * widened from fp16 once for all the heads (exactly: the same values) */
+        if (f16 && cnt == 16) { /* a whole block: all heads at once, four at a time */
+            for (int h = 0; h < nq; h += 4) {
+                const float *qh = q + h * q_stride;
+                switch (nq - h < 4 ? nq - h : 4) {
+                case 4: f16_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 4); break;
+                case 3: f16_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 3); break;
+                case 2: f16_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 2); break;
+                default: f16_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 1);
+                }
+            }
+            continue;
+        }
         const float *kb, *vb;
         size_t bst;
         if (f16) {
