@@ -40,6 +40,30 @@ static inline float hmax_ps(__m256 v)
     return _mm_cvtss_f32(m);
 }
 
+/* e^x for x <= 88.7 within a few float ulps (the AVX-512 file's polynomial):
+ * 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, 2^n built from its
+ * exponent bits as 2^(n-1) * 2. x is clamped to [-87.3, 88.7], so n stays in
+ * [-126, 128]: e^x below about 1e-38 comes out as 0 or as that, never as a
+ * wrapped exponent. */
+static inline __m256 exp256(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
+    return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(2.0f));
+}
+
 /* 32 floats -> 32 int8 in order, each already rounded and within [-128, 127] */
 static inline __m256i pack32(__m256 a, __m256 b, __m256 c, __m256 d, __m256i *sum)
 {
@@ -478,10 +502,79 @@ static inline void head_step(const float *q, const float *kt, const float *vt, i
     *l = lh + p;
 }
 
-/* Up to ATT_MAX_HEADS heads: positions outer, heads inner, so each position's
- * key and value rows come from memory and are widened once for all the heads
- * (exactly: the same values as widening per head). A head's state (running max,
- * sum, accumulators) waits on the stack between positions. */
+/* 8 vectors -> one whose lane j is the sum of d[j]'s lanes */
+static inline __m256 hsum8x8(const __m256 d[8])
+{
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
+    /* a: lanes 0-3 the low halves' sums of d0..d3, lanes 4-7 their high halves' */
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* Eight positions at once for one head, the block's keys and values already
+ * widened (kb, vb: 8 rows of head_dim floats): the 8 scores side by side, their
+ * maximum, one rescale when it grows, the 8 weights by one vector exp, then the
+ * values. Its result depends only on the head and the positions. */
+static inline void head_block8(const float *q, const float *kb, const float *vb, int nv, float scale, float *acc,
+                               float *m, float *l)
+{
+    __m256 d[8];
+    for (int j = 0; j < 8; j++) {
+        const float *kt = kb + (size_t)j * 8 * nv;
+        __m256 d0 = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_load_ps(kt)), d1 = _mm256_setzero_ps();
+        int i = 1;
+        for (; i + 2 <= nv; i += 2) {
+            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_load_ps(kt + 8 * i), d1);
+            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i + 8), _mm256_load_ps(kt + 8 * i + 8), d0);
+        }
+        if (i < nv)
+            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_load_ps(kt + 8 * i), d1);
+        d[j] = _mm256_add_ps(d0, d1);
+    }
+    const __m256 vs = _mm256_mul_ps(hsum8x8(d), _mm256_set1_ps(scale));
+    const float cmax = hmax_ps(vs);
+    float mh = *m;
+    if (cmax > mh) { /* a new maximum: rescale what was summed so far */
+        const float alpha = expf(mh - cmax);
+        const __m256 va = _mm256_set1_ps(alpha);
+        for (int i = 0; i < nv; i++)
+            _mm256_store_ps(acc + 8 * i, _mm256_mul_ps(_mm256_load_ps(acc + 8 * i), va));
+        *l *= alpha;
+        *m = mh = cmax;
+    }
+    const __m256 vp = exp256(_mm256_sub_ps(vs, _mm256_set1_ps(mh)));
+    *l += hsum_ps(vp);
+    _Alignas(32) float p[8];
+    _mm256_store_ps(p, vp);
+    /* the values, eight accumulators at a time */
+    int c0 = 0;
+    for (; c0 + 8 <= nv; c0 += 8) {
+        __m256 a[8];
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++)
+            a[c] = _mm256_load_ps(acc + 8 * (c0 + c));
+        for (int j = 0; j < 8; j++) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float *vt = vb + (size_t)j * 8 * nv + 8 * c0;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++)
+                a[c] = _mm256_fmadd_ps(pj, _mm256_load_ps(vt + 8 * c), a[c]);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++)
+            _mm256_store_ps(acc + 8 * (c0 + c), a[c]);
+    }
+    for (; c0 < nv; c0++) /* a head_dim that is not a multiple of 64 */
+        for (int j = 0; j < 8; j++)
+            _mm256_store_ps(acc + 8 * c0, _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_load_ps(vb + (size_t)j * 8 * nv + 8 * c0),
+                                                          _mm256_load_ps(acc + 8 * c0)));
+}
+
+/* Up to ATT_MAX_HEADS heads: blocks of 8 positions outer, heads inner, so each
+ * block's key and value rows come from memory and are widened once for all the
+ * heads (exactly: the same values as widening per head); the last n_pos % 8
+ * positions one by one. A head's state (running max, sum, accumulators) waits on
+ * the stack between blocks. */
 static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v, size_t stride,
                       int n_pos, int head_dim, float *out, size_t out_stride)
 {
@@ -494,8 +587,23 @@ static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *
         m[h] = -INFINITY;
         l[h] = 0.0f;
     }
+    /* whole blocks of 8 positions: each widened once into kb, vb for all heads */
+    _Alignas(32) float kb[8 * ATT_MAX_DIM], vb[8 * ATT_MAX_DIM];
+    int t = 0;
+    for (; t + 8 <= n_pos; t += 8) {
+        for (int j = 0; j < 8; j++) {
+            const bn_fp16_t *kt = k + (size_t)(t + j) * stride, *vt = v + (size_t)(t + j) * stride;
+            for (int i = 0; i < nv; i++) {
+                _mm256_store_ps(kb + (size_t)j * head_dim + 8 * i, load8_f16(kt + 8 * i));
+                _mm256_store_ps(vb + (size_t)j * head_dim + 8 * i, load8_f16(vt + 8 * i));
+            }
+        }
+        for (int h = 0; h < nq; h++)
+            head_block8(q + (size_t)h * q_stride, kb, vb, nv, scale, acc[h], &m[h], &l[h]);
+    }
+    /* the last few positions one at a time */
     _Alignas(32) float kf[ATT_MAX_DIM], vf[ATT_MAX_DIM];
-    for (int t = 0; t < n_pos; t++) {
+    for (; t < n_pos; t++) {
         const bn_fp16_t *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
         for (int i = 0; i < nv; i++) {
             _mm256_store_ps(kf + 8 * i, load8_f16(kt + 8 * i));
@@ -530,20 +638,21 @@ static void attention_heads_f16(const float *q, int nq, size_t q_stride, const b
 
 static void ffn_act(const float *g, const float *u, int n, int relu2, float *out)
 {
-    if (!relu2) { /* silu needs exp: the reference's per-element expf */
-        bn_ref_ffn_act(g, u, n, relu2, out);
-        return;
-    }
-    const __m256 zero = _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     int i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 r = _mm256_max_ps(_mm256_loadu_ps(g + i), zero);
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(r, r), _mm256_loadu_ps(u + i)));
+        const __m256 x = _mm256_loadu_ps(g + i);
+        __m256 a;
+        if (relu2) {
+            const __m256 r = _mm256_max_ps(x, zero); /* a NaN gives 0, as g > 0 ? g : 0 */
+            a = _mm256_mul_ps(r, r);
+        } else {
+            a = _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, x))));
+        }
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
     }
-    for (; i < n; i++) {
-        float r = g[i] > 0.0f ? g[i] : 0.0f;
-        out[i] = r * r * u[i];
-    }
+    if (i < n) /* the tail: the reference's expression */
+        bn_ref_ffn_act(g + i, u + i, n - i, relu2, out + i);
 }
 
 const bn_kernels_t bn_kernels_avx2 = {
