@@ -176,23 +176,34 @@ typedef struct {
     float *logits;
 } ctx_t;
 
-/* the cache row of (seq, layer, pos): kv_dim values of the state's KV type */
-static void *cache_at(const bn_state_t *s, void *cache, const bn_model_t *m, int seq, int layer, int pos)
+/* The cache is (seq, layer, KV head, position, head_dim): one KV head's positions
+ * follow one another, so attention, which reads one KV head at a time, reads one
+ * stream (with rows of kv_dim, a head's slice of each row is too short a run for
+ * the hardware prefetchers, and decode waited on memory). This is the row of
+ * (seq, layer, KV head kh of the rank, pos): head_dim values of the KV type. */
+static void *cache_at(const bn_state_t *s, void *cache, const bn_model_t *m, int seq, int layer, int kh, int pos)
 {
-    const uint32_t nl = my_layers(m);
-    const size_t e = (((size_t)seq * nl + (layer - (int)m->shard.layer0)) * s->n_ctx + pos) * s->kv_dim;
+    const uint32_t nl = my_layers(m), hd = m->cfg.head_dim, nkv = s->kv_dim / hd;
+    const size_t e = ((((size_t)seq * nl + (layer - (int)m->shard.layer0)) * nkv + kh) * s->n_ctx + pos) * hd;
     return (uint8_t *)cache + e * bn_kv_type_size(s->kv_type);
 }
 
-/* one token's k or v (kv_dim floats) into its cache row */
-static void cache_put(const bn_state_t *s, void *row, const float *x)
+/* one token's k or v (kv_dim floats, the rank's KV heads one after another) into
+ * its rows of the cache */
+static void cache_put(const bn_state_t *s, void *cache, const bn_model_t *m, int seq, int layer, int pos,
+                      const float *x)
 {
-    if (s->kv_type == BN_KV_F16) {
-        bn_fp16_t *h = row;
-        for (uint32_t i = 0; i < s->kv_dim; i++)
-            h[i] = bn_f32_to_fp16(x[i]);
-    } else {
-        memcpy(row, x, (size_t)s->kv_dim * sizeof(float));
+    const uint32_t hd = m->cfg.head_dim;
+    for (uint32_t kh = 0; kh < s->kv_dim / hd; kh++) {
+        void *row = cache_at(s, cache, m, seq, layer, (int)kh, pos);
+        const float *xh = x + (size_t)kh * hd;
+        if (s->kv_type == BN_KV_F16) {
+            bn_fp16_t *h = row;
+            for (uint32_t i = 0; i < hd; i++)
+                h[i] = bn_f32_to_fp16(xh[i]);
+        } else {
+            memcpy(row, xh, (size_t)hd * sizeof(float));
+        }
     }
 }
 
@@ -309,9 +320,8 @@ static void job_rope_cache(void *arg, int ith, int nth)
         cx->K->rope_neox(s->k + (size_t)t * KVD, (int)(sh->kv1 - sh->kv0), HD, (int)c->rope_dim, cs);
         if (!KVD)
             continue;
-        cache_put(s, cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos), s->k + (size_t)t * KVD);
-        cache_put(s, cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos),
-                  s->v + (size_t)t * KVD);
+        cache_put(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->k + (size_t)t * KVD);
+        cache_put(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->v + (size_t)t * KVD);
     }
 }
 
@@ -357,18 +367,18 @@ static void job_attention(void *arg, int ith, int nth)
         const float *q = s->q + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
         float *out = s->att + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
         if (s->kv_type == BN_KV_F16) {
-            const bn_fp16_t *kc = (const bn_fp16_t *)cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
-            const bn_fp16_t *vc = (const bn_fp16_t *)cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
-            cx->K->attention_heads_f16(q, h1 - h0, (size_t)HD, kc, vc, s->kv_dim, cx->b[t].pos + 1, HD, out, (size_t)HD);
+            const bn_fp16_t *kc = cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
+            const bn_fp16_t *vc = cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
+            cx->K->attention_heads_f16(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, cx->b[t].pos + 1, HD, out, (size_t)HD);
             continue;
         }
-        const float *kc = (const float *)cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
-        const float *vc = (const float *)cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, 0) + kh * HD;
+        const float *kc = cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
+        const float *vc = cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
         if (cx->K->attention_heads)
-            cx->K->attention_heads(q, h1 - h0, (size_t)HD, kc, vc, s->kv_dim, cx->b[t].pos + 1, HD, out, (size_t)HD);
+            cx->K->attention_heads(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, cx->b[t].pos + 1, HD, out, (size_t)HD);
         else
             for (int h = 0; h < h1 - h0; h++)
-                cx->K->attention(q + h * HD, kc, vc, s->kv_dim, cx->b[t].pos + 1, HD, out + h * HD);
+                cx->K->attention(q + h * HD, kc, vc, (size_t)HD, cx->b[t].pos + 1, HD, out + h * HD);
     }
 }
 

@@ -75,8 +75,8 @@ typedef struct {
     float *hd;            /* (max_batch, n_embd/32) their scales */
     /* KV cache, of kv_type elements (float or bn_fp16_t) */
     int kv_type;          /* bn_kv_type_t */
-    void *key_cache;      /* (n_seq, layers of this stage, n_ctx, kv_dim); NULL when kv_dim is 0 */
-    void *value_cache;    /* (n_seq, layers of this stage, n_ctx, kv_dim) */
+    void *key_cache;      /* (n_seq, layers of this stage, KV heads, n_ctx, head_dim); NULL when kv_dim is 0 */
+    void *value_cache;    /* (n_seq, layers of this stage, KV heads, n_ctx, head_dim) */
     size_t cache_bytes;   /* of each */
 } bn_state_t;
 
