@@ -22,6 +22,8 @@ static const bn_kernels_t ref_table = {
     .attention = bn_ref_attention,
     .attention_heads_f16 = bn_ref_attention_heads_f16,
     .ffn_act = bn_ref_ffn_act,
+    .quantize_scaled = bn_ref_quantize_scaled,
+    .to_f16 = bn_ref_to_f16,
 };
 
 #if defined(__x86_64__)

@@ -211,6 +211,14 @@ typedef struct {
                                 size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
     /* out[i] = act(g[i]) * u[i], act = relu(x)^2 (relu2 != 0) or silu (out may equal g) */
     void (*ffn_act)(const float *g, const float *u, int n, int relu2, float *out);
+    /* q[i] = x[i] * r * g[i] * s (multiplied in that order), rounded half to even
+     * and clamped to [-128, 127] (a NaN gives -128), *qsum = the sum of q: a norm
+     * applied and quantized in one pass with scales found over a wider row (the
+     * sub-norms, whose rows may be split over ranks) */
+    void (*quantize_scaled)(const float *x, const float *g, float r, float s, int n, int8_t *q, int32_t *qsum);
+    /* out[i] = x[i] as fp16 exactly as bn_f32_to_fp16 (quants.h) rounds it: to
+     * nearest even, a NaN as the quiet NaN 0x7e00 with its sign (the KV cache) */
+    void (*to_f16)(const float *x, int n, bn_fp16_t *out);
 } bn_kernels_t;
 
 /* --- the reference (kernels/ref/), also the fallback of every table --- */
@@ -226,6 +234,8 @@ void bn_ref_attention(const float *q, const float *k, const float *v, size_t str
 void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
                                 size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
 void bn_ref_ffn_act(const float *g, const float *u, int n, int relu2, float *out);
+void bn_ref_quantize_scaled(const float *x, const float *g, float r, float s, int n, int8_t *q, int32_t *qsum);
+void bn_ref_to_f16(const float *x, int n, bn_fp16_t *out);
 /* cs (rope_dim) for position pos: cos then sin of pos * base^(-2i/rope_dim), in double */
 void bn_ref_rope_table(int pos, int rope_dim, float base, float *cs);
 /* Dequantize n elements of one row of a file tensor type (F32, F16, BF16, Q8_0,

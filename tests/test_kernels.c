@@ -91,6 +91,86 @@ static void fill_x(float *x, int n, int mode)
     }
 }
 
+/* quantize_scaled, exactly as the reference: the real widths and odd tails; the
+ * scale as the sub-norms set it (127 over the largest product) or larger, which
+ * saturates; ties; zeros; NaN and infinities mixed in (mode 6) */
+static void check_quantize_scaled(const bn_kernels_t *K)
+{
+    static const int sizes[] = { 1, 7, 31, 33, 100, 640, 2304, 2560, 6912, 6913 };
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++)
+        for (int mode = 0; mode < 7; mode++) {
+            const int n = sizes[si];
+            float *x = malloc(n * sizeof(float)), *g = malloc(n * sizeof(float));
+            int8_t *qa = malloc(n), *qb = malloc(n);
+            fill_x(x, n, mode < 6 ? mode : 0);
+            for (int i = 0; i < n; i++)
+                g[i] = mode == 5 ? 1.0f : 1.0f + 0.2f * gauss();
+            if (mode == 6)
+                for (int i = 0; i < n; i += 5)
+                    x[i] = (i / 5) % 3 == 0 ? NAN : (i / 5) % 3 == 1 ? INFINITY : -INFINITY;
+            const float r = mode == 5 ? 1.0f : 0.5f + (float)(rnd() % 1000) / 500.0f;
+            float am = 0.0f;
+            for (int i = 0; i < n; i++)
+                if (isfinite(x[i]))
+                    am = fmaxf(am, fabsf(x[i] * r * g[i]));
+            float s = 127.0f / fmaxf(am, 1e-5f) * (mode == 1 ? 3.0f : 1.0f);
+            if (mode == 5)
+                s = 127.0f / 6.0f; /* x * s lands on or near k / 2: ties to even */
+            int32_t ca = 0, cb = 0;
+            bn_ref_quantize_scaled(x, g, r, s, n, qa, &ca);
+            K->quantize_scaled(x, g, r, s, n, qb, &cb);
+            for (int i = 0; i < n; i++)
+                if (qa[i] != qb[i])
+                    BN_FAIL("%s quantize_scaled n=%d mode=%d: q[%d] = %d, reference %d (x %.9g g %.9g r %.9g s %.9g)",
+                            K->name, n, mode, i, qb[i], qa[i], (double)x[i], (double)g[i], (double)r, (double)s);
+            if (ca != cb)
+                BN_FAIL("%s quantize_scaled n=%d mode=%d: qsum %d, reference %d", K->name, n, mode, cb, ca);
+            free(x); free(g); free(qa); free(qb);
+        }
+}
+
+/* to_f16, bit for bit as bn_f32_to_fp16: random bit patterns (every class of
+ * float), then the edges: signed zeros, infinities, NaNs with payloads, the
+ * largest half and the overflow boundary, subnormals and the halfway points
+ * between halves (ties to even); odd lengths for the tails */
+static void check_to_f16(const bn_kernels_t *K)
+{
+    static const uint32_t edges[] = {
+        0x00000000, 0x80000000, 0x7f800000, 0xff800000, 0x7fc00000, 0xffc00000, 0x7f800001, 0xffc12345,
+        0x7fbfffff, 0x477fe000, 0x477fefff, 0x477ff000, 0xc77ff000, 0x47800000, 0x38800000, 0x387fffff,
+        0x38000000, 0x33800000, 0x33000000, 0x33000001, 0xb3000001, 0x32ffffff, 0x3f801000, 0x3f803000,
+        0x3f800fff, 0x3f801001, 0x00000001, 0x807fffff, 0x35c00000, 0x36200000, 0x3f7ff000, 0x3f7fefff,
+    };
+    const int nedge = (int)(sizeof edges / sizeof edges[0]);
+    for (int round = 0; round < 2; round++) {
+        const int n = round == 0 ? 4099 : nedge;
+        float *x = malloc(n * sizeof(float));
+        bn_fp16_t *a = malloc(n * sizeof(bn_fp16_t)), *b = malloc(n * sizeof(bn_fp16_t));
+        for (int i = 0; i < n; i++) {
+            uint32_t u = round == 0 ? (uint32_t)rnd() : edges[i];
+            if (round == 0 && i % 2) /* half of them near the range of halves */
+                u = (u & 0x80ffffffu) | ((uint32_t)(0x30 + rnd() % 0x20) << 24);
+            memcpy(&x[i], &u, 4);
+        }
+        for (int len = n; len >= n - 16 && len > 0; len -= 5) { /* tails */
+            bn_ref_to_f16(x, len, a);
+            memset(b, 0xa5, n * sizeof(bn_fp16_t));
+            K->to_f16(x, len, b);
+            for (int i = 0; i < len; i++)
+                if (a[i] != b[i]) {
+                    uint32_t u;
+                    memcpy(&u, &x[i], 4);
+                    BN_FAIL("%s to_f16 n=%d: element %d (bits 0x%08x) gives 0x%04x, reference 0x%04x", K->name, len, i,
+                            u, b[i], a[i]);
+                }
+            for (int i = len; i < n; i++)
+                if (b[i] != 0xa5a5)
+                    BN_FAIL("%s to_f16 n=%d: wrote element %d", K->name, len, i);
+        }
+        free(x); free(a); free(b);
+    }
+}
+
 static void check_quantize(const bn_kernels_t *K)
 {
     static const int sizes[] = { 32, 128, 256, 384, 2560, 6912, 8192 };
@@ -109,6 +189,8 @@ static void check_quantize(const bn_kernels_t *K)
                         (double)sb, (double)sa, cb, ca, memcmp(qa, qb, n) ? "differ" : "equal");
             free(x); free(qa); free(qb);
         }
+    check_quantize_scaled(K);
+    check_to_f16(K);
 }
 
 static void check_tgemm_case(const bn_kernels_t *K, int n_in, int n_out, int nt, int wmode, int xmode)

@@ -190,20 +190,17 @@ static void *cache_at(const bn_state_t *s, void *cache, const bn_model_t *m, int
 
 /* one token's k or v (kv_dim floats, the rank's KV heads one after another) into
  * its rows of the cache */
-static void cache_put(const bn_state_t *s, void *cache, const bn_model_t *m, int seq, int layer, int pos,
-                      const float *x)
+static void cache_put(const bn_state_t *s, const bn_kernels_t *K, void *cache, const bn_model_t *m, int seq,
+                      int layer, int pos, const float *x)
 {
     const uint32_t hd = m->cfg.head_dim;
     for (uint32_t kh = 0; kh < s->kv_dim / hd; kh++) {
         void *row = cache_at(s, cache, m, seq, layer, (int)kh, pos);
         const float *xh = x + (size_t)kh * hd;
-        if (s->kv_type == BN_KV_F16) {
-            bn_fp16_t *h = row;
-            for (uint32_t i = 0; i < hd; i++)
-                h[i] = bn_f32_to_fp16(xh[i]);
-        } else {
+        if (s->kv_type == BN_KV_F16)
+            K->to_f16(xh, (int)hd, row);
+        else
             memcpy(row, xh, (size_t)hd * sizeof(float));
-        }
     }
 }
 
@@ -320,8 +317,8 @@ static void job_rope_cache(void *arg, int ith, int nth)
         cx->K->rope_neox(s->k + (size_t)t * KVD, (int)(sh->kv1 - sh->kv0), HD, (int)c->rope_dim, cs);
         if (!KVD)
             continue;
-        cache_put(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->k + (size_t)t * KVD);
-        cache_put(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->v + (size_t)t * KVD);
+        cache_put(s, cx->K, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->k + (size_t)t * KVD);
+        cache_put(s, cx->K, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->v + (size_t)t * KVD);
     }
 }
 
@@ -446,9 +443,7 @@ static void job_sub_stats(void *arg, int ith, int nth)
 }
 
 /* After the exchange (xr = 1 / rms, xs = the int8 scale of the whole width): the
- * slice normed and quantized, zeros in the padding. Rounding half to even by
- * adding and subtracting 1.5 * 2^23 is nearbyintf for |x| < 2^22 (here |x| is at
- * most 127 and a hair), without a call into libm. */
+ * slice normed and quantized (the kernels' quantize_scaled), zeros in the padding. */
 static void job_sub_apply(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
@@ -460,17 +455,8 @@ static void job_sub_apply(void *arg, int ith, int nth)
     for (int t = t0; t < t1; t++) {
         const float *v = cx->sub_in + (size_t)t * W;
         int8_t *q = s->xq + (size_t)t * P;
-        const float r = s->xr[t], sc = s->xs[t];
-        int32_t sum = 0;
-        for (int i = 0; i < W; i++) {
-            float y = v[i] * r * g[i] * sc + 12582912.0f;
-            float z = y - 12582912.0f;
-            z = z < -128.0f ? -128.0f : z > 127.0f ? 127.0f : z;
-            q[i] = (int8_t)z;
-            sum += q[i];
-        }
+        cx->K->quantize_scaled(v, g, s->xr[t], s->xs[t], W, q, &s->xqsum[t]);
         memset(q + W, 0, (size_t)(P - W));
-        s->xqsum[t] = sum;
     }
 }
 

@@ -596,6 +596,46 @@ static void ffn_act(const float *g, const float *u, int n, int relu2, float *out
     }
 }
 
+static void quantize_scaled(const float *x, const float *g, float r, float s, int n, int8_t *q, int32_t *qsum)
+{
+    const float32x4_t vr = vdupq_n_f32(r), vs = vdupq_n_f32(s);
+    const float32x4_t lo = vdupq_n_f32(-128.0f), hi = vdupq_n_f32(127.0f);
+    int32x4_t vsum = vdupq_n_s32(0);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        int32x4_t v[4];
+        for (int k = 0; k < 4; k++) {
+            const int j = i + 4 * k;
+            const float32x4_t y = vmulq_f32(vmulq_f32(vmulq_f32(vld1q_f32(x + j), vr), vld1q_f32(g + j)), vs);
+            /* maxnm gives lo for a NaN, as the reference's fmaxf */
+            v[k] = vcvtq_s32_f32(vminnmq_f32(vmaxnmq_f32(vrndnq_f32(y), lo), hi));
+        }
+        vsum = vaddq_s32(vsum, vaddq_s32(vaddq_s32(v[0], v[1]), vaddq_s32(v[2], v[3])));
+        /* values are within [-128, 127]: the truncating narrows are exact */
+        int16x8_t h0 = vcombine_s16(vmovn_s32(v[0]), vmovn_s32(v[1]));
+        int16x8_t h1 = vcombine_s16(vmovn_s32(v[2]), vmovn_s32(v[3]));
+        vst1q_s8(q + i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+    }
+    int32_t tail;
+    bn_ref_quantize_scaled(x + i, g + i, r, s, n - i, q + i, &tail);
+    *qsum = vaddvq_s32(vsum) + tail;
+}
+
+static void to_f16(const float *x, int n, bn_fp16_t *out)
+{
+    const uint16x4_t sign = vdup_n_u16(0x8000), qnan = vdup_n_u16(0x7e00);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        /* FCVTN rounds to nearest even (the default FPCR) and keeps a NaN's
+         * payload, which bn_f32_to_fp16 drops */
+        const uint16x4_t h = vreinterpret_u16_f16(vcvt_f16_f32(v));
+        const uint16x4_t num = vmovn_u32(vceqq_f32(v, v));
+        vst1_u16(out + i, vbsl_u16(num, h, vorr_u16(vand_u16(h, sign), qnan)));
+    }
+    bn_ref_to_f16(x + i, n - i, out + i);
+}
+
 const bn_kernels_t bn_kernels_neon = {
     .name = "neon",
     .quantize_act = quantize_act,
@@ -607,4 +647,6 @@ const bn_kernels_t bn_kernels_neon = {
     .attention = attention,
     .attention_heads_f16 = attention_heads_f16,
     .ffn_act = ffn_act,
+    .quantize_scaled = quantize_scaled,
+    .to_f16 = to_f16,
 };

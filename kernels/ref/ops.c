@@ -115,3 +115,20 @@ void bn_ref_ffn_act(const float *g, const float *u, int n, int relu2, float *out
         out[i] = a * u[i];
     }
 }
+
+void bn_ref_quantize_scaled(const float *x, const float *g, float r, float s, int n, int8_t *q, int32_t *qsum)
+{
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++) {
+        float v = fminf(fmaxf(nearbyintf(x[i] * r * g[i] * s), -128.0f), 127.0f);
+        q[i] = (int8_t)v;
+        sum += q[i];
+    }
+    *qsum = sum;
+}
+
+void bn_ref_to_f16(const float *x, int n, bn_fp16_t *out)
+{
+    for (int i = 0; i < n; i++)
+        out[i] = bn_f32_to_fp16(x[i]);
+}

@@ -655,6 +655,44 @@ static void ffn_act(const float *g, const float *u, int n, int relu2, float *out
         bn_ref_ffn_act(g + i, u + i, n - i, relu2, out + i);
 }
 
+static void quantize_scaled(const float *x, const float *g, float r, float s, int n, int8_t *q, int32_t *qsum)
+{
+    const __m256 vr = _mm256_set1_ps(r), vs = _mm256_set1_ps(s);
+    const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i vsum = _mm256_setzero_si256();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 v[4];
+        for (int k = 0; k < 4; k++) {
+            const int j = i + 8 * k;
+            const __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), vr), _mm256_loadu_ps(g + j)), vs);
+            /* max gives lo for a NaN, as the reference's fmaxf */
+            v[k] = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+        }
+        _mm256_storeu_si256((__m256i *)(q + i), pack32(v[0], v[1], v[2], v[3], &vsum));
+    }
+    int32_t tail;
+    bn_ref_quantize_scaled(x + i, g + i, r, s, n - i, q + i, &tail);
+    *qsum = hsum_epi32(vsum) + tail;
+}
+
+static void to_f16(const float *x, int n, bn_fp16_t *out)
+{
+    const __m128i sign = _mm_set1_epi16((short)0x8000), qnan = _mm_set1_epi16(0x7e00);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        /* the hardware keeps a NaN's payload; bn_f32_to_fp16 drops it */
+        const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(nan)),
+                                              _mm256_extractf128_si256(_mm256_castps_si256(nan), 1));
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm_blendv_epi8(h, _mm_or_si128(_mm_and_si128(h, sign), qnan), nan16));
+    }
+    bn_ref_to_f16(x + i, n - i, out + i);
+}
+
 const bn_kernels_t bn_kernels_avx2 = {
     .name = "avx2",
     .quantize_act = quantize_act,
@@ -666,4 +704,6 @@ const bn_kernels_t bn_kernels_avx2 = {
     .attention = attention,
     .attention_heads_f16 = attention_heads_f16,
     .ffn_act = ffn_act,
+    .quantize_scaled = quantize_scaled,
+    .to_f16 = to_f16,
 };

@@ -940,6 +940,40 @@ static void ffn_act(const float *g, const float *u, int n, int relu2, float *out
     }
 }
 
+static void quantize_scaled(const float *x, const float *g, float r, float s, int n, int8_t *q, int32_t *qsum)
+{
+    const __m512 vr = _mm512_set1_ps(r), vs = _mm512_set1_ps(s);
+    const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    __m512i vsum = _mm512_setzero_si512();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = lanes16(n - i);
+        const __m512 y = _mm512_mul_ps(
+            _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vr), _mm512_maskz_loadu_ps(m, g + i)), vs);
+        /* rounded half to even, then clamped in float (max gives lo for a NaN), so
+         * every value converts exactly */
+        const __m512 v = _mm512_min_ps(
+            _mm512_max_ps(_mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+        const __m512i vi = _mm512_cvtps_epi32(v);
+        vsum = _mm512_mask_add_epi32(vsum, m, vsum, vi);
+        _mm512_mask_cvtepi32_storeu_epi8(q + i, m, vi);
+    }
+    *qsum = _mm512_reduce_add_epi32(vsum);
+}
+
+static void to_f16(const float *x, int n, bn_fp16_t *out)
+{
+    const __m256i sign = _mm256_set1_epi16((short)0x8000), qnan = _mm256_set1_epi16(0x7e00);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = lanes16(n - i);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        /* the hardware keeps a NaN's payload; bn_f32_to_fp16 drops it */
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        h = _mm256_mask_blend_epi16(nan, h, _mm256_or_si256(_mm256_and_si256(h, sign), qnan));
+        _mm256_mask_storeu_epi16(out + i, m, h);
+    }
+}
+
 const bn_kernels_t bn_kernels_avx512 = {
     .name = "avx512",
     .quantize_act = quantize_act,
@@ -952,4 +986,6 @@ const bn_kernels_t bn_kernels_avx512 = {
     .attention_heads_f16 = attention_heads_f16,
     .attention_heads = attention_heads,
     .ffn_act = ffn_act,
+    .quantize_scaled = quantize_scaled,
+    .to_f16 = to_f16,
 };
