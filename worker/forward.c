@@ -10,12 +10,17 @@
 #include "proto/status.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
 #define MAX_BATCH 64
 #define ROW_ALIGN 8 /* rows per thread in multiples of this: whole SIMD row groups */
+/* Rows per chunk when the threads take a matrix's rows chunk by chunk (a multiple
+ * of ROW_ALIGN): 40-330 KB of weights, a long run for the prefetchers, and at most
+ * one chunk's time waited at the barrier. */
+#define ROW_CHUNK 64
 
 static uint32_t umax3(uint32_t a, uint32_t b, uint32_t c)
 {
@@ -171,6 +176,7 @@ typedef struct {
     int sub_off, sub_block; /* where this rank's slice starts in it, its blocks' width, */
     const float *sub_norm;  /* and this rank's norm weights */
     const float *mm_s;      /* NULL, or the scales job_matmul uses instead of s->xs */
+    atomic_int next_chunk;  /* the next chunk of rows a thread takes (job_matmul, job_head) */
     const int *logit_rows;  /* tokens whose logits are wanted */
     int n_logit_rows;
     float *logits;
@@ -227,18 +233,45 @@ static void quantize_tokens(ctx_t *cx, int n, int t0, int t1)
 }
 
 /* y = bitlinear(x) for the n_mats matrices of the step, sharing one quantized input */
+/* Each matrix's rows: the first TAIL_FROM eighths split evenly over the threads
+ * (each thread streams one contiguous run), then the rest of every matrix in
+ * chunks of ROW_CHUNK that each thread takes when it is done, so a thread that
+ * streams slower or starts later takes fewer of them rather than the others
+ * waiting for it at the barrier. Which thread computes a row does not change its
+ * bits. */
+#define TAIL_FROM 7
+static int static_rows(const bn_tmat_t *w, int nth)
+{
+    return nth > 1 ? (int)w->n_out * TAIL_FROM / 8 / ROW_ALIGN * ROW_ALIGN : (int)w->n_out;
+}
+
 static void job_matmul(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
     bn_state_t *s = cx->s;
+    const float *xs = cx->mm_s ? cx->mm_s : s->xs;
     for (int i = 0; i < cx->n_mats; i++) {
         const bn_tmat_t *w = cx->mats[i];
         int r0, r1;
-        bn_pool_split((int)w->n_out, ith, nth, ROW_ALIGN, &r0, &r1);
-        if (r0 >= r1)
-            continue;
-        (w->bscale ? bn_ref_tgemm : cx->K->tgemm)(w, s->xq, cx->mm_s ? cx->mm_s : s->xs, s->xqsum, cx->nt,
-                                                  cx->outs[i], w->n_out, r0, r1);
+        bn_pool_split(static_rows(w, nth), ith, nth, ROW_ALIGN, &r0, &r1);
+        if (r0 < r1)
+            (w->bscale ? bn_ref_tgemm : cx->K->tgemm)(w, s->xq, xs, s->xqsum, cx->nt, cx->outs[i], w->n_out, r0, r1);
+    }
+    for (;;) {
+        int c = atomic_fetch_add_explicit(&cx->next_chunk, 1, memory_order_relaxed), i = 0, r0 = 0;
+        for (; i < cx->n_mats; i++) {
+            r0 = static_rows(cx->mats[i], nth);
+            const int n = ((int)cx->mats[i]->n_out - r0 + ROW_CHUNK - 1) / ROW_CHUNK;
+            if (c < n)
+                break;
+            c -= n;
+        }
+        if (i == cx->n_mats)
+            return;
+        const bn_tmat_t *w = cx->mats[i];
+        r0 += c * ROW_CHUNK;
+        const int r1 = (int)w->n_out - r0 > ROW_CHUNK ? r0 + ROW_CHUNK : (int)w->n_out;
+        (w->bscale ? bn_ref_tgemm : cx->K->tgemm)(w, s->xq, xs, s->xqsum, cx->nt, cx->outs[i], w->n_out, r0, r1);
     }
 }
 
@@ -249,6 +282,7 @@ static void matmul(ctx_t *cx, const bn_tmat_t *a, float *ya, const bn_tmat_t *b,
     cx->mats[1] = b; cx->outs[1] = yb;
     cx->mats[2] = c; cx->outs[2] = yc;
     cx->n_mats = c ? 3 : b ? 2 : 1;
+    atomic_store_explicit(&cx->next_chunk, 0, memory_order_relaxed);
     run(cx, job_matmul);
 }
 
@@ -545,21 +579,25 @@ static void job_head_in(void *arg, int ith, int nth)
     }
 }
 
-/* logits = token_embd . h   (the tied LM head: this rank's vocabulary rows, split
- * over the threads) */
+/* logits = token_embd . h   (the tied LM head: this rank's vocabulary rows, taken
+ * by the threads in chunks of HEAD_CHUNK rows as job_matmul takes its rows) */
+#define HEAD_CHUNK 256
 static void job_head(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
     bn_state_t *s = cx->s;
     const bn_hmat_t *h = &cx->m->w.head;
-    const int D = (int)h->n_in;
-    int r0, r1;
-    bn_pool_split((int)h->n_out, ith, nth, ROW_ALIGN, &r0, &r1);
-    if (r0 >= r1)
-        return;
-    for (int i = 0; i < cx->n_logit_rows; i++) {
-        bn_hact_t a = { s->xn + (size_t)i * D, s->hq + (size_t)i * D, s->hd + (size_t)i * (D / 32) };
-        cx->K->head_gemv(h, &a, cx->logits + (size_t)i * h->n_out, r0, r1);
+    const int D = (int)h->n_in, n = (int)h->n_out;
+    const int ch = nth > 1 || cx->n_logit_rows > 1 ? HEAD_CHUNK : n; /* (several rows: each chunk's weights from cache for the rest) */
+    for (;;) {
+        const int c = atomic_fetch_add_explicit(&cx->next_chunk, 1, memory_order_relaxed);
+        if (c >= (n + ch - 1) / ch)
+            return;
+        const int r0 = c * ch, r1 = n - r0 > ch ? r0 + ch : n;
+        for (int i = 0; i < cx->n_logit_rows; i++) {
+            bn_hact_t a = { s->xn + (size_t)i * D, s->hq + (size_t)i * D, s->hd + (size_t)i * (D / 32) };
+            cx->K->head_gemv(h, &a, cx->logits + (size_t)i * h->n_out, r0, r1);
+        }
     }
 }
 
@@ -657,8 +695,10 @@ static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entr
     }
     /* logits = token_embd . (rmsnorm(x) * output_norm), for the entries that want them */
     run(&cx, job_head_in);
-    if (n_rows && m->w.head.n_out)
+    if (n_rows && m->w.head.n_out) {
+        atomic_store_explicit(&cx.next_chunk, 0, memory_order_relaxed);
         run(&cx, job_head);
+    }
     return BN_OK;
 }
 
