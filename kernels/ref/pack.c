@@ -267,14 +267,15 @@ int bn_pack_q6_h(const float *x, size_t n, bn_block_q6_h *dst)
                 m = v[j];
             }
         bn_block_q6_h *o = &dst[b];
-        memset(o, 0, sizeof *o);
         o->d = bn_f32_to_fp16(m / -32.0f);
         float d16 = bn_fp16_to_f32(o->d), id = d16 != 0.0f ? 1.0f / d16 : 0.0f;
-        for (int j = 0; j < 32; j++) {
-            int q = qround(v[j] * id, -32, 31) + 32;
-            o->ql[j % 16] |= (uint8_t)((q & 15) << (4 * (j / 16)));
-            o->qh[j % 8] |= (uint8_t)((q >> 4) << (2 * (j / 8)));
-        }
+        uint8_t q[32]; /* the codes first, then the bits: no read-modify-write of o */
+        for (int j = 0; j < 32; j++)
+            q[j] = (uint8_t)(qround(v[j] * id, -32, 31) + 32);
+        for (int j = 0; j < 16; j++)
+            o->ql[j] = (uint8_t)((q[j] & 15) | (q[16 + j] & 15) << 4);
+        for (int j = 0; j < 8; j++)
+            o->qh[j] = (uint8_t)(q[j] >> 4 | (q[8 + j] >> 4) << 2 | (q[16 + j] >> 4) << 4 | (q[24 + j] >> 4) << 6);
     }
     return BN_OK;
 }
