@@ -224,9 +224,10 @@ static void check_tgemm_case(const bn_kernels_t *K, int n_in, int n_out, int nt,
 static void check_tgemm(const bn_kernels_t *K)
 {
     /* shapes: one block, odd block counts (384 = 3 blocks), the 2B4T widths; tokens
-     * 1 (decode), odd and larger batches; rows not multiples of any unroll */
+     * 1 (decode), odd and larger batches; rows not multiples of any unroll, and
+     * 300 rows: several of the kernels' row chunks (64, 128) and a part group */
     static const int shapes[][2] = { { 128, 1 }, { 128, 37 }, { 256, 16 }, { 384, 29 }, { 640, 64 },
-                                     { 2560, 40 }, { 6912, 33 } };
+                                     { 2560, 40 }, { 6912, 33 }, { 256, 300 } };
     static const int tokens[] = { 1, 2, 3, 5, 8, 13 };
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
         for (size_t ti = 0; ti < sizeof tokens / sizeof tokens[0]; ti++)
