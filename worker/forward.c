@@ -232,7 +232,6 @@ static void quantize_tokens(ctx_t *cx, int n, int t0, int t1)
         cx->K->quantize_act(s->xn + (size_t)t * n, n, s->xq + (size_t)t * n, &s->xs[t], &s->xqsum[t]);
 }
 
-/* y = bitlinear(x) for the n_mats matrices of the step, sharing one quantized input */
 /* Each matrix's rows: the first TAIL_FROM eighths split evenly over the threads
  * (each thread streams one contiguous run), then the rest of every matrix in
  * chunks of ROW_CHUNK that each thread takes when it is done, so a thread that
@@ -245,6 +244,7 @@ static int static_rows(const bn_tmat_t *w, int nth)
     return nth > 1 ? (int)w->n_out * TAIL_FROM / 8 / ROW_ALIGN * ROW_ALIGN : (int)w->n_out;
 }
 
+/* y = bitlinear(x) for the n_mats matrices of the step, sharing one quantized input */
 static void job_matmul(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
