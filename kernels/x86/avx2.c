@@ -286,11 +286,74 @@ static inline __m256i dot_s8(__m256i wq, __m256i xq, __m256i ones)
     return _mm256_madd_epi16(p, ones);
 }
 
+#define HEAD_MAX_IN 16384 /* the q6 path's rearranged activations live on the stack */
+
+/* The activations as the q6 path reads them: for blocks 2i and 2i+1, lo[i] holds
+ * values 0-15 of each (one block per 128-bit lane) and hi[i] values 16-31, the
+ * lanes of the codes' low and high nibbles; start[b] = -32 * sum(x of block b)
+ * in lane 0 of a block's (pair[i]: lane 0 and lane 4 of a pair's) int32 sums. */
+typedef struct {
+    __m256i lo[HEAD_MAX_IN / 64], hi[HEAD_MAX_IN / 64], pair[HEAD_MAX_IN / 64], start[HEAD_MAX_IN / 32];
+} q6_act_t;
+
+/* Q6 blocks b0 .. b0+cnt-1 (cnt <= 4) of a row, the unit at p, two blocks at a
+ * time: one 32-byte load of their nibbles, their 16 bytes of high bits widened
+ * by a qword permute and two variable shifts; the codes 0..63 as stored
+ * (maddubs takes them unsigned: |pair| <= 2 * 63 * 127, two of them fit int16),
+ * the -32 offset added back through start. The unit's scales d_w * d_a are one
+ * vector, each block's spread by a lane permute. (One block at a time with
+ * signed codes through two vpsignb and a scalar scale per block ran at 48% of
+ * the read bandwidth, 2B4T's 267 MB q6 head.) */
+static inline __attribute__((always_inline)) void q6_unit(const uint8_t *p, int b0, int cnt, const bn_hact_t *a,
+                                                           const q6_act_t *qa, __m256 *acc)
+{
+    const __m256i ones = _mm256_set1_epi16(1), m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    __m128i dh = _mm_setzero_si128();
+    __m128 da = _mm_setzero_ps();
+    memcpy(&dh, p + 24 * cnt, 2 * (size_t)cnt);
+    memcpy(&da, a->d + b0, sizeof(float) * (size_t)cnt);
+    const __m256 s4 = _mm256_castps128_ps256(_mm_mul_ps(_mm_cvtph_ps(dh), da));
+    int k = 0;
+    for (; k + 2 <= cnt; k += 2) {
+        const int i = (b0 + k) / 2;
+        const __m256i v = _mm256_loadu_si256((const __m256i *)bn_hunit_qs(p, k));
+        /* qh of block k in qwords 0-1, of block k+1 in qwords 2-3; byte j of a qh
+         * holds values j, 8+j, 16+j, 24+j in bit pairs 0-1, 2-3, 4-5, 6-7 */
+        const __m256i h = _mm256_permute4x64_epi64(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)bn_hunit_qh(p, cnt, k))), 0x50);
+        const __m256i hl = _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 0, 2)), m3);
+        const __m256i hh = _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(4, 6, 4, 6)), m3);
+        const __m256i ul = _mm256_or_si256(_mm256_and_si256(v, m15), _mm256_slli_epi16(hl, 4));
+        const __m256i uh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m15), _mm256_slli_epi16(hh, 4));
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ul, qa->lo[i]), _mm256_maddubs_epi16(uh, qa->hi[i]));
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), qa->pair[i]);
+        const __m256 sc = _mm256_permutevar8x32_ps(s4, _mm256_setr_epi32(k, k, k, k, k + 1, k + 1, k + 1, k + 1));
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, *acc);
+    }
+    if (k < cnt) { /* an odd last block of a short unit, on its own */
+        const int b = b0 + k;
+        const __m128i l = _mm_loadu_si128((const __m128i *)bn_hunit_qs(p, k)), l15 = _mm_set1_epi8(15);
+        const __m256i lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l, 4), l15), _mm_and_si128(l, l15));
+        int64_t qh;
+        memcpy(&qh, bn_hunit_qh(p, cnt, k), 8);
+        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(qh), _mm256_setr_epi64x(0, 2, 4, 6)), m3);
+        const __m256i u = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+        const __m256i dot = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(a->q + 32 * b))), ones),
+            qa->start[b]);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(s4, _mm256_set1_epi32(k)), *acc);
+    }
+}
+
 /* acc (acc1 for F16's odd halves) += blocks b0 .. b0+cnt-1 of a row: the unit at p */
 static inline __attribute__((always_inline)) void head_unit(const bn_head_type_t type, const uint8_t *p, int b0,
-                                                             int cnt, const bn_hact_t *a, __m256 *acc, __m256 *acc1)
+                                                             int cnt, const bn_hact_t *a, const q6_act_t *qa,
+                                                             __m256 *acc, __m256 *acc1)
 {
     const __m256i ones = _mm256_set1_epi16(1);
+    if (type == BN_HEAD_Q6) {
+        q6_unit(p, b0, cnt, a, qa, acc);
+        return;
+    }
     if (type == BN_HEAD_F16) {
         const bn_fp16_t *e = (const bn_fp16_t *)(const void *)p;
         const float *x = a->x + 32 * b0;
@@ -309,23 +372,13 @@ static inline __attribute__((always_inline)) void head_unit(const bn_head_type_t
             const bn_block_q8_0 *blk = (const bn_block_q8_0 *)(const void *)(p + (size_t)k * sizeof(bn_block_q8_0));
             wq = _mm256_loadu_si256((const __m256i *)blk->qs);
             dw = _cvtsh_ss(blk->d);
-        } else if (type == BN_HEAD_Q4) {
+        } else { /* BN_HEAD_Q4 */
             __m128i v = _mm_loadu_si128((const __m128i *)bn_hunit_qs(p, k)), m15 = _mm_set1_epi8(15);
             wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m15), _mm_and_si128(v, m15));
             wq = _mm256_sub_epi8(wq, _mm256_set1_epi8(8));
             dw = _cvtsh_ss(bn_hunit_d(p, type, cnt, k));
-        } else { /* BN_HEAD_Q6 */
-            __m128i l = _mm_loadu_si128((const __m128i *)bn_hunit_qs(p, k)), m15 = _mm_set1_epi8(15);
-            __m256i lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(l, 4), m15), _mm_and_si128(l, m15));
-            int64_t qh;
-            memcpy(&qh, bn_hunit_qh(p, cnt, k), 8);
-            /* byte j of 64-bit lane k holds element 8k + j in bits 2k..2k+1 */
-            __m256i hi = _mm256_srlv_epi64(_mm256_set1_epi64x(qh), _mm256_setr_epi64x(0, 2, 4, 6));
-            hi = _mm256_and_si256(hi, _mm256_set1_epi8(3));
-            wq = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-            dw = _cvtsh_ss(bn_hunit_d(p, type, cnt, k));
         }
-        /* Q4 (-8..7) and Q6 (-32..31) stay inside [-127, 127] as dot_s8 needs */
+        /* Q4 (-8..7) stays inside [-127, 127] as dot_s8 needs */
         *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8(wq, xq, ones)), _mm256_set1_ps(dw * a->d[b]), *acc);
     }
 }
@@ -333,7 +386,8 @@ static inline __attribute__((always_inline)) void head_unit(const bn_head_type_t
 /* rows r .. r+R-1 (R = 1, or BN_HGROUP from a group's first row) side by side,
  * unit by unit: a group is read in memory order (kernels.h) */
 static inline __attribute__((always_inline)) void head_rows(const bn_hmat_t *h, const bn_hact_t *a, float *logits,
-                                                            int r, const int R, const bn_head_type_t type)
+                                                            int r, const int R, const bn_head_type_t type,
+                                                            const q6_act_t *qa)
 {
     const int nb = (int)h->n_in / 32, ub = bn_head_unit_blocks(type, h->n_in);
     const size_t step = BN_HGROUP * (size_t)ub * bn_head_block_bytes(type); /* whole units lie this far apart */
@@ -363,33 +417,57 @@ static inline __attribute__((always_inline)) void head_rows(const bn_hmat_t *h, 
     for (; (u + 1) * ub <= nb; u++)
 #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
-            head_unit(type, p[i], u * ub, ub, a, &acc[i][0], &acc[i][1]);
+            head_unit(type, p[i], u * ub, ub, a, qa, &acc[i][0], &acc[i][1]);
             p[i] += step;
         }
     if (u * ub < nb) /* the rows' short last unit */
 #pragma GCC unroll 4
         for (int i = 0; i < R; i++)
-            head_unit(type, bn_hmat_unit(h, r + i, u), u * ub, nb - u * ub, a, &acc[i][0], &acc[i][1]);
+            head_unit(type, bn_hmat_unit(h, r + i, u), u * ub, nb - u * ub, a, qa, &acc[i][0], &acc[i][1]);
 #pragma GCC unroll 4
     for (int i = 0; i < R; i++)
         logits[r + i] = hsum_ps(_mm256_add_ps(acc[i][0], acc[i][1]));
 }
 
 static inline __attribute__((always_inline)) void head_rows_of(const bn_hmat_t *h, const bn_hact_t *a, float *logits,
-                                                               int r0, int r1, const bn_head_type_t type)
+                                                               int r0, int r1, const bn_head_type_t type,
+                                                               const q6_act_t *qa)
 {
-#define HEAD_ROWS(r, R) head_rows(h, a, logits, r, R, type)
+#define HEAD_ROWS(r, R) head_rows(h, a, logits, r, R, type, qa)
     BN_HEAD_BY_GROUPS(r0, r1, HEAD_ROWS);
 #undef HEAD_ROWS
 }
 
+
 static void head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int r0, int r1)
 {
     switch (h->type) { /* each type's loops compiled on their own (a type test per block cost 8%) */
-    case BN_HEAD_F16: head_rows_of(h, a, logits, r0, r1, BN_HEAD_F16); break;
-    case BN_HEAD_Q8: head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q8); break;
-    case BN_HEAD_Q6: head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q6); break;
-    case BN_HEAD_Q4: head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q4); break;
+    case BN_HEAD_F16: head_rows_of(h, a, logits, r0, r1, BN_HEAD_F16, NULL); break;
+    case BN_HEAD_Q8: head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q8, NULL); break;
+    case BN_HEAD_Q6: {
+        if (h->n_in > HEAD_MAX_IN) {
+            bn_ref_head_gemv(h, a, logits, r0, r1);
+            return;
+        }
+        static _Thread_local q6_act_t qa; /* 48 KB: off the stack */
+        const int nb = (int)h->n_in / 32;
+        for (int b = 0; b < nb; b++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 32; j++)
+                sum += a->q[32 * b + j];
+            qa.start[b] = _mm256_setr_epi32(-32 * sum, 0, 0, 0, 0, 0, 0, 0);
+        }
+        for (int i = 0; 2 * i + 1 < nb; i++) {
+            const int8_t *x0 = a->q + 64 * i, *x1 = x0 + 32;
+            qa.lo[i] = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)x1), _mm_loadu_si128((const __m128i *)x0));
+            qa.hi[i] = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(x1 + 16)), _mm_loadu_si128((const __m128i *)(x0 + 16)));
+            qa.pair[i] = _mm256_setr_epi32(_mm256_extract_epi32(qa.start[2 * i], 0), 0, 0, 0,
+                                           _mm256_extract_epi32(qa.start[2 * i + 1], 0), 0, 0, 0);
+        }
+        head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q6, &qa);
+        break;
+    }
+    case BN_HEAD_Q4: head_rows_of(h, a, logits, r0, r1, BN_HEAD_Q4, NULL); break;
     }
 }
 
