@@ -182,7 +182,7 @@ static void gemv_rows(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum
 }
 
 /* Prefill / batches: each 32-byte weight chunk is unpacked once and used for a
- * tile of up to 4 tokens. A full tile's token count is a compile-time constant,
+ * tile of 4 tokens. The tile's token count is a compile-time constant,
  * so its accumulators stay in registers; with a run-time count they lived in
  * memory, a store and a load per block and token. (Tiles of 8 with a run-time
  * count were the best of 1-4 rows x 2-8 tokens on row-major rows; on row groups
@@ -212,16 +212,15 @@ static inline __attribute__((always_inline)) void tile_row(const bn_tmat_t *w, c
 }
 
 /* Rows in chunks of CHUNK_ROWS, every token over a chunk before the next, so a
- * chunk's weights come from memory once (with all tiles over all the rows, a
- * batch of 8 tokens read the matrix twice). Up to GEMV_MAX_T tokens, each token
- * is the decode GEMV over the chunk (from cache after the first): a tile reads a
- * group a row at a time, which from memory stalls, and with AVX2's maddubs the
- * unpacking it shares is a small part of the work. Zen 4, 296 MB of 6912 x
- * 2560 matrices from memory, ms per token: 2 tokens 24.0 -> 14.0, 3 15.7 ->
- * 13.3, 5 16.4 -> 13.0, 4 and 8 the same; 16 tokens 10.9 vs 12.4, so tiles. The
- * tile's token count a compile-time constant for every size 1-4. */
+ * chunk's weights come from memory once. Tokens go in tiles of TILE_T, each
+ * weight chunk unpacked once for the tile; the first tile over a chunk asks for
+ * the next chunk into L2, a group at a time (a tile reads a group a row at a
+ * time, which from memory stalls). The tokens left over (fewer than a tile) each
+ * run the decode GEMV over the chunk, from cache: with AVX2's maddubs the
+ * unpacking a tile shares is little of the work, and a part tile was slower.
+ * Zen 4, 6912 x 2560 matrices, 296 MB from memory, ms for the whole batch: 2
+ * tokens 48 -> 28, 3 47 -> 40, 4 55 -> 49, 8 102 -> 84, 16 175 -> 148. */
 #define CHUNK_ROWS 64
-#define GEMV_MAX_T 8
 static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int32_t *qsum, int nt,
                   float *y, size_t ldy, int r0, int r1)
 {
@@ -229,29 +228,20 @@ static void tgemm(const bn_tmat_t *w, const int8_t *q, const float *s, const int
         gemv_rows(w, q, s[0], qsum[0], y, r0, r1);
         return;
     }
-    const int n = (int)w->n_in;
-    if (nt <= GEMV_MAX_T) {
-        for (int rc = r0; rc < r1; rc += CHUNK_ROWS) {
-            const int re = r1 - rc < CHUNK_ROWS ? r1 : rc + CHUNK_ROWS;
-            for (int t = 0; t < nt; t++)
-                gemv_rows(w, q + (size_t)t * n, s[t], qsum[t], y + (size_t)t * ldy, rc, re);
-        }
-        return;
-    }
+    const int n = (int)w->n_in, full = nt / TILE_T * TILE_T;
     for (int rc = r0; rc < r1; rc += CHUNK_ROWS) {
         const int re = r1 - rc < CHUNK_ROWS ? r1 : rc + CHUNK_ROWS;
-        for (int t0 = 0; t0 < nt; t0 += TILE_T) {
-            const int8_t *q0 = q + (size_t)t0 * n;
-            const float *st = s + t0;
-            const int32_t *qt = qsum + t0;
-            float *yt = y + (size_t)t0 * ldy;
-            switch (nt - t0 < TILE_T ? nt - t0 : TILE_T) {
-            case 1: for (int r = rc; r < re; r++) tile_row(w, q0, n, 1, st, qt, yt, ldy, r); break;
-            case 2: for (int r = rc; r < re; r++) tile_row(w, q0, n, 2, st, qt, yt, ldy, r); break;
-            case 3: for (int r = rc; r < re; r++) tile_row(w, q0, n, 3, st, qt, yt, ldy, r); break;
-            default: for (int r = rc; r < re; r++) tile_row(w, q0, n, TILE_T, st, qt, yt, ldy, r); break;
+        for (int t0 = 0; t0 < full; t0 += TILE_T)
+            for (int r = rc; r < re; r++) {
+                if (t0 == 0 && r % BN_TGROUP == 0 && r + CHUNK_ROWS < r1) {
+                    const char *g = (const char *)bn_tmat_row(w, r + CHUNK_ROWS);
+                    for (size_t o = 0; o < BN_TGROUP * w->row_bytes; o += 64)
+                        _mm_prefetch(g + o, _MM_HINT_T1);
+                }
+                tile_row(w, q + (size_t)t0 * n, n, TILE_T, s + t0, qsum + t0, y + (size_t)t0 * ldy, ldy, r);
             }
-        }
+        for (int t = full; t < nt; t++)
+            gemv_rows(w, q + (size_t)t * n, s[t], qsum[t], y + (size_t)t * ldy, rc, re);
     }
 }
 
