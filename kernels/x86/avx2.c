@@ -199,12 +199,28 @@ static inline __attribute__((always_inline)) void tile_row(const bn_tmat_t *w, c
 #pragma GCC unroll 8
     for (int t = 0; t < TILE_T; t++)
         acc[t] = _mm256_setzero_si256();
-    for (int b = 0; b < nb; b++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(row + BN_TBLOCK_STRIDE * b)), u0, u1, u2, u3;
-        UNPACK(wv, m3, u0, u1, u2, u3);
+    for (int b0 = 0; b0 < nb; b0 += 15) { /* 15 blocks' sums fit an int16 lane (2048 each) */
+        const int b1 = nb - b0 < 15 ? nb : b0 + 15;
+        __m256i s16[TILE_T];
+#pragma GCC unroll 8
+        for (int t = 0; t < TILE_T; t++)
+            s16[t] = _mm256_setzero_si256();
+        for (int b = b0; b < b1; b++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(row + BN_TBLOCK_STRIDE * b)), u0, u1, u2, u3;
+            UNPACK(wv, m3, u0, u1, u2, u3);
+#pragma GCC unroll 8
+            for (int t = 0; t < tn; t++) {
+                const int8_t *qb = q0 + (size_t)t * n + 128 * b;
+                s16[t] = _mm256_add_epi16(
+                    s16[t], _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i *)qb)),
+                                                              _mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i *)(qb + 32)))),
+                                             _mm256_add_epi16(_mm256_maddubs_epi16(u2, _mm256_loadu_si256((const __m256i *)(qb + 64))),
+                                                              _mm256_maddubs_epi16(u3, _mm256_loadu_si256((const __m256i *)(qb + 96))))));
+            }
+        }
 #pragma GCC unroll 8
         for (int t = 0; t < tn; t++)
-            acc[t] = _mm256_add_epi32(acc[t], block_dot(u0, u1, u2, u3, q0 + (size_t)t * n + 128 * b, ones));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
     }
 #pragma GCC unroll 8
     for (int t = 0; t < tn; t++)
