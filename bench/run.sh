@@ -151,6 +151,9 @@ probe
 ROWS=$TMP/rows.tsv
 : >"$ROWS"
 
+W_ENV=            # environment of bitnet-worker runs (the AVX2 runs set BN_KERNELS)
+L_LIBDIR=$LIBDIR  # where llama.cpp's CPU backend is chosen from
+
 lm_head_for() {
     if [ -n "$LM_HEAD" ]; then echo "$LM_HEAD"; elif [ "$1" = q6_k ]; then echo q6; else echo f16; fi
 }
@@ -164,7 +167,7 @@ worker_once() { # wtype embd threads lm-head run tag
     [ "$W_CTX" = 1 ] && args="$args --ctx $CTX"
     say "bitnet-worker $1/$2 threads $3 --lm-head $4 run $5/$RUNS"
     # shellcheck disable=SC2086
-    $WORKER $args >"$TMP/w.out" 2>"$TMP/w.err" || { tail -n 20 "$TMP/w.err" >&2; die "bitnet-worker failed: $WORKER $args"; }
+    env $W_ENV $WORKER $args >"$TMP/w.out" 2>"$TMP/w.err" || { tail -n 20 "$TMP/w.err" >&2; die "bitnet-worker failed: $W_ENV $WORKER $args"; }
     line=$(grep '^stats:' "$TMP/w.err" | tail -n 1)
     [ -n "$line" ] || die "no stats line from bitnet-worker"
     echo "$line" >"$TMP/$6-line"
@@ -188,7 +191,7 @@ worker_row() { # wtype embd threads lm-head rows-file tag: the medians of the ru
 llama_once() { # wtype embd threads pp tg runs
     f=$(model_file "$1" "$2")
     say "llama.cpp $1/$2 threads $3 pp $4 tg $5 x $6"
-    "$PEER/llama-driver" --model "$f" --libdir "$LIBDIR" --threads "$3" --pp "$4" --tg "$5" --runs "$6" \
+    "$PEER/llama-driver" --model "$f" --libdir "$L_LIBDIR" --threads "$3" --pp "$4" --tg "$5" --runs "$6" \
         --first-token "$FIRST_TOKEN" --dump-logits "$TMP/llama-$1-$2-$4.f32" >"$TMP/l.out" 2>"$TMP/l.err" ||
         { tail -n 20 "$TMP/l.err" >&2; die "llama.cpp failed on $f"; }
     LLAMA_CPU=$(sed -n 's/.*loaded CPU backend from .*\/\([^/]*\)$/\1/p' "$TMP/l.err" | head -n 1)
@@ -197,9 +200,9 @@ llama_once() { # wtype embd threads pp tg runs
     sed -n 's/.* tg_tps=\([0-9.]*\).*/\1/p' "$TMP/l.out" >>"$TMP/l-tg"
 }
 
-llama_row() { # wtype embd threads pp tg
+llama_row() { # wtype embd threads pp tg [rows-file]
     printf 'llama.cpp\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" \
-        "$(median <"$TMP/l-pp")" "$(median <"$TMP/l-tg")" "$5" "$LLAMA_RSS" "${LLAMA_CPU:--}" "$2" >>"$ROWS"
+        "$(median <"$TMP/l-pp")" "$(median <"$TMP/l-tg")" "$5" "$LLAMA_RSS" "${LLAMA_CPU:--}" "$2" >>"${6:-$ROWS}"
 }
 
 # One file at one thread count: bitnet-worker and llama.cpp (TQ2_0 files) take turns, run by
@@ -267,6 +270,36 @@ for spec in $FILES; do
     done
     if [ "$w" != i2_s ]; then check_logits "$w" "$e"; fi
 done
+
+# ---- AVX2 against llama.cpp's AVX2 build ----------------------------------------------------------
+# On a CPU with AVX-512 both engines ran their AVX-512 kernels above; the Zen 3 nodes have AVX2
+# only. So the TQ2_0 files once more, bitnet-worker forced to its AVX2 table against llama.cpp's
+# haswell (AVX2) backend alone in a directory, in turns as above.
+AVX2ROWS=$TMP/rows-avx2.tsv
+: >"$AVX2ROWS"
+MAIN_KERN=$(kv "$(cat "$TMP/w-line" 2>/dev/null)" kernels)
+if [ "$MAIN_KERN" = avx512 ] && [ -f "$LIBDIR/libggml-cpu-haswell.so" ] && [ "$QUICK" != 1 ]; then
+    mkdir -p "$TMP/haswell"
+    ln -sf "$LIBDIR/libggml-cpu-haswell.so" "$TMP/haswell/"
+    W_ENV=BN_KERNELS=avx2 L_LIBDIR=$TMP/haswell MAIN_LLAMA_CPU=$LLAMA_CPU
+    for spec in $FILES; do
+        w=${spec%%:*} e=${spec#*:}
+        [ "$w" = tq2_0 ] || continue
+        for t in $THREADS; do
+            for x in a l; do for y in pp tg gen rss; do : >"$TMP/$x-$y"; done; done
+            r=0
+            while [ $r -lt "$RUNS" ]; do
+                r=$((r + 1))
+                worker_once "$w" "$e" "$t" "$(lm_head_for "$e")" $r a
+                llama_once "$w" "$e" "$t" "$PP" "$TG" 1
+            done
+            worker_row "$w" "$e" "$t" "$(lm_head_for "$e")" "$AVX2ROWS" a
+            llama_row "$w" "$e" "$t" "$PP" "$TG" "$AVX2ROWS"
+        done
+    done
+    W_ENV= L_LIBDIR=$LIBDIR LLAMA_CPU=$MAIN_LLAMA_CPU
+fi
+
 probe
 # bw.txt: best per thread count, "bw: threads=N gbps=X"
 sed 's/[=]/ /g' "$TMP/bw-all.txt" | sort -k3,3n -k5,5gr | awk '$3 != last { printf "bw: threads=%s gbps=%s\n", $3, $5; last = $3 }' >"$TMP/bw.txt"
@@ -397,6 +430,24 @@ ELAPSED=$(($(date +%s) - T_START))
                 printf "| %s %s | %s | %.1f | %s | %s | %.0f | %.1f | %s |\n", $2, $3, $4, $8, pt == "" ? "-" : sprintf("%.1f", pt),
                     pt == "" ? "-" : sprintf("%.2fx", $8 / pt), mb, gbs, bw[$4] ? sprintf("%.0f%%", 100 * gbs / bw[$4]) : "-"
             }' "$ROWS" "$DEFROWS"
+        echo
+    fi
+    if [ -s "$AVX2ROWS" ]; then
+        echo "AVX2 (the Zen 3 nodes' kernels): bitnet-worker with \`BN_KERNELS=avx2\` against llama.cpp's"
+        echo "\`libggml-cpu-haswell.so\` alone, same files, sizes, threads and turns:"
+        echo
+        echo "| file | thr | pp$PP t/s | llama.cpp | pp x | tg$TG t/s | llama.cpp | tg x | aims pp/tg |"
+        echo "|---|---|---|---|---|---|---|---|---|"
+        awk -F'\t' '
+            $1 == "bitnet-worker" { n++; k[n] = $2 "/" $3 "/" $4; wp[k[n]] = $7; wt[k[n]] = $8 }
+            $1 == "llama.cpp" { lp[$2 "/" $3 "/" $4] = $7; lt[$2 "/" $3 "/" $4] = $8 }
+            END {
+                for (i = 1; i <= n; i++) {
+                    x = k[i]; split(x, kk, "/"); rp = lp[x] ? wp[x] / lp[x] : 0; rt = lt[x] ? wt[x] / lt[x] : 0
+                    printf "| %s %s | %s | %.1f | %.1f | %.2fx | %.1f | %.1f | %.2fx | %s/%s |\n", kk[1], kk[2], kk[3],
+                        wp[x], lp[x], rp, wt[x], lt[x], rt, (rp >= 2.0 ? "ok" : "no"), (rt >= 1.6 ? "ok" : "no")
+                }
+            }' "$AVX2ROWS"
         echo
     fi
     if [ -s "$TMP/logits.txt" ]; then
