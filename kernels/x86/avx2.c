@@ -457,11 +457,11 @@ static void head_gemv(const bn_hmat_t *h, const bn_hact_t *a, float *logits, int
         }
         static _Thread_local q6_act_t qa; /* 48 KB: off the stack */
         const int nb = (int)h->n_in / 32;
-        for (int b = 0; b < nb; b++) {
-            int32_t sum = 0;
-            for (int j = 0; j < 32; j++)
-                sum += a->q[32 * b + j];
-            qa.start[b] = _mm256_setr_epi32(-32 * sum, 0, 0, 0, 0, 0, 0, 0);
+        for (int b = 0; b < nb; b++) { /* (once per call: job_head calls per chunk of rows) */
+            const __m256i s = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)(a->q + 32 * b))),
+                _mm256_set1_epi16(1));
+            qa.start[b] = _mm256_setr_epi32(-32 * hsum_epi32(s), 0, 0, 0, 0, 0, 0, 0);
         }
         for (int i = 0; 2 * i + 1 < nb; i++) {
             const int8_t *x0 = a->q + 64 * i, *x1 = x0 + 32;
@@ -571,8 +571,9 @@ static inline __m256 load8_f16(const bn_fp16_t *p)
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
-/* q . k over nv vectors of 8; two chains halve the FMA latency of a lone head */
-static inline float dot_rows(const float *q, const float *k, int nv)
+/* q . k over nv vectors of 8, as a vector of 8 partial sums; two chains halve the
+ * FMA latency of a lone head */
+static inline __m256 dot_vec(const float *q, const float *k, int nv)
 {
     __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
     int i = 0;
@@ -582,7 +583,12 @@ static inline float dot_rows(const float *q, const float *k, int nv)
     }
     if (i < nv)
         d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_load_ps(k + 8 * i), d0);
-    return hsum_ps(_mm256_add_ps(d0, d1));
+    return _mm256_add_ps(d0, d1);
+}
+
+static inline float dot_rows(const float *q, const float *k, int nv)
+{
+    return hsum_ps(dot_vec(q, k, nv));
 }
 
 /* One position for one head: the online-softmax update of `attention` on the
@@ -626,18 +632,8 @@ static inline void head_block8(const float *q, const float *kb, const float *vb,
                                float *m, float *l)
 {
     __m256 d[8];
-    for (int j = 0; j < 8; j++) {
-        const float *kt = kb + (size_t)j * 8 * nv;
-        __m256 d0 = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_load_ps(kt)), d1 = _mm256_setzero_ps();
-        int i = 1;
-        for (; i + 2 <= nv; i += 2) {
-            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_load_ps(kt + 8 * i), d1);
-            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i + 8), _mm256_load_ps(kt + 8 * i + 8), d0);
-        }
-        if (i < nv)
-            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_load_ps(kt + 8 * i), d1);
-        d[j] = _mm256_add_ps(d0, d1);
-    }
+    for (int j = 0; j < 8; j++)
+        d[j] = dot_vec(q, kb + (size_t)j * 8 * nv, nv);
     const __m256 vs = _mm256_mul_ps(hsum8x8(d), _mm256_set1_ps(scale));
     const float cmax = hmax_ps(vs);
     float mh = *m;
