@@ -225,7 +225,7 @@ BN_TEST(cli_stops)
     CHECK_EQ_INT(worker(args, &out, &err), 0);
     out[strcspn(out, "\n")] = 0;
     CHECK_STR_EQ(out, "188 62 188");
-    CHECK(strstr(err, "finished: stop") != NULL);
+    CHECK(strstr(err, "request 1: eos,") != NULL); /* the scheduler's line per request */
     CHECK(strstr(err, "stop tokens: eos 178, eot 505") != NULL);
     free(out);
     free(err);

@@ -11,6 +11,7 @@
 
 enum { TAG_STEP = 1, TAG_ACT = 2, TAG_RING = 3 }; /* bn_comm_send tags start at 16 */
 enum { STEP_RING = 8 }; /* step descriptors rank 0 may have in flight */
+enum { ASYNC_RING = 16 }; /* messages bn_comm_send_async may have in flight */
 
 struct bn_comm_grid {
     int R, P, T, replica, stage, tp;
@@ -28,6 +29,11 @@ struct bn_comm_grid {
     int snext;
     float *ring;       /* the allreduce's receive chunk, grown as needed */
     size_t ring_cap;
+    /* bn_comm_send_async's copies, each until its send is done */
+    MPI_Request areq[ASYNC_RING];
+    void *abuf[ASYNC_RING];
+    size_t acap[ASYNC_RING];
+    int anext;
 };
 
 static int mpi_fail(int rc, const char *call, int rank, char *err, size_t errlen)
@@ -83,6 +89,11 @@ void bn_comm_finalize(bn_comm_t *c)
                 MPI_Wait(&c->g->sreq[i], MPI_STATUS_IGNORE);
             free(c->g->sbuf[i]);
         }
+        for (int i = 0; i < ASYNC_RING; i++) {
+            if (c->g->areq[i] != MPI_REQUEST_NULL)
+                MPI_Wait(&c->g->areq[i], MPI_STATUS_IGNORE);
+            free(c->g->abuf[i]);
+        }
         free(c->g->ring);
         if (c->g->replica_comm != MPI_COMM_NULL)
             MPI_Comm_free(&c->g->replica_comm);
@@ -113,6 +124,8 @@ int bn_comm_grid(bn_comm_t *c, int R, int P, int T, char *err, size_t errlen)
     g->replica_comm = g->stage_comm = MPI_COMM_NULL;
     for (int i = 0; i < STEP_RING; i++)
         g->sreq[i] = MPI_REQUEST_NULL;
+    for (int i = 0; i < ASYNC_RING; i++)
+        g->areq[i] = MPI_REQUEST_NULL;
     c->g = g;
     g->c = c;
     g->R = R;
@@ -312,6 +325,37 @@ int bn_comm_send(bn_comm_t *c, int to, int tag, const void *buf, size_t len, cha
     c->bytes_sent += len;
     c->messages++;
     c->t_comm += bn_now_s() - t0;
+    return BN_OK;
+}
+
+int bn_comm_send_async(bn_comm_t *c, int to, int tag, const void *buf, size_t len, char *err, size_t errlen)
+{
+    bn_comm_grid_t *g = c->g;
+    double t0 = bn_now_s();
+    int i = g->anext;
+    g->anext = (i + 1) % ASYNC_RING;
+    if (g->areq[i] != MPI_REQUEST_NULL) /* ASYNC_RING messages ago */
+        TRY(MPI_Wait(&g->areq[i], MPI_STATUS_IGNORE), "MPI_Wait (result)");
+    if (g->acap[i] < len || !g->abuf[i]) {
+        void *nb = realloc(g->abuf[i], len ? len : 1);
+        if (!nb)
+            return bn_err(err, errlen, BN_ENOMEM, "rank %d: out of memory for a message of %zu bytes", c->rank, len);
+        g->abuf[i] = nb;
+        g->acap[i] = len;
+    }
+    if (len)
+        memcpy(g->abuf[i], buf, len);
+    TRY(MPI_Isend(g->abuf[i], (int)len, MPI_BYTE, to, 16 + tag, MPI_COMM_WORLD, &g->areq[i]), "MPI_Isend");
+    c->bytes_sent += len;
+    c->messages++;
+    c->t_comm += bn_now_s() - t0;
+    return BN_OK;
+}
+
+int bn_comm_probe(bn_comm_t *c, int from, int tag, int *ready, char *err, size_t errlen)
+{
+    *ready = 0;
+    TRY(MPI_Iprobe(from, 16 + tag, MPI_COMM_WORLD, ready, MPI_STATUS_IGNORE), "MPI_Iprobe");
     return BN_OK;
 }
 

@@ -62,6 +62,13 @@ int bn_comm_step_recv(bn_comm_t *c, void *buf, size_t len, char *err, size_t err
 /* Point-to-point messages of a step (results to rank 0, tail draws back). */
 int bn_comm_send(bn_comm_t *c, int to, int tag, const void *buf, size_t len, char *err, size_t errlen);
 int bn_comm_recv(bn_comm_t *c, int from, int tag, void *buf, size_t len, char *err, size_t errlen);
+/* A message sent without waiting for the receiver: the bytes are copied, and
+ * the copy lives until its send is done (the ring holds 16; the 17th waits for
+ * the first). Messages to one rank with one tag arrive in the order sent. */
+int bn_comm_send_async(bn_comm_t *c, int to, int tag, const void *buf, size_t len, char *err, size_t errlen);
+/* *ready = 1 when a message from `from` with `tag` is waiting (bn_comm_recv
+ * then takes it at once). */
+int bn_comm_probe(bn_comm_t *c, int from, int tag, int *ready, char *err, size_t errlen);
 
 /* Rank 0 gets every rank's `len` bytes in rank order (out: size * len; others
  * may pass NULL). Collective over the world. */

@@ -1,4 +1,4 @@
-/* engine.c - the step loop of a sharded model; see engine.h. */
+/* engine.c - the steps of a sharded model, submitted and polled; see engine.h. */
 #include "worker/engine.h"
 
 #include "proto/status.h"
@@ -10,11 +10,23 @@
 
 enum { OP_FORWARD = 1, OP_STOP = 2 };
 enum { TAG_RESULT = 1, TAG_TAIL = 2, TAG_TAIL_TOKEN = 3 };
+enum { FIFO_CAP = 4 }; /* steps of one replica in flight at most (comm.c's STEP_RING is 8) */
 
-/* The step descriptor: the same bytes reach every rank of the replica. */
+/* A wanting entry's sampling parameters, as the last stage needs them to choose
+ * its candidates (the seed stays with rank 0's sampler). */
 typedef struct {
-    int32_t op, n, want, replica, phase, pad;
+    float temp, top_p, min_p;
+    int32_t top_k;
+} samp_t;
+
+/* The step descriptor: the same bytes reach every rank of the replica. About
+ * 2.3 KB: under Open MPI's eager limits (4 KB shared memory, 64 KB TCP), so a
+ * send to a busy replica's leader never waits for it. */
+typedef struct {
+    int32_t op, n, want, replica, phase, n_release, tails, pad;
     bn_batch_entry_t e[BN_STEP_MAX];
+    samp_t sp[BN_STEP_MAX];
+    int32_t release[BN_STEP_MAX];
 } step_t;
 
 /* A tail draw asked of one vocabulary slice (sampler.h) */
@@ -24,23 +36,41 @@ typedef struct {
     double target;
 } tail_req_t;
 
+/* rank 0: a step in flight */
+typedef struct {
+    uint64_t id;
+    int want, k, tails, exclusive;
+    bn_sampler_t *smp[BN_STEP_MAX];
+    float *logits;
+} ticket_t;
+
+typedef struct {
+    ticket_t t[FIFO_CAP];
+    int head, count;
+} fifo_t;
+
 struct bn_engine {
     bn_comm_t *c;
     const bn_plan_t *plan;
     const bn_model_t *m;
     bn_state_t *st;
-    bn_sampler_params_t sp;
-    int tails;                /* these sampling parameters may draw past the candidates */
     int last_stage;           /* this rank computes logits */
+    int cap;                  /* steps of one replica in flight at most */
     float *logits;            /* (BN_STEP_MAX, vocab rows here) */
     uint8_t *msg;             /* one result message */
     size_t msg_cap;
-    bn_slice_stats_t *stats;  /* rank 0: (T, BN_STEP_MAX) every slice's statistics */
-    bn_cand_t *cand;          /* rank 0: (T, BN_STEP_MAX, BN_SAMPLER_CAP) their candidates */
-    int32_t *ncand_off;       /* rank 0: (T, BN_STEP_MAX) where each row's candidates start */
-    tail_req_t *req;          /* (BN_STEP_MAX) */
-    int32_t *tail_tok;        /* (BN_STEP_MAX) */
-    int phase;                /* rank 0: the phase of the steps it sends */
+    step_t cur;               /* the step this rank computed last (its tail draws need it) */
+    /* rank 0 */
+    fifo_t *fifo;             /* (R) steps in flight per replica */
+    uint64_t next_id;
+    int rr;                   /* the replica poll looks at first */
+    uint8_t *own;             /* rank 0's own result message of replica 0's step in flight */
+    bn_slice_stats_t *stats;  /* (T, BN_STEP_MAX) every slice's statistics */
+    bn_cand_t *cand;          /* (T, BN_STEP_MAX, BN_SAMPLER_CAP) their candidates */
+    int32_t *ncand_off;       /* (T, BN_STEP_MAX) where each row's candidates start */
+    bn_cand_t *u;             /* (T * BN_SAMPLER_CAP) the union of one row's candidates */
+    tail_req_t req[BN_STEP_MAX];
+    int32_t tail_tok[BN_STEP_MAX];
     bn_phase_stats_t ps[BN_PHASES];
 };
 
@@ -68,11 +98,6 @@ static void account(bn_engine_t *e, int phase, const snap_t *a, double idle)
     p->t_step += bn_now_s() - a->t0;
 }
 
-void bn_engine_set_phase(bn_engine_t *e, int phase)
-{
-    e->phase = phase;
-}
-
 const bn_phase_stats_t *bn_engine_stats(const bn_engine_t *e, int phase)
 {
     return &e->ps[phase];
@@ -83,8 +108,19 @@ static size_t sample_msg_bytes(int k)
     return (size_t)k * (sizeof(bn_slice_stats_t) + BN_SAMPLER_CAP * sizeof(bn_cand_t));
 }
 
+static bn_sampler_params_t params_of(const samp_t *s)
+{
+    return (bn_sampler_params_t){ .temp = s->temp, .top_k = s->top_k, .top_p = s->top_p, .min_p = s->min_p };
+}
+
+/* These parameters may draw past the candidates (sampler.h: plain temperature) */
+static int has_tail(const bn_sampler_params_t *p)
+{
+    return p->temp > 0.0f && p->top_k == 0 && p->top_p >= 1.0f && p->min_p == 0.0f;
+}
+
 int bn_engine_new(bn_comm_t *comm, const bn_plan_t *plan, const bn_model_t *m, bn_state_t *st,
-                  const bn_sampler_params_t *sp, bn_engine_t **out, char *err, size_t errlen)
+                  bn_engine_t **out, char *err, size_t errlen)
 {
     *out = NULL;
     bn_engine_t *e = calloc(1, sizeof *e);
@@ -94,9 +130,8 @@ int bn_engine_new(bn_comm_t *comm, const bn_plan_t *plan, const bn_model_t *m, b
     e->plan = plan;
     e->m = m;
     e->st = st;
-    e->sp = *sp;
-    e->tails = sp->temp > 0.0f && sp->top_k == 0 && sp->top_p >= 1.0f && sp->min_p == 0.0f;
     e->last_stage = m->shard.layer1 == m->cfg.n_layer;
+    e->cap = plan->P < FIFO_CAP ? plan->P : FIFO_CAP;
     const int T = plan->T;
     const size_t rows = m->w.head.n_out;
     e->msg_cap = sample_msg_bytes(BN_STEP_MAX);
@@ -108,17 +143,18 @@ int bn_engine_new(bn_comm_t *comm, const bn_plan_t *plan, const bn_model_t *m, b
             e->msg_cap = need;
     }
     e->msg = malloc(e->msg_cap);
-    e->req = calloc(BN_STEP_MAX, sizeof *e->req);
-    e->tail_tok = calloc(BN_STEP_MAX, sizeof *e->tail_tok);
     if (e->last_stage)
         e->logits = malloc(BN_STEP_MAX * (rows ? rows : 1) * sizeof(float));
     if (comm->rank == 0) {
+        e->fifo = calloc((size_t)plan->R, sizeof *e->fifo);
+        e->own = malloc(sample_msg_bytes(BN_STEP_MAX));
         e->stats = calloc((size_t)T * BN_STEP_MAX, sizeof *e->stats);
         e->cand = malloc((size_t)T * BN_STEP_MAX * BN_SAMPLER_CAP * sizeof *e->cand);
         e->ncand_off = calloc((size_t)T * BN_STEP_MAX, sizeof *e->ncand_off);
+        e->u = malloc((size_t)T * BN_SAMPLER_CAP * sizeof *e->u);
     }
-    if (!e->msg || !e->req || !e->tail_tok || (e->last_stage && !e->logits) ||
-        (comm->rank == 0 && (!e->stats || !e->cand || !e->ncand_off))) {
+    if (!e->msg || (e->last_stage && !e->logits) ||
+        (comm->rank == 0 && (!e->fifo || !e->own || !e->stats || !e->cand || !e->ncand_off || !e->u))) {
         bn_engine_destroy(&e);
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the step buffers");
     }
@@ -133,63 +169,14 @@ void bn_engine_destroy(bn_engine_t **pe)
     bn_engine_t *e = *pe;
     free(e->logits);
     free(e->msg);
+    free(e->fifo);
+    free(e->own);
     free(e->stats);
     free(e->cand);
     free(e->ncand_off);
-    free(e->req);
-    free(e->tail_tok);
+    free(e->u);
     free(e);
     *pe = NULL;
-}
-
-/* The result message of a last-stage rank for k rows of its logits: SAMPLE: k
- * statistics, then each row's candidates; LOGITS: the rows. Returns its size. */
-static size_t make_result(bn_engine_t *e, int want, int k)
-{
-    const uint32_t rows = e->m->w.head.n_out;
-    if (want == BN_WANT_LOGITS) {
-        memcpy(e->msg, e->logits, (size_t)k * rows * sizeof(float));
-        return (size_t)k * rows * sizeof(float);
-    }
-    bn_slice_stats_t *st = (bn_slice_stats_t *)e->msg;
-    bn_cand_t *cand = (bn_cand_t *)(st + k);
-    size_t used = 0;
-    for (int i = 0; i < k; i++) {
-        bn_sample_slice(&e->sp, e->logits + (size_t)i * rows, rows, (int32_t)e->m->shard.vocab0, cand + used, &st[i]);
-        used += st[i].n_cand;
-    }
-    return (size_t)k * sizeof *st + used * sizeof *cand;
-}
-
-/* rank 0: file slice t's result message away for the picks */
-static void take_result(bn_engine_t *e, int t, int k, const uint8_t *msg)
-{
-    const bn_slice_stats_t *st = (const bn_slice_stats_t *)msg;
-    const bn_cand_t *cand = (const bn_cand_t *)(st + k);
-    size_t used = 0;
-    for (int i = 0; i < k; i++) {
-        e->stats[(size_t)i * e->plan->T + t] = st[i];
-        e->ncand_off[(size_t)i * e->plan->T + t] = (int32_t)used;
-        memcpy(e->cand + ((size_t)t * BN_STEP_MAX * BN_SAMPLER_CAP) + used, cand + used,
-               st[i].n_cand * sizeof *cand);
-        used += st[i].n_cand;
-    }
-}
-
-/* a tail request: this slice's tokens for the rows it was asked about */
-static void answer_tails(bn_engine_t *e, int k, const tail_req_t *req, int32_t *tok)
-{
-    const uint32_t rows = e->m->w.head.n_out;
-    for (int i = 0; i < k; i++) {
-        tok[i] = -1;
-        if (!req[i].asked)
-            continue;
-        bn_slice_stats_t st;
-        bn_cand_t tmp[BN_SAMPLER_CAP];
-        const float *lg = e->logits + (size_t)i * rows;
-        bn_sample_slice(&e->sp, lg, rows, (int32_t)e->m->shard.vocab0, tmp, &st);
-        tok[i] = bn_sample_tail(&e->sp, lg, rows, (int32_t)e->m->shard.vocab0, &st, req[i].last, req[i].target);
-    }
 }
 
 static int count_wanted(const step_t *s)
@@ -200,24 +187,81 @@ static int count_wanted(const step_t *s)
     return k;
 }
 
-/* every rank of the replica: this rank's part of the step; the last stage's
- * ranks other than 0 send their results to rank 0 and answer tail draws */
+/* The result message of a last-stage rank for the k wanting rows of its logits:
+ * SAMPLE: k statistics, then each row's candidates; LOGITS: the rows. Returns its
+ * size. */
+static size_t make_result(bn_engine_t *e, const step_t *s, int k, uint8_t *msg)
+{
+    const uint32_t rows = e->m->w.head.n_out;
+    if (s->want == BN_WANT_LOGITS) {
+        memcpy(msg, e->logits, (size_t)k * rows * sizeof(float));
+        return (size_t)k * rows * sizeof(float);
+    }
+    bn_slice_stats_t *st = (bn_slice_stats_t *)msg;
+    bn_cand_t *cand = (bn_cand_t *)(st + k);
+    size_t used = 0;
+    for (int i = 0; i < k; i++) {
+        bn_sampler_params_t p = params_of(&s->sp[i]);
+        bn_sample_slice(&p, e->logits + (size_t)i * rows, rows, (int32_t)e->m->shard.vocab0, cand + used, &st[i]);
+        used += st[i].n_cand;
+    }
+    return (size_t)k * sizeof *st + used * sizeof *cand;
+}
+
+/* a tail request: this slice's tokens for the rows it was asked about */
+static void answer_tails(bn_engine_t *e, const step_t *s, int k, const tail_req_t *req, int32_t *tok)
+{
+    const uint32_t rows = e->m->w.head.n_out;
+    for (int i = 0; i < k; i++) {
+        tok[i] = -1;
+        if (!req[i].asked)
+            continue;
+        bn_sampler_params_t p = params_of(&s->sp[i]);
+        bn_slice_stats_t st;
+        bn_cand_t tmp[BN_SAMPLER_CAP];
+        const float *lg = e->logits + (size_t)i * rows;
+        bn_sample_slice(&p, lg, rows, (int32_t)e->m->shard.vocab0, tmp, &st);
+        tok[i] = bn_sample_tail(&p, lg, rows, (int32_t)e->m->shard.vocab0, &st, req[i].last, req[i].target);
+    }
+}
+
+/* every rank of the replica: this rank's part of the step. The last stage's
+ * ranks other than 0 send their results to rank 0 (without waiting for it to
+ * take them, so the pipeline goes on) and answer tail draws. */
 static int run_step(bn_engine_t *e, const step_t *s, char *err, size_t errlen)
 {
     BN_DEBUG("step: %d entries from position %d, want %d", s->n, s->n ? s->e[0].pos : -1, s->want);
+    for (int i = 0; i < s->n_release; i++)
+        bn_kvcache_release(e->st->kv, s->release[i]);
     int rc = bn_forward(e->m, e->st, s->e, s->n, e->last_stage ? e->logits : NULL, err, errlen);
     BN_DEBUG("step done");
-    if (rc || !e->last_stage || s->want == BN_WANT_NONE || e->c->rank == 0)
+    e->cur = *s;
+    if (rc || !e->last_stage)
         return rc;
     const int k = count_wanted(s);
-    size_t len = make_result(e, s->want, k);
-    if ((rc = bn_comm_send(e->c, 0, TAG_RESULT, e->msg, len, err, errlen)))
+    const int me = e->c->rank;
+    if (s->want == BN_WANT_NONE || k == 0) { /* the acknowledgement, from the last stage's first rank */
+        if (me != 0 && me == bn_plan_rank(e->plan, s->replica, e->plan->P - 1, 0))
+            return bn_comm_send_async(e->c, 0, TAG_RESULT, &s->n, sizeof s->n, err, errlen);
+        return BN_OK;
+    }
+    if (me == 0) { /* rank 0 keeps its own slice's result for the poll */
+        if (s->want == BN_WANT_SAMPLE)
+            make_result(e, s, k, e->own);
+        return BN_OK;
+    }
+    size_t len = make_result(e, s, k, e->msg);
+    if (s->want == BN_WANT_LOGITS) /* an exclusive step: rank 0 waits for nothing else */
+        return bn_comm_send(e->c, 0, TAG_RESULT, e->msg, len, err, errlen);
+    if ((rc = bn_comm_send_async(e->c, 0, TAG_RESULT, e->msg, len, err, errlen)))
         return rc;
-    if (s->want == BN_WANT_SAMPLE && e->tails) {
-        if ((rc = bn_comm_recv(e->c, 0, TAG_TAIL, e->req, (size_t)k * sizeof *e->req, err, errlen)))
+    if (s->tails) {
+        tail_req_t req[BN_STEP_MAX];
+        int32_t tok[BN_STEP_MAX];
+        if ((rc = bn_comm_recv(e->c, 0, TAG_TAIL, req, (size_t)k * sizeof *req, err, errlen)))
             return rc;
-        answer_tails(e, k, e->req, e->tail_tok);
-        rc = bn_comm_send(e->c, 0, TAG_TAIL_TOKEN, e->tail_tok, (size_t)k * sizeof *e->tail_tok, err, errlen);
+        answer_tails(e, s, k, req, tok);
+        rc = bn_comm_send(e->c, 0, TAG_TAIL_TOKEN, tok, (size_t)k * sizeof *tok, err, errlen);
     }
     return rc;
 }
@@ -234,7 +278,7 @@ int bn_engine_serve(bn_engine_t *e, char *err, size_t errlen)
         snap_t a = snap(e->c);
         if (s.op == OP_STOP)
             return BN_OK;
-        if (s.op != OP_FORWARD || s.n < 0 || s.n > BN_STEP_MAX)
+        if (s.op != OP_FORWARD || s.n < 0 || s.n > BN_STEP_MAX || s.n_release < 0 || s.n_release > BN_STEP_MAX)
             return bn_err(err, errlen, BN_EINTERNAL, "rank %d: bad step descriptor (op %d, %d entries)",
                           e->c->rank, s.op, s.n);
         if ((rc = run_step(e, &s, err, errlen)))
@@ -245,6 +289,8 @@ int bn_engine_serve(bn_engine_t *e, char *err, size_t errlen)
 
 int bn_engine_stop(bn_engine_t *e, char *err, size_t errlen)
 {
+    if (bn_engine_inflight(e, -1))
+        return bn_err(err, errlen, BN_EINTERNAL, "stop with %d steps in flight", bn_engine_inflight(e, -1));
     step_t s = { .op = OP_STOP };
     for (int r = 0; r < e->plan->R; r++) {
         int rc = bn_comm_step_send(e->c, r, &s, sizeof s, err, errlen);
@@ -254,102 +300,234 @@ int bn_engine_stop(bn_engine_t *e, char *err, size_t errlen)
     return BN_OK;
 }
 
-static int step0(bn_engine_t *e, step_t *sp, bn_sampler_t **samplers, int32_t *tokens, float *logits,
-                 char *err, size_t errlen);
-
-int bn_engine_step(bn_engine_t *e, int replica, const bn_batch_entry_t *ents, int n, int want,
-                   bn_sampler_t **samplers, int32_t *tokens, float *logits, char *err, size_t errlen)
+int bn_engine_inflight(const bn_engine_t *e, int replica)
 {
-    const bn_plan_t *p = e->plan;
-    if (n < 0 || n > BN_STEP_MAX || replica < 0 || replica >= p->R)
-        return bn_err(err, errlen, BN_EINVAL, "a step of %d entries for replica %d (at most %d entries, %d replicas)",
-                      n, replica, BN_STEP_MAX, p->R);
-    step_t s = { .op = OP_FORWARD, .n = n, .want = want, .replica = replica, .phase = e->phase };
-    memcpy(s.e, ents, (size_t)n * sizeof *ents);
-    snap_t a = snap(e->c);
-    int rc = step0(e, &s, samplers, tokens, logits, err, errlen);
-    account(e, s.phase, &a, 0.0);
-    return rc;
+    if (replica >= 0)
+        return replica < e->plan->R ? e->fifo[replica].count : 0;
+    int n = 0;
+    for (int r = 0; r < e->plan->R; r++)
+        n += e->fifo[r].count;
+    return n;
 }
 
-/* rank 0's side of a step */
-static int step0(bn_engine_t *e, step_t *sp, bn_sampler_t **samplers, int32_t *tokens, float *logits,
-                 char *err, size_t errlen)
+int bn_engine_room(const bn_engine_t *e, int replica)
+{
+    const fifo_t *f = &e->fifo[replica];
+    for (int i = 0; i < f->count; i++)
+        if (f->t[(f->head + i) % FIFO_CAP].exclusive)
+            return 0;
+    return e->cap - f->count;
+}
+
+int bn_engine_submit(bn_engine_t *e, int replica, const bn_step_t *in, uint64_t *ticket, char *err, size_t errlen)
 {
     const bn_plan_t *p = e->plan;
-    const step_t s = *sp;
-    const int replica = s.replica, want = s.want;
-    int rc = bn_comm_step_send(e->c, replica, sp, sizeof *sp, err, errlen);
+    if (in->n < 0 || in->n > BN_STEP_MAX || replica < 0 || replica >= p->R || in->n_release < 0 ||
+        in->n_release > BN_STEP_MAX)
+        return bn_err(err, errlen, BN_EINVAL, "a step of %d entries for replica %d (at most %d entries, %d replicas)",
+                      in->n, replica, BN_STEP_MAX, p->R);
+    step_t s = { .op = OP_FORWARD, .n = in->n, .want = in->want, .replica = replica, .phase = in->phase,
+                 .n_release = in->n_release };
+    memcpy(s.e, in->e, (size_t)in->n * sizeof *in->e);
+    memcpy(s.release, in->release, (size_t)in->n_release * sizeof *in->release);
+    const int k = count_wanted(&s);
+    if (k == 0)
+        s.want = BN_WANT_NONE;
+    ticket_t t = { .id = ++e->next_id, .want = s.want, .k = k, .logits = in->logits };
+    if (s.want == BN_WANT_SAMPLE) {
+        for (int i = 0; i < k; i++) {
+            if (!in->smp[i])
+                return bn_err(err, errlen, BN_EINVAL, "step entry %d wants a sample but has no sampler", i);
+            const bn_sampler_params_t *sp = bn_sampler_params(in->smp[i]);
+            s.sp[i] = (samp_t){ .temp = sp->temp, .top_p = sp->top_p, .min_p = sp->min_p, .top_k = sp->top_k };
+            t.smp[i] = in->smp[i];
+            t.tails |= has_tail(sp);
+        }
+    } else if (s.want == BN_WANT_LOGITS && !in->logits) {
+        return bn_err(err, errlen, BN_EINVAL, "a step wanting logits without a buffer");
+    }
+    s.tails = t.tails;
+    t.exclusive = t.tails || s.want == BN_WANT_LOGITS;
+    fifo_t *f = &e->fifo[replica];
+    if (bn_engine_room(e, replica) <= 0 || (t.exclusive && f->count))
+        return bn_err(err, errlen, BN_EBUSY, "replica %d has no room for another step", replica);
+    snap_t a = snap(e->c);
+    int rc = bn_comm_step_send(e->c, replica, &s, sizeof s, err, errlen);
+    if (rc == BN_OK && replica == 0)
+        rc = run_step(e, &s, err, errlen);
+    if (rc == BN_OK && replica == 0 && e->last_stage && s.want == BN_WANT_LOGITS) {
+        /* rank 0's own slice of the logits, straight into the caller's rows */
+        const uint32_t rows = e->m->w.head.n_out, V = e->m->cfg.n_vocab;
+        for (int i = 0; i < k; i++)
+            memcpy(in->logits + (size_t)i * V + e->m->shard.vocab0, e->logits + (size_t)i * rows, rows * sizeof(float));
+    }
+    account(e, s.phase, &a, 0.0);
     if (rc)
         return rc;
-    if (replica == 0 && (rc = run_step(e, &s, err, errlen)))
-        return rc;
-    const int k = count_wanted(&s);
-    if (want == BN_WANT_NONE || k == 0)
-        return BN_OK;
+    f->t[(f->head + f->count) % FIFO_CAP] = t;
+    f->count++;
+    *ticket = t.id;
+    return BN_OK;
+}
+
+/* rank 0: whether every result the head step of replica r sends has arrived */
+static int results_ready(bn_engine_t *e, int r, const ticket_t *t, int *ready, char *err, size_t errlen)
+{
+    const bn_plan_t *p = e->plan;
+    *ready = 1;
+    const int slices = t->want == BN_WANT_NONE ? 1 : p->T;
+    for (int i = 0; i < slices && *ready; i++) {
+        const int src = bn_plan_rank(p, r, p->P - 1, i);
+        if (src == 0)
+            continue;
+        int rc = bn_comm_probe(e->c, src, TAG_RESULT, ready, err, errlen);
+        if (rc)
+            return rc;
+    }
+    return BN_OK;
+}
+
+/* rank 0: file slice i's result message away for the picks */
+static void take_result(bn_engine_t *e, int i, int k, const uint8_t *msg)
+{
+    const int T = e->plan->T;
+    const bn_slice_stats_t *st = (const bn_slice_stats_t *)msg;
+    const bn_cand_t *cand = (const bn_cand_t *)(st + k);
+    size_t used = 0;
+    for (int j = 0; j < k; j++) {
+        e->stats[(size_t)j * T + i] = st[j];
+        e->ncand_off[(size_t)j * T + i] = (int32_t)used;
+        memcpy(e->cand + ((size_t)i * BN_STEP_MAX * BN_SAMPLER_CAP) + used, cand + used, st[j].n_cand * sizeof *cand);
+        used += st[j].n_cand;
+    }
+}
+
+/* rank 0: the head step of replica r has all its results: take them, draw */
+static int finish(bn_engine_t *e, int r, const ticket_t *t, bn_step_done_t *done, char *err, size_t errlen)
+{
+    const bn_plan_t *p = e->plan;
+    const int k = t->k;
     const uint32_t V = e->m->cfg.n_vocab;
-    /* every vocabulary slice of the replica's last stage, in order */
-    for (int t = 0; t < p->T; t++) {
-        const int src = bn_plan_rank(p, replica, p->P - 1, t);
+    int rc;
+    done->ticket = t->id;
+    done->replica = r;
+    done->k = k;
+    if (t->want == BN_WANT_NONE) {
+        const int src = bn_plan_rank(p, r, p->P - 1, 0);
+        int32_t n;
+        return src == 0 ? BN_OK : bn_comm_recv(e->c, src, TAG_RESULT, &n, sizeof n, err, errlen);
+    }
+    for (int i = 0; i < p->T; i++) { /* every vocabulary slice of the replica's last stage, in order */
+        const int src = bn_plan_rank(p, r, p->P - 1, i);
         const bn_shard_t *sh = &p->rank[src];
         const uint32_t rows = sh->vocab1 - sh->vocab0;
-        size_t len = want == BN_WANT_LOGITS ? (size_t)k * rows * sizeof(float) : sample_msg_bytes(k);
-        if (src == 0)
-            make_result(e, want, k);
-        else if ((rc = bn_comm_recv(e->c, src, TAG_RESULT, e->msg, len, err, errlen)))
+        if (src == 0) {
+            if (t->want == BN_WANT_SAMPLE)
+                take_result(e, i, k, e->own);
+            continue; /* logits: already in place (submit) */
+        }
+        size_t len = t->want == BN_WANT_LOGITS ? (size_t)k * rows * sizeof(float) : sample_msg_bytes(k);
+        if ((rc = bn_comm_recv(e->c, src, TAG_RESULT, e->msg, len, err, errlen)))
             return rc;
-        if (want == BN_WANT_LOGITS) {
+        if (t->want == BN_WANT_LOGITS) {
             const float *lg = (const float *)e->msg;
-            for (int i = 0; i < k; i++)
-                memcpy(logits + (size_t)i * V + sh->vocab0, lg + (size_t)i * rows, rows * sizeof(float));
+            for (int j = 0; j < k; j++)
+                memcpy(t->logits + (size_t)j * V + sh->vocab0, lg + (size_t)j * rows, rows * sizeof(float));
         } else {
-            take_result(e, t, k, e->msg);
+            take_result(e, i, k, e->msg);
         }
     }
-    if (want == BN_WANT_LOGITS)
+    if (t->want == BN_WANT_LOGITS)
         return BN_OK;
     /* the draws: from the union of the slices' candidates, or in one slice's tail */
     int any_tail = 0;
-    for (int i = 0; i < k; i++) {
-        bn_cand_t all[BN_SAMPLER_CAP * 4];
-        bn_cand_t *u = p->T <= 4 ? all : malloc((size_t)p->T * BN_SAMPLER_CAP * sizeof *u);
-        if (!u)
-            return bn_err(err, errlen, BN_ENOMEM, "out of memory");
-        bn_slice_stats_t *st = e->stats + (size_t)i * p->T;
+    for (int j = 0; j < k; j++) {
+        bn_slice_stats_t *st = e->stats + (size_t)j * p->T;
         size_t used = 0;
-        for (int t = 0; t < p->T; t++) {
-            memcpy(u + used, e->cand + (size_t)t * BN_STEP_MAX * BN_SAMPLER_CAP + e->ncand_off[(size_t)i * p->T + t],
-                   st[t].n_cand * sizeof *u);
-            used += st[t].n_cand;
+        for (int i = 0; i < p->T; i++) {
+            memcpy(e->u + used, e->cand + (size_t)i * BN_STEP_MAX * BN_SAMPLER_CAP + e->ncand_off[(size_t)j * p->T + i],
+                   st[i].n_cand * sizeof *e->u);
+            used += st[i].n_cand;
         }
-        bn_pick_t pk = bn_sampler_pick(samplers[i], st, p->T, u);
-        if (u != all)
-            free(u);
-        tokens[i] = pk.token;
-        e->req[i] = (tail_req_t){ .asked = pk.token < 0 && pk.slice >= 0 ? pk.slice + 1 : 0, .last = pk.last,
+        bn_pick_t pk = bn_sampler_pick(t->smp[j], st, p->T, e->u);
+        done->tokens[j] = pk.token;
+        e->req[j] = (tail_req_t){ .asked = pk.token < 0 && pk.slice >= 0 ? pk.slice + 1 : 0, .last = pk.last,
                                   .target = pk.target };
-        any_tail |= e->req[i].asked != 0;
+        any_tail |= e->req[j].asked != 0;
     }
-    if (!e->tails)
+    if (!t->tails)
         return any_tail ? bn_err(err, errlen, BN_EINTERNAL, "a tail draw without tail sampling") : BN_OK;
     /* tail draws: every slice hears which rows it must finish */
-    for (int t = 0; t < p->T; t++) {
-        const int dst = bn_plan_rank(p, replica, p->P - 1, t);
+    for (int i = 0; i < p->T; i++) {
+        const int dst = bn_plan_rank(p, r, p->P - 1, i);
         tail_req_t req[BN_STEP_MAX];
-        for (int i = 0; i < k; i++) {
-            req[i] = e->req[i];
-            req[i].asked = e->req[i].asked == t + 1;
+        for (int j = 0; j < k; j++) {
+            req[j] = e->req[j];
+            req[j].asked = e->req[j].asked == i + 1;
         }
-        int32_t tok[BN_STEP_MAX];
         if (dst == 0) {
-            answer_tails(e, k, req, tok);
+            answer_tails(e, &e->cur, k, req, e->tail_tok);
         } else if ((rc = bn_comm_send(e->c, dst, TAG_TAIL, req, (size_t)k * sizeof *req, err, errlen)) ||
-                   (rc = bn_comm_recv(e->c, dst, TAG_TAIL_TOKEN, tok, (size_t)k * sizeof *tok, err, errlen))) {
+                   (rc = bn_comm_recv(e->c, dst, TAG_TAIL_TOKEN, e->tail_tok, (size_t)k * sizeof *e->tail_tok, err,
+                                      errlen))) {
             return rc;
         }
-        for (int i = 0; i < k; i++)
-            if (req[i].asked)
-                tokens[i] = tok[i] >= 0 ? tok[i] : e->req[i].last.id;
+        for (int j = 0; j < k; j++)
+            if (req[j].asked)
+                done->tokens[j] = e->tail_tok[j] >= 0 ? e->tail_tok[j] : e->req[j].last.id;
     }
+    return BN_OK;
+}
+
+int bn_engine_poll(bn_engine_t *e, double wait_s, bn_step_done_t *done, char *err, size_t errlen)
+{
+    const int R = e->plan->R;
+    double t0 = bn_now_s();
+    long ns = 0;
+    for (int spin = 0;; spin++) {
+        int any = 0;
+        for (int i = 0; i < R; i++) {
+            const int r = (e->rr + i) % R;
+            fifo_t *f = &e->fifo[r];
+            if (!f->count)
+                continue;
+            any = 1;
+            const ticket_t *t = &f->t[f->head];
+            int ready = 0;
+            int rc = results_ready(e, r, t, &ready, err, errlen);
+            if (rc)
+                return rc;
+            if (!ready)
+                continue;
+            rc = finish(e, r, t, done, err, errlen);
+            f->head = (f->head + 1) % FIFO_CAP;
+            f->count--;
+            e->rr = (r + 1) % R;
+            e->c->t_wait += bn_now_s() - t0;
+            return rc ? rc : 1;
+        }
+        if (!any || bn_now_s() - t0 >= wait_s)
+            return 0;
+        if (spin < 100) /* results of a short step come within microseconds */
+            continue;
+        ns = ns ? ns * 2 : 20000;
+        if (ns > 500000)
+            ns = 500000;
+        struct timespec ts = { 0, ns };
+        nanosleep(&ts, NULL);
+    }
+}
+
+int bn_engine_run(bn_engine_t *e, int replica, const bn_step_t *s, bn_step_done_t *done, char *err, size_t errlen)
+{
+    uint64_t id;
+    int rc = bn_engine_submit(e, replica, s, &id, err, errlen);
+    if (rc)
+        return rc;
+    rc = bn_engine_poll(e, 1e9, done, err, errlen);
+    if (rc < 0)
+        return rc;
+    if (rc == 0 || done->ticket != id)
+        return bn_err(err, errlen, BN_EINTERNAL, "step %llu did not come back", (unsigned long long)id);
     return BN_OK;
 }

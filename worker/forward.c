@@ -28,42 +28,9 @@ static uint32_t umax3(uint32_t a, uint32_t b, uint32_t c)
     return m > c ? m : c;
 }
 
-/* The KV cache: zero pages mapped lazily, touched only as positions are used. No
- * transparent huge pages: each layer's first position would otherwise fault in a
- * whole 2 MB page, 120 MB of resident memory for one token of a 30-layer model. */
-static void *cache_alloc(size_t bytes)
-{
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
-        return NULL;
-    madvise(p, bytes, MADV_NOHUGEPAGE);
-    return p;
-}
-
-static void cache_free(void *p, size_t bytes)
-{
-    if (p)
-        munmap(p, bytes);
-}
-
 static uint32_t my_layers(const bn_model_t *m)
 {
     return m->shard.layer1 - m->shard.layer0;
-}
-
-const char *bn_kv_type_name(int t)
-{
-    return t == BN_KV_F32 ? "f32" : t == BN_KV_F16 ? "f16" : "?";
-}
-
-int bn_kv_type_parse(const char *s)
-{
-    return strcmp(s, "f32") == 0 ? BN_KV_F32 : strcmp(s, "f16") == 0 ? BN_KV_F16 : -1;
-}
-
-size_t bn_kv_type_size(int t)
-{
-    return t == BN_KV_F16 ? sizeof(bn_fp16_t) : sizeof(float);
 }
 
 int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, int kv_type, bn_pool_t *pool,
@@ -75,8 +42,6 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, int kv_typ
     if (n_ctx == 0 || n_seq == 0 || n_ctx > (1u << 24) || n_seq > 4096)
         return bn_err(err, errlen, BN_EINVAL, "context %u and sequences %u must be in 1..%u and 1..4096",
                       n_ctx, n_seq, 1u << 24);
-    if (kv_type != BN_KV_F32 && kv_type != BN_KV_F16)
-        return bn_err(err, errlen, BN_EINVAL, "KV cache type %d is not f32 or f16", kv_type);
     bn_state_t *s = calloc(1, sizeof *s);
     if (!s)
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state");
@@ -92,7 +57,6 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, int kv_typ
     s->q_pad = (s->q_dim + 127) / 128 * 128;
     s->ff_pad = (s->n_ff + 127) / 128 * 128;
     size_t B = s->max_batch, wide = umax3(c->n_embd, s->q_pad, s->ff_pad);
-    size_t cache = (size_t)n_seq * my_layers(m) * n_ctx * s->kv_dim;
     s->x = malloc(B * c->n_embd * sizeof(float));
     s->xn = malloc(B * wide * sizeof(float));
     s->xq = aligned_alloc(64, (B * wide + 63) / 64 * 64); /* whole cache lines for the SIMD loads */
@@ -114,17 +78,15 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, int kv_typ
     s->rope = malloc(B * c->rope_dim * sizeof(float));
     s->hq = malloc(B * c->n_embd);
     s->hd = malloc(B * (c->n_embd / 32 + 1) * sizeof(float));
-    s->cache_bytes = cache * bn_kv_type_size(kv_type);
-    if (cache) {
-        s->key_cache = cache_alloc(s->cache_bytes);
-        s->value_cache = cache_alloc(s->cache_bytes);
+    int rc = bn_kvcache_new(n_seq, n_ctx, my_layers(m), sh->kv1 - sh->kv0, c->head_dim, kv_type, &s->kv, err, errlen);
+    if (rc) {
+        bn_state_destroy(&s);
+        return rc;
     }
     if (!s->x || !s->xn || !s->xq || !s->xs || !s->xr || !s->xqsum || !s->stats || !s->ones || !s->q ||
-        !s->k || !s->v || !s->att || !s->gate || !s->up || !s->out || !s->rope || !s->hq || !s->hd ||
-        (cache && (!s->key_cache || !s->value_cache))) {
-        const size_t kv_mb = s->cache_bytes * 2 >> 20;
+        !s->k || !s->v || !s->att || !s->gate || !s->up || !s->out || !s->rope || !s->hq || !s->hd) {
         bn_state_destroy(&s);
-        return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state (KV cache of %zu MB)", kv_mb);
+        return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state");
     }
     for (size_t t = 0; t < B; t++)
         s->ones[t] = 1.0f;
@@ -141,8 +103,7 @@ void bn_state_destroy(bn_state_t **ps)
     free(s->stats_all); free(s->ones);
     free(s->q); free(s->k); free(s->v); free(s->att); free(s->gate); free(s->up);
     free(s->out); free(s->rope); free(s->hq); free(s->hd);
-    cache_free(s->key_cache, s->cache_bytes);
-    cache_free(s->value_cache, s->cache_bytes);
+    bn_kvcache_destroy(&s->kv);
     free(s);
     *ps = NULL;
 }
@@ -189,9 +150,7 @@ typedef struct {
  * (seq, layer, KV head kh of the rank, pos): head_dim values of the KV type. */
 static void *cache_at(const bn_state_t *s, void *cache, const bn_model_t *m, int seq, int layer, int kh, int pos)
 {
-    const uint32_t nl = my_layers(m), hd = m->cfg.head_dim, nkv = s->kv_dim / hd;
-    const size_t e = ((((size_t)seq * nl + (layer - (int)m->shard.layer0)) * nkv + kh) * s->n_ctx + pos) * hd;
-    return (uint8_t *)cache + e * bn_kv_type_size(s->kv_type);
+    return bn_kvcache_row(s->kv, cache, seq, layer - (int)m->shard.layer0, kh, pos);
 }
 
 /* one token's k or v (kv_dim floats, the rank's KV heads one after another) into
@@ -351,8 +310,8 @@ static void job_rope_cache(void *arg, int ith, int nth)
         cx->K->rope_neox(s->k + (size_t)t * KVD, (int)(sh->kv1 - sh->kv0), HD, (int)c->rope_dim, cs);
         if (!KVD)
             continue;
-        cache_put(s, cx->K, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->k + (size_t)t * KVD);
-        cache_put(s, cx->K, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->v + (size_t)t * KVD);
+        cache_put(s, cx->K, s->kv->k, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->k + (size_t)t * KVD);
+        cache_put(s, cx->K, s->kv->v, cx->m, cx->b[t].seq, (int)cx->layer, cx->b[t].pos, s->v + (size_t)t * KVD);
     }
 }
 
@@ -398,13 +357,13 @@ static void job_attention(void *arg, int ith, int nth)
         const float *q = s->q + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
         float *out = s->att + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
         if (s->kv_type == BN_KV_F16) {
-            const bn_fp16_t *kc = cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
-            const bn_fp16_t *vc = cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
+            const bn_fp16_t *kc = cache_at(s, s->kv->k, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
+            const bn_fp16_t *vc = cache_at(s, s->kv->v, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
             cx->K->attention_heads_f16(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, cx->b[t].pos + 1, HD, out, (size_t)HD);
             continue;
         }
-        const float *kc = cache_at(s, s->key_cache, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
-        const float *vc = cache_at(s, s->value_cache, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
+        const float *kc = cache_at(s, s->kv->k, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
+        const float *vc = cache_at(s, s->kv->v, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
         if (cx->K->attention_heads)
             cx->K->attention_heads(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, cx->b[t].pos + 1, HD, out, (size_t)HD);
         else

@@ -2,7 +2,8 @@
  *
  * What it is: bn_forward() evaluates a batch of (sequence, position, token)
  * entries: one call prefills a prompt, or advances many sequences by one token,
- * or mixes both. Each sequence slot has its own KV cache (--kv-type f16 or f32). The work of
+ * or mixes both. Each sequence slot has its own rows of the KV cache
+ * (worker/kvcache.h; --kv-type f16 or f32). The work of
  * each step is split over a thread pool by output rows (matrices), tokens (norms,
  * quantization) or (token, head) pairs (attention).
  * What it is not: sampling or tokenization (coordinator/), MPI (worker/comm.c,
@@ -14,16 +15,8 @@
 #define BN_FORWARD_H
 
 #include "kernels/pool.h"
+#include "worker/kvcache.h"
 #include "worker/model.h"
-
-/* The KV cache's element type (--kv-type). f16 halves the bytes attention reads
- * per token and the cache's memory; keys and values are rounded to fp16 as they
- * are stored (logits move by about 1e-3, bench/RESULTS.md). */
-typedef enum { BN_KV_F32 = 0, BN_KV_F16 = 1 } bn_kv_type_t;
-#define BN_KV_DEFAULT BN_KV_F16
-const char *bn_kv_type_name(int t); /* "f32", "f16" */
-int bn_kv_type_parse(const char *s); /* -1 when unknown */
-size_t bn_kv_type_size(int t);      /* bytes per cached value */
 
 typedef struct {
     int32_t seq;          /* sequence slot, < n_seq */
@@ -73,16 +66,13 @@ typedef struct {
     float *rope;          /* (max_batch, rope_dim) cos/sin per token */
     int8_t *hq;           /* (max_batch, n_embd) LM head input blocks */
     float *hd;            /* (max_batch, n_embd/32) their scales */
-    /* KV cache, of kv_type elements (float or bn_fp16_t) */
-    int kv_type;          /* bn_kv_type_t */
-    void *key_cache;      /* (n_seq, layers of this stage, KV heads, n_ctx, head_dim); NULL when kv_dim is 0 */
-    void *value_cache;    /* (n_seq, layers of this stage, KV heads, n_ctx, head_dim) */
-    size_t cache_bytes;   /* of each */
+    int kv_type;          /* bn_kv_type_t, of kv */
+    bn_kvcache_t *kv;     /* the KV cache (worker/kvcache.h), owned */
 } bn_state_t;
 
-/* Allocate run state for n_seq sequences of up to n_ctx positions with a KV cache
- * of kv_type, computing with `pool` (may be NULL). Cache pages are touched only as
- * positions are used. Returns BN_OK, BN_EINVAL or BN_ENOMEM. */
+/* Allocate run state for n_seq sequences of up to n_ctx positions with its own
+ * KV cache of kv_type (st->kv), computing with `pool` (may be NULL). Cache pages
+ * are touched only as positions are used. Returns BN_OK, BN_EINVAL or BN_ENOMEM. */
 int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, int kv_type, bn_pool_t *pool,
                  bn_state_t **out, char *err, size_t errlen);
 void bn_state_destroy(bn_state_t **st);

@@ -6,6 +6,7 @@
  *   bitnet-worker --model M.gguf --prompt "text" --tokenize
  * Exit status: 0 done, 1 runtime error (bad model file, context exceeded...),
  * 2 bad command line. stdout carries only the generated text (or the ids). */
+#include "coordinator/cli.h"
 #include "coordinator/plan.h"
 #include "coordinator/sampler.h"
 #include "coordinator/tokenizer.h"
@@ -234,88 +235,12 @@ static int parse_args(int argc, char **argv, options_t *o)
     return 0;
 }
 
-/* Parse "1,2,3" into ids; every id must be a token of the vocabulary. */
-static int parse_tokens(const char *s, uint32_t n_vocab, int32_t **ids, size_t *n, char *err, size_t errlen)
-{
-    size_t cap = 16, k = 0;
-    int32_t *v = malloc(cap * sizeof *v);
-    if (!v)
-        return bn_err(err, errlen, BN_ENOMEM, "out of memory");
-    const char *p = s;
-    while (*p) {
-        char *end;
-        errno = 0;
-        long x = strtol(p, &end, 10);
-        if (end == p || errno || (*end && *end != ',')) {
-            free(v);
-            return bn_err(err, errlen, BN_EINVAL, "--tokens: '%s' is not a comma-separated list of ids", s);
-        }
-        if (x < 0 || x >= (long)n_vocab) {
-            free(v);
-            return bn_err(err, errlen, BN_EINVAL, "--tokens: unknown token id %ld (vocabulary has %u tokens)", x, n_vocab);
-        }
-        if (k == cap) {
-            int32_t *nv = realloc(v, (cap *= 2) * sizeof *v);
-            if (!nv) {
-                free(v);
-                return bn_err(err, errlen, BN_ENOMEM, "out of memory");
-            }
-            v = nv;
-        }
-        v[k++] = (int32_t)x;
-        p = *end ? end + 1 : end;
-    }
-    if (k == 0) {
-        free(v);
-        return bn_err(err, errlen, BN_EINVAL, "--tokens: no ids given");
-    }
-    *ids = v;
-    *n = k;
-    return BN_OK;
-}
-
-static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        bn_err(err, errlen, BN_EIO, "%s: cannot open: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 4096, n = 0, r;
-    char *buf = malloc(cap);
-    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += r;
-        if (n == cap) {
-            char *nb = realloc(buf, cap *= 2);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-            }
-            buf = nb;
-        }
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (!buf || bad) {
-        free(buf);
-        bn_err(err, errlen, BN_EIO, "%s: cannot read", path);
-        return NULL;
-    }
-    *len = n;
-    return buf;
-}
-
 static double peak_rss_mb(void)
 {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     return ru.ru_maxrss / 1024.0;
 }
-
-typedef struct {
-    int n_prompt, n_gen;
-    double t_prompt, t_gen;
-} run_stats_t;
 
 /* What one rank holds for a run. */
 typedef struct {
@@ -328,191 +253,29 @@ typedef struct {
     bn_engine_t *eng;
 } rank_t;
 
-static int dump_logits(rank_t *rk, const int32_t *ids, size_t n, const options_t *o, run_stats_t *rs,
-                       char *err, size_t errlen)
-{
-    uint32_t V = rk->m->cfg.n_vocab;
-    float *logits = malloc(n * V * sizeof(float));
-    if (!logits)
-        return bn_err(err, errlen, BN_ENOMEM, "out of memory for %zu rows of logits", n);
-    double t0 = bn_now_s();
-    int rc = BN_OK;
-    bn_engine_set_phase(rk->eng, BN_PHASE_PROMPT);
-    for (size_t i = 0; i < n && rc == BN_OK; i += BN_STEP_MAX) {
-        bn_batch_entry_t b[BN_STEP_MAX];
-        int k = n - i < BN_STEP_MAX ? (int)(n - i) : BN_STEP_MAX;
-        for (int j = 0; j < k; j++)
-            b[j] = (bn_batch_entry_t){ .seq = 0, .pos = (int32_t)(i + j), .token = ids[i + j], .want_logits = 1 };
-        rc = bn_engine_step(rk->eng, o->replica, b, k, BN_WANT_LOGITS, NULL, NULL, logits + i * V, err, errlen);
-    }
-    rs->t_prompt = bn_now_s() - t0;
-    rs->n_prompt = (int)n;
-    if (rc == BN_OK) {
-        FILE *f = fopen(o->dump_logits, "wb");
-        if (!f)
-            rc = bn_err(err, errlen, BN_EIO, "%s: cannot create: %s", o->dump_logits, strerror(errno));
-        else {
-            size_t w = fwrite(logits, sizeof(float), n * V, f);
-            if (fclose(f) != 0 || w != n * V)
-                rc = bn_err(err, errlen, BN_EIO, "%s: write failed", o->dump_logits);
-        }
-    }
-    free(logits);
-    return rc;
-}
-
-static int generate(rank_t *rk, const bn_tokenizer_t *tok, const int32_t *ids, size_t n, const options_t *o,
-                    run_stats_t *rs, char *err, size_t errlen)
-{
-    const bn_config_t *c = &rk->m->cfg;
-    bn_sampler_t *smp = NULL;
-    int rc = bn_sampler_new(&o->sp, c->n_vocab, &smp, err, errlen);
-    if (rc)
-        return rc;
-    /* prefill: the prompt in steps of BN_STEP_MAX (the stages work on them one
-     * behind the other), a token drawn from the last position's logits */
-    int32_t next = -1;
-    double t0 = bn_now_s();
-    bn_engine_set_phase(rk->eng, BN_PHASE_PROMPT);
-    for (size_t i = 0; i < n && rc == BN_OK; i += BN_STEP_MAX) {
-        bn_batch_entry_t b[BN_STEP_MAX];
-        int k = n - i < BN_STEP_MAX ? (int)(n - i) : BN_STEP_MAX;
-        for (int j = 0; j < k; j++)
-            b[j] = (bn_batch_entry_t){ .seq = 0, .pos = (int32_t)(i + j), .token = ids[i + j],
-                                       .want_logits = i + j + 1 == n };
-        rc = bn_engine_step(rk->eng, o->replica, b, k, i + k == n ? BN_WANT_SAMPLE : BN_WANT_NONE, &smp, &next,
-                            NULL, err, errlen);
-    }
-    if (rc)
-        goto done;
-    rs->t_prompt = bn_now_s() - t0;
-    rs->n_prompt = (int)n;
-
-    bn_detok_t dt = { 0 };
-    char out[256];
-    int pos = (int)n;
-    const char *finish = "length";
-    t0 = bn_now_s();
-    bn_engine_set_phase(rk->eng, BN_PHASE_GEN);
-    for (int g = 0; g < o->n_predict; g++) {
-        if (!o->ignore_eos && (next == c->eos_id || next == c->eot_id)) {
-            finish = "stop";
-            break;
-        }
-        rs->n_gen++;
-        if (o->print_ids) {
-            printf(g ? " %d" : "%d", next);
-        } else {
-            size_t k = bn_detok_push(tok, &dt, next, out, sizeof out);
-            fwrite(out, 1, k, stdout);
-        }
-        fflush(stdout);
-        if (g + 1 == o->n_predict)
-            break;
-        if ((uint32_t)pos >= rk->st->n_ctx) {
-            BN_WARN("context of %u tokens is full: generation stopped after %d tokens", rk->st->n_ctx, rs->n_gen);
-            finish = "context";
-            break;
-        }
-        bn_batch_entry_t e = { .seq = 0, .pos = pos++, .token = next, .want_logits = 1 };
-        if ((rc = bn_engine_step(rk->eng, o->replica, &e, 1, BN_WANT_SAMPLE, &smp, &next, NULL, err, errlen)))
-            goto done;
-    }
-    rs->t_gen = bn_now_s() - t0;
-    if (!o->print_ids) {
-        size_t k = bn_detok_flush(&dt, out, sizeof out);
-        fwrite(out, 1, k, stdout);
-    }
-    putchar('\n');
-    fflush(stdout);
-    BN_INFO("finished: %s, %d prompt tokens, %d generated", finish, rs->n_prompt, rs->n_gen);
-done:
-    bn_sampler_destroy(&smp);
-    return rc;
-}
-
-/* Rank 0's part of the run: the prompt, then --tokenize, --dump-logits or
- * generation through the engine. */
-static int drive(rank_t *rk, const options_t *o, run_stats_t *rs, char *err, size_t errlen)
+/* Rank 0's part of a command-line run: the tokenizer, then the prompt through
+ * the scheduler (coordinator/cli.c). */
+static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n_ctx, char *err, size_t errlen)
 {
     bn_model_t *m = rk->m;
-    const bn_config_t *c = &m->cfg;
     bn_tokenizer_t *tok = NULL;
-    int32_t *ids = NULL;
-    char *text = NULL, *chat = NULL;
-    size_t n_ids = 0, text_len = 0;
-    int rc;
-    if (o->replica >= rk->plan.R) {
-        rc = bn_err(err, errlen, BN_EINVAL, "--replica %d: the plan has %d replica%s (0..%d)", o->replica,
-                    rk->plan.R, rk->plan.R == 1 ? "" : "s", rk->plan.R - 1);
-        goto done;
-    }
-    if ((rc = bn_vocab_load(m->gguf, &tok, err, errlen)))
-        goto done;
+    int rc = bn_vocab_load(m->gguf, &tok, err, errlen);
+    if (rc)
+        return rc;
     if (bn_tokenizer_warning(tok))
         BN_WARN("%s: %s", o->model, bn_tokenizer_warning(tok));
     m->cfg.eot_id = m->cfg.eot_id >= 0 ? m->cfg.eot_id : bn_tokenizer_find(tok, "<|eot_id|>");
-    BN_INFO("stop tokens: eos %d, eot %d", c->eos_id, c->eot_id);
-
-    if (o->tokens) {
-        if ((rc = parse_tokens(o->tokens, c->n_vocab, &ids, &n_ids, err, errlen)))
-            goto done;
-    } else {
-        if (o->prompt) {
-            text_len = strlen(o->prompt);
-            text = strdup(o->prompt);
-        } else {
-            text = read_file(o->prompt_file, &text_len, err, errlen);
-            if (!text) {
-                rc = BN_EIO;
-                goto done;
-            }
-        }
-        const char *src = text;
-        size_t src_len = text_len;
-        if (o->chat) {
-            if ((rc = bn_vocab_chat_wrap(m->gguf, text, text_len, &chat, &src_len, err, errlen)))
-                goto done;
-            src = chat;
-        }
-        if ((rc = bn_tokenizer_encode(tok, src, src_len, 1, &ids, &n_ids, err, errlen)))
-            goto done;
-        if (o->tokenize) {
-            for (size_t i = 0; i < n_ids; i++)
-                printf(i ? " %d" : "%d", ids[i]);
-            putchar('\n');
-            goto done;
-        }
-        /* BOS as the model asks, unless the text (e.g. a chat form) already starts with it */
-        if (c->add_bos && c->bos_id >= 0 && (n_ids == 0 || ids[0] != c->bos_id)) {
-            int32_t *nids = realloc(ids, (n_ids + 1) * sizeof *ids);
-            if (!nids) {
-                rc = bn_err(err, errlen, BN_ENOMEM, "out of memory");
-                goto done;
-            }
-            ids = nids;
-            memmove(ids + 1, ids, n_ids * sizeof *ids);
-            ids[0] = c->bos_id;
-            n_ids++;
-        }
-    }
-    if (n_ids == 0) {
-        rc = bn_err(err, errlen, BN_EINVAL, "the prompt is empty");
-        goto done;
-    }
-    if (n_ids > rk->st->n_ctx) {
-        rc = bn_err(err, errlen, BN_ECONTEXT, "the prompt has %zu tokens, more than the context of %u (see --ctx)",
-                    n_ids, rk->st->n_ctx);
-        goto done;
-    }
-    if (o->dump_logits)
-        rc = dump_logits(rk, ids, n_ids, o, rs, err, errlen);
-    else
-        rc = generate(rk, tok, ids, n_ids, o, rs, err, errlen);
-done:
-    free(ids);
-    free(text);
-    free(chat);
+    BN_INFO("stop tokens: eos %d, eot %d", m->cfg.eos_id, m->cfg.eot_id);
+    bn_cli_opts_t co = { .prompt = o->prompt, .prompt_file = o->prompt_file, .tokens = o->tokens,
+                         .dump_logits = o->dump_logits, .tokenize = o->tokenize, .print_ids = o->print_ids,
+                         .replica = o->replica };
+    bn_gen_params_init(&co.gen);
+    co.gen.sp = o->sp;
+    co.gen.seed_given = 1;
+    co.gen.max_tokens = (uint32_t)o->n_predict;
+    co.gen.chat = o->chat;
+    co.gen.ignore_eos = o->ignore_eos;
+    rc = bn_cli_run(&co, rk->eng, &rk->plan, m, tok, n_ctx, rs, err, errlen);
     bn_tokenizer_destroy(&tok);
     return rc;
 }
@@ -565,7 +328,7 @@ static double cpu_s(void)
     return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + 1e-6 * (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
 }
 
-static void print_stats(const rank_t *rk, const run_stats_t *rs, const rank_stats_t *all)
+static void print_stats(const rank_t *rk, const bn_cli_result_t *rs, const rank_stats_t *all)
 {
     const bn_plan_t *p = &rk->plan;
     const bn_model_t *m = rk->m;
@@ -643,7 +406,7 @@ static int agree(bn_comm_t *comm, int rc, int *quiet, char *err, size_t errlen)
 static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_t errlen)
 {
     rank_t rk = { .comm = comm };
-    run_stats_t rs = { 0 };
+    bn_cli_result_t rs = { 0 };
     bn_config_t cfg = { 0 };
     /* the same inputs on every rank, so the same plan */
     uint64_t mem = mem_per_rank(o, comm->node_ranks);
@@ -692,7 +455,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
         (rc = bn_state_new(rk.m, n_ctx, 1, o->kv_type, rk.pool, &rk.st, err, errlen)) == BN_OK) {
         bn_comm_dist(comm, &rk.dist);
         if ((rc = bn_state_set_dist(rk.st, &rk.dist, err, errlen)) == BN_OK)
-            rc = bn_engine_new(comm, &rk.plan, rk.m, rk.st, &o->sp, &rk.eng, err, errlen);
+            rc = bn_engine_new(comm, &rk.plan, rk.m, rk.st, &rk.eng, err, errlen);
     }
     rc = agree(comm, rc, quiet, err, errlen);
     double serve_wall = 0, serve_cpu = 0;
@@ -706,7 +469,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
         if (comm->rank == 0)
             BN_INFO("%s, %d thread%s per rank", bn_kernels_choice(), n_threads, n_threads == 1 ? "" : "s");
         if (comm->rank == 0) {
-            rc = drive(&rk, o, &rs, err, errlen);
+            rc = drive(&rk, o, &rs, n_ctx, err, errlen);
             /* the others wait for this whatever happened to the prompt */
             char e2[256];
             int src = bn_engine_stop(rk.eng, e2, sizeof e2);
