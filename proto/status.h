@@ -21,7 +21,9 @@
     X(BN_ECONTEXT,    -8,  "context length exceeded")                   \
     X(BN_EBUSY,       -9,  "busy")                                      \
     X(BN_ECOMM,      -10,  "communication failure")                     \
-    X(BN_EINTERNAL,  -11,  "internal error")
+    X(BN_EINTERNAL,  -11,  "internal error")                          \
+    X(BN_EPROTO,     -12,  "malformed message")                         \
+    X(BN_EDENIED,    -13,  "permission denied")
 
 typedef enum {
 #define BN_X(name, val, msg) name = val,

@@ -7,6 +7,7 @@
  * Exit status: 0 done, 1 runtime error (bad model file, context exceeded...),
  * 2 bad command line. stdout carries only the generated text (or the ids). */
 #include "coordinator/cli.h"
+#include "coordinator/net/server.h"
 #include "coordinator/plan.h"
 #include "coordinator/sampler.h"
 #include "coordinator/tokenizer.h"
@@ -21,6 +22,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +36,10 @@ typedef struct {
     int tp, pp, replicas, replica, mem_mb, ignore_eos;
     int log_level;
     int seed_given;
+    /* --serve */
+    int serve, max_seqs, max_queue, step_tokens, kv_budget_mb, max_msg_bytes;
+    float drain_s;
+    const char *bind, *curve_secret_file;
     bn_sampler_params_t sp;
 } options_t;
 
@@ -83,6 +89,20 @@ static void usage(FILE *f)
         "  --mem-per-rank MB    memory a rank may use (default: available memory over\n"
         "                       the ranks on the node)\n"
         "\n"
+        "serving (rank 0 answers bitnet-client over ZeroMQ; see README, Serving):\n"
+        "  --serve              serve requests until SIGINT/SIGTERM (no prompt flags)\n"
+        "  --bind EP            ZeroMQ endpoint (default tcp://127.0.0.1:5555; port *\n"
+        "                       takes any free one, logged)\n"
+        "  --curve-secret-file F  CURVE: only clients with this server's public key\n"
+        "                       get service (bitnet-client keygen F writes F, F.pub)\n"
+        "  --max-seqs N         sequences running at once per replica (default 16)\n"
+        "  --max-queue N        requests waiting for a slot; more get 'busy' (default 64)\n"
+        "  --kv-budget-mb MB    KV memory the sequences of one replica may reserve\n"
+        "                       (prompt + max_tokens each; default 0: the slots bound it)\n"
+        "  --step-tokens N      token budget of one step, 1..64 (default 64)\n"
+        "  --max-msg-bytes N    largest request accepted (default 1048576)\n"
+        "  --drain-s S          after a signal, time for running requests (default 30)\n"
+        "\n"
         "output:\n"
         "  --stats              print speed and memory; last line on stderr is\n"
         "                       'stats: prompt_tokens=N prompt_tps=X gen_tokens=N gen_tps=X peak_rss_mb=X'\n"
@@ -124,6 +144,12 @@ static int parse_args(int argc, char **argv, options_t *o)
     o->lm_head = -1;
     o->kv_type = BN_KV_DEFAULT;
     o->log_level = BN_LOG_INFO;
+    o->max_seqs = 16;
+    o->max_queue = 64;
+    o->step_tokens = 64;
+    o->max_msg_bytes = 1 << 20;
+    o->drain_s = 30;
+    o->bind = "tcp://127.0.0.1:5555";
     o->sp = (bn_sampler_params_t){ .temp = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f };
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -132,12 +158,13 @@ static int parse_args(int argc, char **argv, options_t *o)
             return 1;
         }
         int is_flag = !strcmp(a, "--tokenize") || !strcmp(a, "--chat") || !strcmp(a, "--stats") ||
-                      !strcmp(a, "--print-ids") || !strcmp(a, "--ignore-eos");
+                      !strcmp(a, "--print-ids") || !strcmp(a, "--ignore-eos") || !strcmp(a, "--serve");
         if (is_flag) {
             if (!strcmp(a, "--tokenize")) o->tokenize = 1;
             else if (!strcmp(a, "--chat")) o->chat = 1;
             else if (!strcmp(a, "--stats")) o->stats = 1;
             else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = 1;
+            else if (!strcmp(a, "--serve")) o->serve = 1;
             else o->print_ids = 1;
             continue;
         }
@@ -160,6 +187,14 @@ static int parse_args(int argc, char **argv, options_t *o)
         else if (!strcmp(a, "--replicas")) rc = parse_int(a, v, 1, 4096, &o->replicas);
         else if (!strcmp(a, "--replica")) rc = parse_int(a, v, 0, 4095, &o->replica);
         else if (!strcmp(a, "--mem-per-rank")) rc = parse_int(a, v, 1, INT_MAX, &o->mem_mb);
+        else if (!strcmp(a, "--bind")) o->bind = v;
+        else if (!strcmp(a, "--curve-secret-file")) o->curve_secret_file = v;
+        else if (!strcmp(a, "--max-seqs")) rc = parse_int(a, v, 1, 4096, &o->max_seqs);
+        else if (!strcmp(a, "--max-queue")) rc = parse_int(a, v, 1, 1 << 20, &o->max_queue);
+        else if (!strcmp(a, "--step-tokens")) rc = parse_int(a, v, 1, 64, &o->step_tokens);
+        else if (!strcmp(a, "--kv-budget-mb")) rc = parse_int(a, v, 0, INT_MAX, &o->kv_budget_mb);
+        else if (!strcmp(a, "--max-msg-bytes")) rc = parse_int(a, v, 64, 1 << 28, &o->max_msg_bytes);
+        else if (!strcmp(a, "--drain-s")) rc = parse_float(a, v, 0.0f, 1e6f, &o->drain_s);
         else if (!strcmp(a, "--lm-head")) {
             o->lm_head = bn_head_type_parse(v);
             if (o->lm_head < 0) {
@@ -220,7 +255,12 @@ static int parse_args(int argc, char **argv, options_t *o)
         return -1;
     }
     int inputs = !!o->prompt + !!o->prompt_file + !!o->tokens;
-    if (inputs != 1) {
+    if (o->serve && (inputs || o->tokenize || o->dump_logits)) {
+        fprintf(stderr, "bitnet-worker: --serve takes its prompts from clients: no --prompt, --prompt-file, "
+                "--tokens, --tokenize or --dump-logits\n");
+        return -1;
+    }
+    if (!o->serve && inputs != 1) {
         fprintf(stderr, "bitnet-worker: give exactly one of --prompt, --prompt-file, --tokens\n");
         return -1;
     }
@@ -266,6 +306,30 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
         BN_WARN("%s: %s", o->model, bn_tokenizer_warning(tok));
     m->cfg.eot_id = m->cfg.eot_id >= 0 ? m->cfg.eot_id : bn_tokenizer_find(tok, "<|eot_id|>");
     BN_INFO("stop tokens: eos %d, eot %d", m->cfg.eos_id, m->cfg.eot_id);
+    if (o->serve) {
+        char *plan = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&plan, &len);
+        if (f) {
+            bn_plan_print(&rk->plan, f, "");
+            fclose(f);
+        }
+        /* KV bytes one position costs a replica: every layer's KV heads once */
+        const bn_config_t *c = &m->cfg;
+        uint64_t pos_bytes = 2ull * c->n_layer * c->n_head_kv * c->head_dim * bn_kv_type_size(rk->st->kv_type);
+        bn_server_opts_t so = { .bind = o->bind, .curve_secret_file = o->curve_secret_file, .drain_s = o->drain_s,
+                                .max_msg_bytes = (uint32_t)o->max_msg_bytes, .model_path = o->model,
+                                .plan_text = plan ? plan : "", .kernels = bn_kernels_get()->name,
+                                .lm_head = bn_head_type_name(m->w.head.type), .kv_type = bn_kv_type_name(rk->st->kv_type),
+                                .threads = bn_pool_size(rk->pool),
+                                .sched = { .max_seqs = o->max_seqs, .max_queue = o->max_queue,
+                                           .step_tokens = o->step_tokens, .n_ctx = n_ctx,
+                                           .kv_budget = (uint64_t)o->kv_budget_mb * 1000000u, .kv_pos_bytes = pos_bytes } };
+        rc = bn_server_run(&so, rk->eng, &rk->plan, m, tok, err, errlen);
+        free(plan);
+        bn_tokenizer_destroy(&tok);
+        return rc;
+    }
     bn_cli_opts_t co = { .prompt = o->prompt, .prompt_file = o->prompt_file, .tokens = o->tokens,
                          .dump_logits = o->dump_logits, .tokenize = o->tokenize, .print_ids = o->print_ids,
                          .replica = o->replica };
@@ -424,7 +488,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
                                .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * bn_kv_type_size(o->kv_type) };
         bn_plan_in_t in = { .world = comm->size, .ranks_per_node = comm->node_ranks,
                             .mem_per_rank = o->mem_mb || comm->size > 1 ? mem : 0, /* one rank has no other plan */
-                            .n_ctx = n_ctx, .n_seq = 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
+                            .n_ctx = n_ctx, .n_seq = o->serve ? (uint32_t)o->max_seqs : 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
         rc = bn_plan_make(&pm, &in, &rk.plan, err, errlen);
     }
     if ((rc = agree(comm, rc, quiet, err, errlen))) {
@@ -452,7 +516,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
     if ((rc = bn_comm_grid(comm, rk.plan.R, rk.plan.P, rk.plan.T, err, errlen)) == BN_OK &&
         (rc = bn_pool_new(n_threads, &rk.pool, err, errlen)) == BN_OK &&
         (mo.pool = rk.pool, rc = bn_model_load(o->model, &mo, &rk.m, err, errlen)) == BN_OK &&
-        (rc = bn_state_new(rk.m, n_ctx, 1, o->kv_type, rk.pool, &rk.st, err, errlen)) == BN_OK) {
+        (rc = bn_state_new(rk.m, n_ctx, o->serve ? (uint32_t)o->max_seqs : 1, o->kv_type, rk.pool, &rk.st, err, errlen)) == BN_OK) {
         bn_comm_dist(comm, &rk.dist);
         if ((rc = bn_state_set_dist(rk.st, &rk.dist, err, errlen)) == BN_OK)
             rc = bn_engine_new(comm, &rk.plan, rk.m, rk.st, &rk.eng, err, errlen);
@@ -478,6 +542,10 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
                 snprintf(err, errlen, "%s", e2);
             }
         } else {
+            if (o->serve) { /* srun/mpirun signal every rank: rank 0 drains, then stops the others */
+                signal(SIGINT, SIG_IGN);
+                signal(SIGTERM, SIG_IGN);
+            }
             serve_wall = bn_now_s();
             serve_cpu = cpu_s();
             rc = bn_engine_serve(rk.eng, err, errlen);
