@@ -88,9 +88,24 @@ $(BIN)/bitnet-mkmodel: $(O)/tools/mkmodel.o $(O)/libbn.a
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BIN)/bitnet-tests: $(TEST_OBJ) $(O)/libbn.a
+# The tests also speak the wire (a raw ZeroMQ client, the codec's unit tests);
+# the cross build (NET=) has no ZeroMQ for aarch64: those tests are left out.
+NET ?= 1
+ifeq ($(NET),1)
+$(O)/tests/%.o: tests/%.c $(PB_H)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(ZMQ_CFLAGS) -I$(O) -MMD -MP -c $< -o $@
+TEST_NET := $(filter-out $(O)/coordinator/net/server.o,$(NET_OBJ))
+TEST_LIBS := $(ZMQ_LIBS)
+else
+$(O)/tests/%.o: tests/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DBN_NO_NET -MMD -MP -c $< -o $@
+endif
+
+$(BIN)/bitnet-tests: $(TEST_OBJ) $(TEST_NET) $(O)/libbn.a
 	@mkdir -p $(BIN)
-	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+	$(CC) $(LDFLAGS) $^ -o $@ $(TEST_LIBS) $(LDLIBS)
 
 deps:
 	@sh tools/install-deps.sh
@@ -116,7 +131,7 @@ test: deps
 # the NEON kernels under qemu-user. Never sanitized: ASan does not run under qemu.
 CROSS_CC := aarch64-linux-gnu-gcc
 cross:
-	@$(MAKE) --no-print-directory CC=$(CROSS_CC) SAN= \
+	@$(MAKE) --no-print-directory CC=$(CROSS_CC) SAN= NET= \
 	    O=build-aarch64 BIN=bin-aarch64 bin-aarch64/bitnet-tests
 
 # Speed against llama.cpp, same weights (not part of the tests; knobs in bench/README.md).
@@ -128,3 +143,35 @@ clean:
 	rm -rf build build-san bin bin-san build-aarch64 bin-aarch64
 
 -include $(shell find $(O) -name '*.d' 2>/dev/null)
+
+# ---- make fuzz: the wire decoder under libFuzzer (tests/fuzz_wire.c) ----------
+# clang with libFuzzer, ASan and UBSan, in its own folders: the schema's C is
+# generated again into build-fuzz/ so nothing mixes with the gcc build. The test
+# wire_fuzz runs bin-fuzz/fuzz-wire for 20 s on the seeds; for longer, by hand:
+#   mkdir -p /tmp/wire-corpus && bin-fuzz/fuzz-wire -max_total_time=600 /tmp/wire-corpus tests/fuzz/wire
+FUZZ_CC    := clang
+FUZZ_O     := build-fuzz
+BIN_FUZZ   := bin-fuzz
+FUZZ_FLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Wshadow -Wno-unused-parameter \
+              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_SRC   := tests/fuzz_wire.c coordinator/net/wire.c coordinator/request.c proto/status.c
+FUZZ_HDR   := $(wildcard coordinator/*.h coordinator/net/*.h proto/*.h worker/*.h kernels/*.h)
+FUZZ_PB_CFLAGS = $(shell pkg-config --cflags libprotobuf-c)
+FUZZ_PB_LIBS   = $(shell pkg-config --libs libprotobuf-c)
+
+.PHONY: fuzz clean-fuzz
+fuzz: $(BIN_FUZZ)/fuzz-wire
+
+$(FUZZ_O)/proto/bitnet.pb-c.c $(FUZZ_O)/proto/bitnet.pb-c.h: proto/bitnet.proto
+	@mkdir -p $(FUZZ_O)
+	protoc-c --c_out=$(FUZZ_O) $<
+
+$(BIN_FUZZ)/fuzz-wire: $(FUZZ_SRC) $(FUZZ_HDR) $(FUZZ_O)/proto/bitnet.pb-c.c $(FUZZ_O)/proto/bitnet.pb-c.h
+	@mkdir -p $(BIN_FUZZ)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -I. -I$(FUZZ_O) $(FUZZ_PB_CFLAGS) $(FUZZ_SRC) $(FUZZ_O)/proto/bitnet.pb-c.c \
+	    -o $@ $(FUZZ_PB_LIBS) -lm
+
+clean: clean-fuzz
+clean-fuzz:
+	rm -rf $(FUZZ_O) $(BIN_FUZZ)
+# ---- end of make fuzz ----------------------------------------------------------

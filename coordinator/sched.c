@@ -337,6 +337,8 @@ static uint64_t need_bytes(const bn_sched_t *s, const req_t *r)
     return len * s->o.kv_pos_bytes;
 }
 
+static void admit(bn_sched_t *s);
+
 int bn_sched_submit(bn_sched_t *s, bn_gen_params_t *p, void *user, uint64_t *id, char *err, size_t errlen)
 {
     int rc = BN_OK;
@@ -406,6 +408,7 @@ int bn_sched_submit(bn_sched_t *s, bn_gen_params_t *p, void *user, uint64_t *id,
     s->queue[(s->q_head + s->q_count) % s->o.max_queue] = r;
     s->q_count++;
     *id = r->id;
+    admit(s); /* a free slot takes it now: the queue holds only what must wait */
     return BN_OK;
 fail:
     if (r)

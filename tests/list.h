@@ -64,4 +64,11 @@
     X(mpi_rank_fails_to_load) \
     X(mpi_rank_out_of_memory) \
     X(mpi_slurm_singletons_refused) \
-    X(mpi_idle_rank_sleeps)
+    X(mpi_idle_rank_sleeps) \
+    X(serve_concurrent_streams) \
+    X(serve_bad_messages) \
+    X(serve_cancel_deadline_killed_client) \
+    X(serve_full_queue) \
+    X(serve_curve) \
+    X(serve_sigterm_drains) \
+    X(batch_invariance)
