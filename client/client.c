@@ -1,0 +1,884 @@
+/* client.c - bitnet-client: a ZeroMQ DEALER that sends one request to a
+ * `bitnet-worker --serve` (a ROUTER) and prints what comes back: the generated text
+ * as it streams, or the fields of info, health and stats. `keygen` writes a CURVE
+ * key pair for the server.
+ *
+ * It is not part of the server and shares no code with it: it links only libzmq,
+ * libprotobuf-c and the schema's generated C (proto/bitnet.proto), so the helpers
+ * it needs are local. It sends one request, with protocol version 1, and no batch.
+ * Invariants: stdout carries exactly what `bitnet-worker --prompt` prints (the text
+ * as it streams, then one '\n'; or the ids), or the `key: value` lines of
+ * info/health/stats; everything else goes to stderr. Only main exits.
+ * Exit status: 0 done; 1 runtime error (an error reply, finish error or cancelled,
+ * no answer); 2 bad command line; 130 interrupted (SIGINT or SIGTERM). */
+#include "proto/bitnet.pb-c.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#define PROTOCOL_VERSION 1
+#define DEFAULT_SERVER "tcp://127.0.0.1:5555"
+#define TICK_MS 100                      /* longest wait between looks at the signal flag */
+#define CANCEL_GRACE_MS 5000.0           /* after Ctrl-C, how long the final may take */
+#define MAX_REPLY_BYTES (64 << 20)       /* a larger frame drops the connection (ZMQ_MAXMSGSIZE) */
+#define MAX_PROMPT_FILE_BYTES (256u << 20)
+#define KEY_LEN 40                       /* a CURVE key in Z85 */
+#define MORE (-1)                        /* "keep going": not an exit status */
+#define EXIT_USAGE 2
+#define EXIT_INTERRUPTED 130
+
+typedef enum { CMD_GENERATE, CMD_INFO, CMD_HEALTH, CMD_STATS, CMD_KEYGEN } cmd_t;
+
+typedef struct {
+    cmd_t cmd;
+    const char *server, *keygen_file;
+    char server_key[KEY_LEN + 1];        /* "" = plain TCP, no CURVE */
+    char *id;                            /* --id, or made up by run() */
+    char *prompt, *prompt_file;          /* point into argv */
+    int32_t *tokens;                     /* --tokens, parsed */
+    size_t n_tokens;
+    char **stop;                         /* --stop strings, point into argv */
+    size_t n_stop;
+    long long n_predict, top_k, deadline_ms;   /* deadline_ms -1: not sent */
+    double temp, top_p, min_p, timeout_s;
+    uint64_t seed;
+    int seed_given, chat, ignore_eos, print_ids, usage;
+} options_t;
+
+/* What a generate request has printed so far. */
+typedef struct {
+    const options_t *o;
+    size_t n_ids;         /* ids printed (--print-ids) */
+    int line_open;        /* stdout has output not yet ended by '\n' */
+    int interrupted;      /* a signal came and Cancel was sent */
+    uint32_t next_seq;
+} stream_t;
+
+static volatile sig_atomic_t g_signals;  /* SIGINT and SIGTERM seen */
+static int g_verbose;
+
+static void usage(FILE *f)
+{
+    fputs(
+        "usage: bitnet-client [options] \"prompt\"             generate; the text streams to stdout\n"
+        "       bitnet-client [options] --tokens 1,2,3       the prompt as token ids\n"
+        "       bitnet-client [options] --prompt-file FILE   the prompt read from FILE (- = stdin)\n"
+        "       bitnet-client [--server EP] [--server-key KEY] info | health | stats\n"
+        "       bitnet-client keygen FILE                    CURVE key pair: FILE (secret, 0600), FILE.pub\n"
+        "\n"
+        "connection:\n"
+        "  --server EP          the server (default: $BITNET_SERVER, else " DEFAULT_SERVER ")\n"
+        "  --server-key KEY     encrypt with CURVE: the server's public key (40 Z85 characters)\n"
+        "                       or a file whose first line is that key (keygen's FILE.pub)\n"
+        "  --timeout S          give up when no reply comes for S seconds (default 600)\n"
+        "  --id ID              the request's id (default: made from the pid and the clock)\n"
+        "\n"
+        "generation (defaults as bitnet-worker's):\n"
+        "  --prompt TEXT        the prompt text, as the positional argument (use it for text\n"
+        "                       that is a command's name or starts with '-')\n"
+        "  -n, --n-predict N    tokens to generate (default 64)\n"
+        "  --chat               wrap the prompt in the model's chat form\n"
+        "  --temp T             temperature, 0 = greedy (default 0.8)\n"
+        "  --top-k K            keep the K most likely tokens, 0 = all (default 40)\n"
+        "  --top-p P            keep the smallest set with probability >= P (default 0.95)\n"
+        "  --min-p P            drop tokens below P x the best probability (default 0.05)\n"
+        "  --seed N             random seed (default: chosen by the server)\n"
+        "  --stop STR           stop when the text contains STR (repeatable; STR not printed)\n"
+        "  --ignore-eos         do not stop at end-of-text tokens\n"
+        "  --deadline-ms MS     the server gives up MS ms after the request arrives\n"
+        "\n"
+        "output:\n"
+        "  --print-ids          print the generated token ids instead of the text\n"
+        "  --usage              at the end, one 'usage: prompt_tokens=N ...' line on stderr\n"
+        "  -v, --verbose        debug lines on stderr (e.g. replies to other requests)\n"
+        "  -h, --help           this text\n"
+        "\n"
+        "exit status: 0 done, 1 runtime error (error reply, cancelled, no answer),\n"
+        "2 bad command line, 130 interrupted (Ctrl-C cancels the request on the server)\n",
+        f);
+}
+
+static void debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void debug(const char *fmt, ...)
+{
+    if (!g_verbose)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("bitnet-client: debug: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+/* Print "bitnet-client: <message>" on stderr; returns -1. */
+static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int fail(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("bitnet-client: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return -1;
+}
+
+/* Report a failed zmq call (errno set by libzmq); returns exit status 1. */
+static int zfail(const char *what)
+{
+    fprintf(stderr, "bitnet-client: %s: %s\n", what, zmq_strerror(errno));
+    return 1;
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_signals = g_signals + 1;
+}
+
+/* ---- command line ---- */
+
+static int parse_int(const char *flag, const char *s, long long lo, long long hi, long long *out)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi)
+        return fail("%s: '%s' is not an integer in [%lld, %lld]", flag, s, lo, hi);
+    *out = v;
+    return 0;
+}
+
+static int parse_number(const char *flag, const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi))
+        return fail("%s: '%s' is not a number in [%.10g, %.10g]", flag, s, lo, hi);
+    *out = v;
+    return 0;
+}
+
+static int parse_seed(const char *s, options_t *o)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *end || s[0] == '-' || s[0] == '+')
+        return fail("--seed: '%s' is not a non-negative integer", s);
+    o->seed = v;
+    o->seed_given = 1;
+    return 0;
+}
+
+/* "1,2,3" into ids (the server checks them against its vocabulary). */
+static int parse_tokens(const char *s, options_t *o)
+{
+    size_t n = 1;
+    for (const char *p = s; *p; p++)
+        n += *p == ',';
+    if (!(o->tokens = malloc(n * sizeof *o->tokens)))
+        return fail("out of memory");
+    const char *p = s;
+    for (o->n_tokens = 0; o->n_tokens < n; o->n_tokens++) {
+        char *end;
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        if (errno || end == p || v < 0 || v > INT32_MAX || (*end != ',' && *end))
+            return fail("--tokens: '%s' is not a comma-separated list of ids", s);
+        o->tokens[o->n_tokens] = (int32_t)v;
+        p = end + 1;
+    }
+    return 0;
+}
+
+/* A CURVE key: 40 characters of the Z85 alphabet that decode to 32 bytes. */
+static int is_z85_key(const char *s)
+{
+    static const char z85[] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
+    uint8_t raw[32];
+    if (strlen(s) != KEY_LEN)
+        return 0;
+    for (const char *p = s; *p; p++)
+        if (!strchr(z85, *p))
+            return 0;
+    return zmq_z85_decode(raw, s) != NULL;
+}
+
+/* --server-key: the key itself, or a file whose first line is the key. */
+static int parse_server_key(const char *arg, char out[KEY_LEN + 1])
+{
+    if (is_z85_key(arg)) {
+        memcpy(out, arg, KEY_LEN + 1);
+        return 0;
+    }
+    FILE *f = fopen(arg, "r");
+    if (!f)
+        return fail("--server-key: '%s' is neither a 40-character Z85 key nor a readable file (%s)", arg,
+                    strerror(errno));
+    char line[256] = "";
+    if (!fgets(line, sizeof line, f))
+        line[0] = '\0';
+    fclose(f);
+    line[strcspn(line, " \t\r\n")] = '\0';
+    if (!is_z85_key(line))
+        return fail("--server-key: the first line of %s is not a 40-character Z85 key", arg);
+    memcpy(out, line, KEY_LEN + 1);
+    return 0;
+}
+
+/* Positional arguments: a command, keygen FILE, or the prompt text. */
+static int parse_positionals(char **pos, int n_pos, options_t *o)
+{
+    static const char *const names[] = { [CMD_INFO] = "info", [CMD_HEALTH] = "health", [CMD_STATS] = "stats" };
+    if (n_pos == 0)
+        return 0;
+    for (int c = CMD_INFO; c <= CMD_STATS; c++)
+        if (n_pos == 1 && !strcmp(pos[0], names[c])) {
+            o->cmd = (cmd_t)c;
+            return 0;
+        }
+    if (!strcmp(pos[0], "keygen")) {
+        if (n_pos != 2)
+            return fail("keygen needs one FILE (see --help)");
+        o->cmd = CMD_KEYGEN;
+        o->keygen_file = pos[1];
+        return 0;
+    }
+    if (n_pos > 1 || o->prompt)
+        return fail("one prompt only (quote it; got '%s' and '%s')", o->prompt ? o->prompt : pos[0],
+                    n_pos > 1 ? pos[1] : pos[0]);
+    o->prompt = pos[0];
+    return 0;
+}
+
+/* A generation flag without a value: 0, or 1 when `a` is not one. */
+static int parse_gen_switch(const char *a, options_t *o)
+{
+    if (!strcmp(a, "--chat")) o->chat = 1;
+    else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = 1;
+    else if (!strcmp(a, "--print-ids")) o->print_ids = 1;
+    else if (!strcmp(a, "--usage")) o->usage = 1;
+    else return 1;
+    return 0;
+}
+
+/* A generation flag and its value: 0, -1 after a message, or 1 when `a` is not one. */
+static int parse_gen_flag(const char *a, char *v, options_t *o)
+{
+    int rc = 0;
+    if (!strcmp(a, "--prompt")) o->prompt = v;
+    else if (!strcmp(a, "--prompt-file")) o->prompt_file = v;
+    else if (!strcmp(a, "--tokens")) rc = o->tokens ? fail("--tokens given twice") : parse_tokens(v, o);
+    else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) rc = parse_int(a, v, 0, 1 << 24, &o->n_predict);
+    else if (!strcmp(a, "--temp")) rc = parse_number(a, v, 0, 100, &o->temp);
+    else if (!strcmp(a, "--top-k")) rc = parse_int(a, v, 0, INT_MAX, &o->top_k);
+    else if (!strcmp(a, "--top-p")) rc = parse_number(a, v, 0, 1, &o->top_p);
+    else if (!strcmp(a, "--min-p")) rc = parse_number(a, v, 0, 1, &o->min_p);
+    else if (!strcmp(a, "--seed")) rc = parse_seed(v, o);
+    else if (!strcmp(a, "--stop")) o->stop[o->n_stop++] = v;
+    else if (!strcmp(a, "--deadline-ms")) rc = parse_int(a, v, 0, UINT32_MAX, &o->deadline_ms);
+    else return 1;
+    return rc;
+}
+
+/* A connection flag and its value: 0, -1 after a message, or 1 when `a` is not one. */
+static int parse_net_flag(const char *a, char *v, options_t *o)
+{
+    int rc = 0;
+    if (!strcmp(a, "--server")) o->server = v;
+    else if (!strcmp(a, "--server-key")) rc = parse_server_key(v, o->server_key);
+    else if (!strcmp(a, "--id")) o->id = v;
+    else if (!strcmp(a, "--timeout")) rc = parse_number(a, v, 0, 1e7, &o->timeout_s);
+    else return 1;
+    return rc;
+}
+
+/* What the flags cannot say alone: open bounds, empty strings, the command's
+ * flags, one prompt. `pos0` is the first positional argument. Returns 0 or -1. */
+static int check_options(const options_t *o, const char *gen_flag, const char *net_flag, const char *pos0)
+{
+    if (o->top_p == 0)
+        return fail("--top-p: must be above 0");
+    if (o->min_p >= 1)
+        return fail("--min-p: must be below 1");
+    if (o->timeout_s == 0)
+        return fail("--timeout: must be above 0");
+    if (o->id && !*o->id)
+        return fail("--id: the id is empty");
+    for (size_t i = 0; i < o->n_stop; i++)
+        if (!*o->stop[i])
+            return fail("--stop: the string is empty");
+    if (o->cmd == CMD_KEYGEN && (gen_flag || net_flag))
+        return fail("keygen takes only FILE, not %s", gen_flag ? gen_flag : net_flag);
+    if (o->cmd != CMD_GENERATE && o->cmd != CMD_KEYGEN && gen_flag)
+        return fail("%s is for generation, not for %s", gen_flag, pos0);
+    if (o->cmd == CMD_GENERATE && !!o->prompt + !!o->prompt_file + !!o->tokens != 1)
+        return fail("give exactly one prompt: text, --prompt-file or --tokens (see --help)");
+    if (o->chat && o->tokens)
+        return fail("--chat needs a prompt text, not --tokens");
+    return 0;
+}
+
+/* Returns MORE to go on, or the exit status (0 after --help, 1, EXIT_USAGE). */
+static int parse_args(int argc, char **argv, options_t *o, char **pos)
+{
+    const char *env = getenv("BITNET_SERVER");
+    *o = (options_t){ .server = env && *env ? env : DEFAULT_SERVER, .n_predict = 64, .temp = 0.8, .top_k = 40,
+                      .top_p = 0.95, .min_p = 0.05, .deadline_ms = -1, .timeout_s = 600 };
+    if (!(o->stop = malloc(argc * sizeof *o->stop)))
+        return fail("out of memory"), 1;
+    const char *gen_flag = NULL, *net_flag = NULL;
+    int n_pos = 0, flags_done = 0;
+    for (int i = 1; i < argc; i++) {
+        char *a = argv[i];
+        int rc;
+        if (flags_done || a[0] != '-' || !a[1])
+            pos[n_pos++] = a;
+        else if (!strcmp(a, "--"))
+            flags_done = 1;
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help"))
+            return usage(stdout), 0;
+        else if (!strcmp(a, "-v") || !strcmp(a, "--verbose"))
+            g_verbose = 1;
+        else if (parse_gen_switch(a, o) == 0)
+            gen_flag = a;
+        else if (i + 1 >= argc)
+            return fail("%s needs a value (or is unknown; see --help)", a), EXIT_USAGE;
+        else {
+            char *v = argv[++i];
+            if ((rc = parse_gen_flag(a, v, o)) == 0)
+                gen_flag = a;
+            else if (rc == 1 && (rc = parse_net_flag(a, v, o)) == 0)
+                net_flag = a;
+            else if (rc == 1)
+                rc = fail("unknown option '%s' (see --help)", a);
+            if (rc)
+                return EXIT_USAGE;
+        }
+    }
+    if (parse_positionals(pos, n_pos, o) || check_options(o, gen_flag, net_flag, pos[0]))
+        return EXIT_USAGE;
+    return MORE;
+}
+
+/* ---- requests ---- */
+
+/* The whole of FILE ("-" = stdin) as a NUL-terminated string; NULL after a message. */
+static char *read_prompt_file(const char *path)
+{
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    if (!f) {
+        fprintf(stderr, "bitnet-client: %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    size_t len = 0, cap = 0;
+    char *buf = NULL;
+    for (;;) {
+        if (cap - len < 2) {
+            char *nb = cap < MAX_PROMPT_FILE_BYTES ? realloc(buf, cap ? 2 * cap : 4096) : NULL;
+            if (!nb) {
+                fprintf(stderr, "bitnet-client: %s: %s\n", path,
+                        cap < MAX_PROMPT_FILE_BYTES ? "out of memory" : "larger than 256 MB");
+                goto fail;
+            }
+            buf = nb;
+            cap = cap ? 2 * cap : 4096;
+        }
+        size_t k = fread(buf + len, 1, cap - len - 1, f);
+        len += k;
+        if (k == 0)
+            break;
+    }
+    if (ferror(f)) {
+        fprintf(stderr, "bitnet-client: %s: %s\n", path, strerror(errno));
+        goto fail;
+    }
+    buf[len] = '\0';
+    if (memchr(buf, '\0', len)) {
+        fprintf(stderr, "bitnet-client: %s: has a NUL byte (a prompt is text)\n", path);
+        goto fail;
+    }
+    if (f != stdin)
+        fclose(f);
+    return buf;
+fail:
+    if (f != stdin)
+        fclose(f);
+    free(buf);
+    return NULL;
+}
+
+/* Pack and queue one request; returns 0 or exit status 1. */
+static int send_request(void *sock, const Bitnet__Request *req)
+{
+    size_t len = bitnet__request__get_packed_size(req);
+    uint8_t *buf = malloc(len ? len : 1);
+    if (!buf) {
+        fprintf(stderr, "bitnet-client: out of memory (a request of %zu bytes)\n", len);
+        return 1;
+    }
+    bitnet__request__pack(req, buf);
+    int rc = zmq_send(sock, buf, len, ZMQ_DONTWAIT) < 0 ? zfail("zmq_send") : 0;
+    if (!rc)
+        debug("sent request '%s' (%zu bytes)", req->request_id, len);
+    free(buf);
+    return rc;
+}
+
+/* The request the command line asks for. Sampling fields are always sent, so the
+ * server uses the client's defaults; the seed only when given. */
+static int send_command(void *sock, const options_t *o, char *prompt)
+{
+    Bitnet__Request req = BITNET__REQUEST__INIT;
+    Bitnet__Generate gen = BITNET__GENERATE__INIT;
+    Bitnet__Sampling smp = BITNET__SAMPLING__INIT;
+    Bitnet__InfoRequest info = BITNET__INFO_REQUEST__INIT;
+    Bitnet__HealthRequest health = BITNET__HEALTH_REQUEST__INIT;
+    Bitnet__StatsRequest stats = BITNET__STATS_REQUEST__INIT;
+    req.has_version = 1;
+    req.version = PROTOCOL_VERSION;
+    req.request_id = o->id;
+    switch (o->cmd) {
+    case CMD_INFO: req.body_case = BITNET__REQUEST__BODY_INFO, req.info = &info; break;
+    case CMD_HEALTH: req.body_case = BITNET__REQUEST__BODY_HEALTH, req.health = &health; break;
+    case CMD_STATS: req.body_case = BITNET__REQUEST__BODY_STATS, req.stats = &stats; break;
+    default:
+        smp.has_temperature = smp.has_top_k = smp.has_top_p = smp.has_min_p = 1;
+        smp.temperature = (float)o->temp;
+        smp.top_k = (int32_t)o->top_k;
+        smp.top_p = (float)o->top_p;
+        smp.min_p = (float)o->min_p;
+        smp.has_seed = o->seed_given;
+        smp.seed = o->seed;
+        gen.prompt = prompt;
+        gen.n_tokens = o->n_tokens;
+        gen.tokens = o->tokens;
+        gen.has_chat = gen.has_ignore_eos = gen.has_max_tokens = 1;
+        gen.chat = o->chat;
+        gen.ignore_eos = o->ignore_eos;
+        gen.max_tokens = (uint32_t)o->n_predict;
+        gen.sampling = &smp;
+        gen.n_stop = o->n_stop;
+        gen.stop = o->stop;
+        gen.has_deadline_ms = o->deadline_ms >= 0;
+        gen.deadline_ms = (uint32_t)o->deadline_ms;
+        req.body_case = BITNET__REQUEST__BODY_GENERATE;
+        req.generate = &gen;
+    }
+    return send_request(sock, &req);
+}
+
+static int send_cancel(void *sock, const options_t *o)
+{
+    Bitnet__Request req = BITNET__REQUEST__INIT;
+    Bitnet__Cancel cancel = BITNET__CANCEL__INIT;
+    req.has_version = 1;
+    req.version = PROTOCOL_VERSION;
+    req.request_id = o->id;
+    req.body_case = BITNET__REQUEST__BODY_CANCEL;
+    req.cancel = &cancel;
+    return send_request(sock, &req);
+}
+
+/* ---- replies ---- */
+
+static void end_line(stream_t *st)
+{
+    if (st->line_open) {
+        putchar('\n');
+        fflush(stdout);
+        st->line_open = 0;
+    }
+}
+
+static void print_error(const Bitnet__Error *e)
+{
+    if (e->status)
+        fprintf(stderr, "bitnet-client: %s: %s\n", e->status, e->message ? e->message : "(no message)");
+    else
+        fprintf(stderr, "bitnet-client: error %d: %s\n", e->has_code ? e->code : 0,
+                e->message ? e->message : "(no message)");
+}
+
+static const char *finish_name(int reason)
+{
+    static const char *const names[] = { "unspecified", "eos", "length", "stop", "cancelled", "error" };
+    return reason >= 0 && reason <= BITNET__FINISH_REASON__FINISH_ERROR ? names[reason] : "unknown";
+}
+
+static void print_usage_line(const Bitnet__Final *f)
+{
+    static const Bitnet__Usage none = BITNET__USAGE__INIT;
+    const Bitnet__Usage *u = f->usage ? f->usage : &none;
+    fprintf(stderr,
+            "usage: prompt_tokens=%" PRIu32 " completion_tokens=%" PRIu32 " ttft_ms=%.1f tokens_per_s=%.1f"
+            " total_ms=%.1f queue_ms=%.1f finish=%s seed=%" PRIu64 "\n",
+            u->prompt_tokens, u->completion_tokens, u->time_to_first_token_ms, u->tokens_per_s, u->total_ms,
+            u->queue_ms, finish_name(f->has_finish_reason ? (int)f->finish_reason : 0), f->seed);
+}
+
+static void print_chunk(stream_t *st, const Bitnet__TokenChunk *c)
+{
+    if (c->has_seq && c->seq != st->next_seq)
+        debug("chunk %" PRIu32 " arrived, %" PRIu32 " was expected", c->seq, st->next_seq);
+    st->next_seq = (c->has_seq ? c->seq : st->next_seq) + 1;
+    if (st->o->print_ids) {
+        for (size_t i = 0; i < c->n_tokens; i++, st->n_ids++)
+            printf(st->n_ids ? " %" PRId32 : "%" PRId32, c->tokens[i]);
+        st->line_open |= c->n_tokens > 0;
+    } else if (c->has_text && c->text.len) {
+        fwrite(c->text.data, 1, c->text.len, stdout);
+        st->line_open = 1;
+    }
+    fflush(stdout);
+}
+
+/* The final reply of a generate request: its exit status. */
+static int on_final(stream_t *st, const Bitnet__Final *f)
+{
+    int reason = f->has_finish_reason ? (int)f->finish_reason : 0, rc = 1;
+    if (st->interrupted) {
+        rc = EXIT_INTERRUPTED;
+        end_line(st);
+    } else if (reason == BITNET__FINISH_REASON__FINISH_EOS || reason == BITNET__FINISH_REASON__FINISH_LENGTH ||
+               reason == BITNET__FINISH_REASON__FINISH_STOP) {
+        rc = 0;
+        putchar('\n');     /* as bitnet-worker: always, even after no text */
+        fflush(stdout);
+        st->line_open = 0;
+    } else {
+        end_line(st);
+        if (reason == BITNET__FINISH_REASON__FINISH_CANCELLED || reason == BITNET__FINISH_REASON__FINISH_ERROR)
+            fprintf(stderr, "bitnet-client: %s: %s\n", finish_name(reason), f->detail ? f->detail : "(no detail)");
+        else
+            fprintf(stderr, "bitnet-client: the final reply has no known finish reason (%d)\n", reason);
+    }
+    if (st->o->usage)
+        print_usage_line(f);
+    return rc;
+}
+
+static void print_scalar(const ProtobufCFieldDescriptor *f, const void *p)
+{
+    printf("%s: ", f->name);
+    switch (f->type) {
+    case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32: case PROTOBUF_C_TYPE_SFIXED32:
+    case PROTOBUF_C_TYPE_ENUM: printf("%" PRId32 "\n", *(const int32_t *)p); break;
+    case PROTOBUF_C_TYPE_UINT32: case PROTOBUF_C_TYPE_FIXED32: printf("%" PRIu32 "\n", *(const uint32_t *)p); break;
+    case PROTOBUF_C_TYPE_INT64: case PROTOBUF_C_TYPE_SINT64: case PROTOBUF_C_TYPE_SFIXED64:
+        printf("%" PRId64 "\n", *(const int64_t *)p); break;
+    case PROTOBUF_C_TYPE_UINT64: case PROTOBUF_C_TYPE_FIXED64: printf("%" PRIu64 "\n", *(const uint64_t *)p); break;
+    case PROTOBUF_C_TYPE_FLOAT: printf("%.3f\n", *(const float *)p); break;
+    case PROTOBUF_C_TYPE_DOUBLE: printf("%.3f\n", *(const double *)p); break;
+    case PROTOBUF_C_TYPE_BOOL: puts(*(const protobuf_c_boolean *)p ? "true" : "false"); break;
+    default: puts("(not shown)");
+    }
+}
+
+/* One `key: value` line per field the message has, in the schema's order; text of
+ * several lines (the plan) comes after the rest, as `key:` then its lines indented. */
+static void print_fields(const ProtobufCMessage *m)
+{
+    const ProtobufCMessageDescriptor *d = m->descriptor;
+    for (int multiline = 0; multiline < 2; multiline++)
+        for (unsigned i = 0; i < d->n_fields; i++) {
+            const ProtobufCFieldDescriptor *f = &d->fields[i];
+            const char *p = (const char *)m + f->offset;
+            if (f->label == PROTOBUF_C_LABEL_REPEATED)
+                continue;
+            if (f->type == PROTOBUF_C_TYPE_STRING) {
+                const char *s = *(char *const *)p;
+                if (!s || (strchr(s, '\n') != NULL) != multiline)
+                    continue;
+                if (!multiline) {
+                    printf("%s: %s\n", f->name, s);
+                    continue;
+                }
+                printf("%s:\n", f->name);
+                for (size_t n; *s; s += n + (s[n] == '\n')) {
+                    n = strcspn(s, "\n");
+                    printf("  %.*s\n", (int)n, s);
+                }
+            } else if (!multiline && (!f->quantifier_offset ||
+                                      *(const protobuf_c_boolean *)((const char *)m + f->quantifier_offset))) {
+                print_scalar(f, p);
+            }
+        }
+    fflush(stdout);
+}
+
+/* One reply of ours: MORE, or the exit status. */
+static int on_reply(stream_t *st, const Bitnet__Reply *r)
+{
+    static const Bitnet__Reply__BodyCase expected[] = {
+        [CMD_INFO] = BITNET__REPLY__BODY_INFO, [CMD_HEALTH] = BITNET__REPLY__BODY_HEALTH,
+        [CMD_STATS] = BITNET__REPLY__BODY_STATS };
+    cmd_t cmd = st->o->cmd;
+    if (r->body_case == BITNET__REPLY__BODY_ERROR) {
+        end_line(st);
+        print_error(r->error);
+        return st->interrupted ? EXIT_INTERRUPTED : 1;
+    }
+    if (cmd == CMD_GENERATE && r->body_case == BITNET__REPLY__BODY_CHUNK) {
+        print_chunk(st, r->chunk);
+        return MORE;
+    }
+    if (cmd == CMD_GENERATE && r->body_case == BITNET__REPLY__BODY_FINAL)
+        return on_final(st, r->final);
+    if (cmd != CMD_GENERATE && r->body_case == expected[cmd]) {
+        print_fields((const ProtobufCMessage *)r->info);  /* the body union's members share the address */
+        return 0;
+    }
+    end_line(st);
+    fprintf(stderr, "bitnet-client: a reply of an unexpected kind (body %d) to this request\n", (int)r->body_case);
+    return 1;
+}
+
+/* One frame from the server: MORE, or the exit status. */
+static int on_frame(stream_t *st, const uint8_t *data, size_t len)
+{
+    Bitnet__Reply *r = bitnet__reply__unpack(NULL, len, data);
+    if (!r) {
+        end_line(st);
+        fprintf(stderr, "bitnet-client: a reply of %zu bytes is not a valid message\n", len);
+        return 1;
+    }
+    int rc = MORE;
+    if (!r->request_id || strcmp(r->request_id, st->o->id))
+        debug("ignored a reply to request '%s' (not ours)", r->request_id ? r->request_id : "");
+    else
+        rc = on_reply(st, r);
+    bitnet__reply__free_unpacked(r, NULL);
+    return rc;
+}
+
+/* Every frame waiting on the socket, counted in *n_frames; MORE when they are
+ * read, or the exit status. */
+static int read_frames(void *sock, stream_t *st, size_t *n_frames)
+{
+    for (;;) {
+        zmq_msg_t msg;
+        zmq_msg_init(&msg);
+        if (zmq_msg_recv(&msg, sock, ZMQ_DONTWAIT) < 0) {
+            int err = errno;
+            zmq_msg_close(&msg);
+            errno = err;
+            return err == EAGAIN || err == EINTR ? MORE : zfail("zmq_msg_recv");
+        }
+        ++*n_frames;
+        int rc = on_frame(st, zmq_msg_data(&msg), zmq_msg_size(&msg));
+        zmq_msg_close(&msg);
+        if (rc != MORE)
+            return rc;
+    }
+}
+
+static int report_timeout(const options_t *o, size_t n_frames)
+{
+    const char *why = n_frames ? "did the server stop?"
+                    : o->server_key[0] ? "is the server running, and is --server-key its public key?"
+                                       : "is the server running?";
+    fprintf(stderr, "bitnet-client: no answer from %s for %g s (%s)\n", o->server, o->timeout_s, why);
+    return 1;
+}
+
+/* Wait for the answers in ticks, watching for signals and the timeout. The first
+ * signal during a generate sends Cancel and allows CANCEL_GRACE_MS for the final;
+ * a second signal, or one during another request, ends the wait at once. */
+static int wait_replies(void *sock, const options_t *o, stream_t *st)
+{
+    double last = now_ms(), grace_end = 0;
+    size_t n_frames = 0;
+    for (;;) {
+        if (g_signals && (o->cmd != CMD_GENERATE || g_signals > 1))
+            return EXIT_INTERRUPTED;
+        if (g_signals && !st->interrupted) {
+            debug("interrupted: cancelling request '%s'", o->id);
+            st->interrupted = 1;
+            if (send_cancel(sock, o))
+                return EXIT_INTERRUPTED;
+            grace_end = now_ms() + CANCEL_GRACE_MS;
+        }
+        double t = now_ms(), left = st->interrupted ? grace_end - t : last + o->timeout_s * 1e3 - t;
+        if (left <= 0) {
+            end_line(st);
+            return st->interrupted ? EXIT_INTERRUPTED : report_timeout(o, n_frames);
+        }
+        zmq_pollitem_t item = { .socket = sock, .events = ZMQ_POLLIN };
+        int n = zmq_poll(&item, 1, left < TICK_MS ? (long)left + 1 : TICK_MS);
+        if (n < 0 && errno != EINTR)
+            return zfail("zmq_poll");
+        if (n <= 0)
+            continue;
+        size_t before = n_frames;
+        int rc = read_frames(sock, st, &n_frames);
+        if (rc != MORE)
+            return rc;
+        if (n_frames > before)
+            last = now_ms();
+    }
+}
+
+/* ---- sockets and the two modes ---- */
+
+/* CURVE with an ephemeral client key pair; returns 0 or exit status 1. */
+static int set_curve(void *sock, const char *server_key)
+{
+    char pub[KEY_LEN + 1], sec[KEY_LEN + 1];
+    if (zmq_curve_keypair(pub, sec))
+        return zfail("zmq_curve_keypair (is libzmq built with CURVE?)");
+    int rc = 0;
+    if (zmq_setsockopt(sock, ZMQ_CURVE_SERVERKEY, server_key, KEY_LEN) ||
+        zmq_setsockopt(sock, ZMQ_CURVE_PUBLICKEY, pub, KEY_LEN) ||
+        zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, sec, KEY_LEN))
+        rc = zfail("zmq_setsockopt (CURVE keys)");
+    explicit_bzero(sec, sizeof sec);
+    return rc;
+}
+
+/* A DEALER connected to o->server; returns 0, or an exit status after a message. */
+static int open_socket(const options_t *o, void *ctx, void **sock_out)
+{
+    int linger = 0;
+    int64_t max_msg = MAX_REPLY_BYTES;
+    void *sock = zmq_socket(ctx, ZMQ_DEALER);
+    if (!sock)
+        return zfail("zmq_socket");
+    *sock_out = sock;
+    if (zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger) ||
+        zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_msg, sizeof max_msg))
+        return zfail("zmq_setsockopt");
+    if (o->server_key[0] && set_curve(sock, o->server_key))
+        return 1;
+    if (zmq_connect(sock, o->server)) {
+        int bad_endpoint = errno == EINVAL || errno == EPROTONOSUPPORT;
+        fprintf(stderr, "bitnet-client: --server '%s': %s\n", o->server, zmq_strerror(errno));
+        return bad_endpoint ? EXIT_USAGE : 1;
+    }
+    debug("connected to %s%s", o->server, o->server_key[0] ? " (CURVE)" : "");
+    return 0;
+}
+
+/* A generate, info, health or stats request, start to end: the exit status. */
+static int run(options_t *o)
+{
+    char id[64], *prompt = o->prompt;
+    if (!o->id) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        snprintf(id, sizeof id, "bitnet-client-%ld-%llx", (long)getpid(),
+                 (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec);
+        o->id = id;
+    }
+    if (o->prompt_file && !(prompt = read_prompt_file(o->prompt_file)))
+        return 1;
+    struct sigaction sa = { .sa_handler = on_signal };   /* no SA_RESTART: zmq_poll returns EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+
+    stream_t st = { .o = o };
+    void *sock = NULL, *ctx = zmq_ctx_new();
+    int rc = ctx ? open_socket(o, ctx, &sock) : zfail("zmq_ctx_new");
+    if (!rc)
+        rc = send_command(sock, o, prompt);
+    if (!rc)
+        rc = wait_replies(sock, o, &st);
+    end_line(&st);
+    if (fflush(stdout) || ferror(stdout)) {
+        fprintf(stderr, "bitnet-client: writing stdout: %s\n", strerror(errno));
+        rc = rc ? rc : 1;
+    }
+    if (sock)
+        zmq_close(sock);
+    while (ctx && zmq_ctx_term(ctx) && errno == EINTR)
+        ;
+    if (prompt != o->prompt)
+        free(prompt);
+    return rc;
+}
+
+/* Create path (refusing to overwrite it) holding key and '\n', with exactly mode. */
+static int write_key_file(const char *path, const char *key, mode_t mode)
+{
+    char line[KEY_LEN + 1];
+    int fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, mode);
+    if (fd < 0)
+        return fail("keygen: %s: %s%s", path, strerror(errno), errno == EEXIST ? " (not overwritten)" : "");
+    memcpy(line, key, KEY_LEN);
+    line[KEY_LEN] = '\n';
+    int ok = fchmod(fd, mode) == 0 && write(fd, line, sizeof line) == (ssize_t)sizeof line;
+    int err = errno;
+    ok = close(fd) == 0 && ok;
+    explicit_bzero(line, sizeof line);
+    if (!ok) {
+        fprintf(stderr, "bitnet-client: keygen: %s: %s\n", path, strerror(err ? err : errno));
+        unlink(path);
+        return -1;
+    }
+    return 0;
+}
+
+/* keygen FILE: the secret key to FILE (0600), the public key to FILE.pub (0644)
+ * and stdout. Nothing is left behind when either file cannot be written. */
+static int keygen(const char *file)
+{
+    char pub[KEY_LEN + 1], sec[KEY_LEN + 1], pub_path[PATH_MAX];
+    if (snprintf(pub_path, sizeof pub_path, "%s.pub", file) >= (int)sizeof pub_path) {
+        fprintf(stderr, "bitnet-client: keygen: %s: the name is too long\n", file);
+        return 1;
+    }
+    if (zmq_curve_keypair(pub, sec))
+        return zfail("zmq_curve_keypair (is libzmq built with CURVE?)");
+    int rc = 1;
+    if (write_key_file(file, sec, 0600) == 0) {
+        if (write_key_file(pub_path, pub, 0644) == 0)
+            rc = 0;
+        else
+            unlink(file);
+    }
+    explicit_bzero(sec, sizeof sec);
+    if (rc == 0) {
+        fprintf(stderr, "bitnet-client: the secret key is in %s (mode 0600, for the server), the public key in %s\n",
+                file, pub_path);
+        printf("%s\n", pub);
+    }
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    options_t o;
+    char **pos = calloc(argc, sizeof *pos);
+    int rc = pos ? parse_args(argc, argv, &o, pos) : (fprintf(stderr, "bitnet-client: out of memory\n"), 1);
+    if (rc == MORE)
+        rc = o.cmd == CMD_KEYGEN ? keygen(o.keygen_file) : run(&o);
+    if (pos) {
+        free(o.stop);
+        free(o.tokens);
+    }
+    free(pos);
+    return rc;
+}
