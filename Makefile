@@ -123,7 +123,7 @@ demo: deps
 	    --tp 2 --pp 2 --threads 1 --stats
 
 test: deps
-	@$(MAKE) --no-print-directory -j2 all cross
+	@$(MAKE) --no-print-directory -j2 all cross fuzz
 	BN_BIN=$(BIN) $(BIN)/bitnet-tests $(T)
 
 # The test runner and library for aarch64 (not the worker: MPI has no cross
@@ -148,7 +148,8 @@ clean:
 # clang with libFuzzer, ASan and UBSan, in its own folders: the schema's C is
 # generated again into build-fuzz/ so nothing mixes with the gcc build. The test
 # wire_fuzz runs bin-fuzz/fuzz-wire for 20 s on the seeds; for longer, by hand:
-#   mkdir -p /tmp/wire-corpus && bin-fuzz/fuzz-wire -max_total_time=600 /tmp/wire-corpus tests/fuzz/wire
+#   mkdir -p /tmp/wire-corpus && bin-fuzz/fuzz-wire -max_total_time=600 -dict=tests/fuzz/wire.dict \
+#       /tmp/wire-corpus tests/fuzz/wire
 FUZZ_CC    := clang
 FUZZ_O     := build-fuzz
 BIN_FUZZ   := bin-fuzz

@@ -71,4 +71,8 @@
     X(serve_full_queue) \
     X(serve_curve) \
     X(serve_sigterm_drains) \
-    X(batch_invariance)
+    X(batch_invariance) \
+    X(wire_decode_bad_input) \
+    X(wire_decode_good) \
+    X(wire_fuzz_replay) \
+    X(wire_fuzz)
