@@ -28,7 +28,7 @@ size_t bn_kv_type_size(int t)
  * for one token of a 30-layer model), and a release would split them. */
 static void *map(size_t bytes)
 {
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
         return NULL;
     madvise(p, bytes, MADV_NOHUGEPAGE);
@@ -54,7 +54,7 @@ int bn_kvcache_new(uint32_t n_seq, uint32_t n_ctx, uint32_t n_layer, uint32_t n_
     if (kv->bytes && (!(kv->k = map(kv->bytes)) || !(kv->v = map(kv->bytes)))) {
         size_t mb = kv->bytes * 2 >> 20;
         bn_kvcache_destroy(&kv);
-        return bn_err(err, errlen, BN_ENOMEM, "cannot map the KV cache (%zu MB of address space)", mb);
+        return bn_err(err, errlen, BN_ENOMEM, "out of memory: cannot map the KV cache (%zu MB)", mb);
     }
     *out = kv;
     return BN_OK;

@@ -12,7 +12,8 @@
  * each (layer, head) its own run of positions, and the kernel's page tables are
  * the block table, so attention keeps reading one contiguous stream per head;
  * the cost is virtual address space (n_seq * n_ctx * bytes per position), which
- * is reserved, not committed (MAP_NORESERVE).
+ * the kernel's overcommit check must accept (a context far beyond memory is
+ * refused at start, as before).
  * What it is not: the per-step scratch (worker/forward.h, bn_state_t), or the
  * accounting of who holds which slot (coordinator/sched.c).
  * Element types (--kv-type): f32 (exact) or f16 (rounded as stored).
