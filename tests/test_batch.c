@@ -18,16 +18,20 @@
  * and no pool or a pool of 2 threads.
  *
  * The kernel table is chosen once per process (kernels/dispatch.c, BN_KERNELS
- * read at the first bn_kernels_get()), so each table runs in a child process that
- * sets BN_KERNELS before anything asks for the table; the parent reads the
- * children's exit statuses. Rerun a failure with BN_SEED (printed).
+ * read at the first bn_kernels_get()), so each table runs in a child process
+ * that sets BN_KERNELS before anything asks for the table; the parent reads the
+ * children's exit statuses. Every table sees the same prompts and schedules.
+ * Rerun a failure with BN_SEED (printed).
  *
- * That it can fail was checked by hand, on a scratch copy of the tree, not here:
- * (1) flipping the lowest mantissa bit of one collected logit of the mixed run
- * gave "1 of 20480 differ" and a failed test; (2) making forward.c's residual
- * RMSNorm depend on the step's size (eps * (1 + nt * 1e-6)), a change far below
- * any tolerance test's reach, made every mixed and chunked comparison differ
- * while the reference still ran. Neither change is in this file. */
+ * That it can fail was checked by hand on a scratch copy of the tree (neither
+ * change is here): (1) flipping the lowest mantissa bit of one of A's logits
+ * collected from the mixed run made every configuration report "mixed ... 1"
+ * and every table fail; (2) making forward.c's RMSNorm of the residual depend on
+ * the step's size (eps * (1 + nt * 1e-6)) made hundreds to 19,000 of A's
+ * ~20,000 logits differ in each mixed and 1- or 3-token chunked run (max |diff|
+ * 6e-7 to 0.11) and every table fail. The chunks of 64 hold all of A (<= 44
+ * tokens), so that run repeats the reference in a fresh state: it catches state
+ * that is not reset, not chunking. */
 #include "test.h"
 
 #include "kernels/kernels.h"
@@ -131,7 +135,7 @@ static void run_mixed(const bn_model_t *m, int kv_type, bn_pool_t *pool, const i
     bn_state_t *st = fresh_state(m, kv_type, pool);
     *calls = *decodes = 0;
     for (int step = 0; sq[SLOT_A].done < n; step++) {
-        /* what each sequence brings to this step: positions [first[s], first[s] + cnt[s]) */
+        /* what each sequence brings to this step: cnt[s] positions from sq[s].done on */
         int cnt[N_SEQ] = { 0 }, order[N_SEQ];
         const int budget = rnd_in(rs, MAX_CHUNK, MAX_CALL);
         int total = 0;
@@ -239,20 +243,21 @@ static long check_config(const bn_model_t *m, const char *label, int kv_type, bn
     return total;
 }
 
-/* The child process of one kernel table: every model, head, KV type and pool. */
-static void check_table(const char *name, uint64_t seed)
+/* The child process of one kernel table: every model, head, KV type and pool.
+ * Exits 0 when every logit is identical. */
+static void check_table(const char *table, uint64_t seed)
 {
     static const char *const models[2] = { "tiny-b158-i2_s", "tiny-bitnet-tq2_0" };
     static const int heads[2] = { -1, BN_HEAD_F16 }; /* the default (q6) and the exact head */
     static const int kvs[2] = { BN_KV_F16, BN_KV_F32 };
-    setenv("BN_KERNELS", name, 1);
+    setenv("BN_KERNELS", table, 1);
     fprintf(stderr, "  %s\n", bn_kernels_choice());
-    CHECK_STR_EQ(bn_kernels_get()->name, name);
+    CHECK_STR_EQ(bn_kernels_get()->name, table);
     char err[512];
     bn_pool_t *pool2 = NULL;
     CHECK(bn_pool_new(2, &pool2, err, sizeof err) == BN_OK);
     long diff = 0;
-    int cfg = 0;
+    uint64_t cfg = 0; /* the same prompts and schedules on every table */
     for (int f = 0; f < 2; f++) {
         for (int h = 0; h < 2; h++) {
             char path[256], label[96];
@@ -261,10 +266,10 @@ static void check_table(const char *name, uint64_t seed)
             bn_model_t *m = NULL;
             if (bn_model_load(path, &o, &m, err, sizeof err) != BN_OK)
                 BN_FAIL("%s", err);
-            snprintf(label, sizeof label, "%s %s head %s", name, models[f], bn_head_type_name(m->w.head.type));
+            snprintf(label, sizeof label, "%s %s head %s", table, models[f], bn_head_type_name(m->w.head.type));
             for (int k = 0; k < 2; k++)
                 for (int p = 0; p < 2; p++)
-                    diff += check_config(m, label, kvs[k], p ? pool2 : NULL, seed + 1000003ull * (uint64_t)cfg++);
+                    diff += check_config(m, label, kvs[k], p ? pool2 : NULL, seed + 1000003ull * cfg++);
             bn_model_destroy(&m);
         }
     }
@@ -272,6 +277,15 @@ static void check_table(const char *name, uint64_t seed)
     CHECK_EQ_INT(diff, 0);
 }
 
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* One child per table, in turn: two at once on 2 cores were slower (the 2-thread
+ * pools' spinning doubled the CPU time). */
 BN_TEST(batch_invariance)
 {
     static const char *const tables[] = { "ref", "avx2", "avx512", "neon" };
@@ -290,8 +304,7 @@ BN_TEST(batch_invariance)
             fprintf(stderr, "  table %s skipped: %s\n", tables[i], why);
             continue;
         }
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
+        const double t0 = now();
         fflush(NULL); /* nothing buffered is written twice */
         const pid_t pid = fork();
         CHECK(pid >= 0);
@@ -301,18 +314,16 @@ BN_TEST(batch_invariance)
         }
         int st = 0;
         CHECK(waitpid(pid, &st, 0) == pid);
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        const double dt = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
         ran++;
         if (WIFEXITED(st) && WEXITSTATUS(st) == 0) {
-            fprintf(stderr, "  table %s: bit-identical (%.1f s)\n", tables[i], dt);
-        } else {
-            failed++;
-            if (WIFSIGNALED(st))
-                fprintf(stderr, "  table %s: FAILED (killed by signal %d)\n", tables[i], WTERMSIG(st));
-            else
-                fprintf(stderr, "  table %s: FAILED (exit %d)\n", tables[i], WEXITSTATUS(st));
+            fprintf(stderr, "  table %s: bit-identical (%.1f s)\n", tables[i], now() - t0);
+            continue;
         }
+        failed++;
+        if (WIFSIGNALED(st))
+            fprintf(stderr, "  table %s: FAILED (killed by signal %d)\n", tables[i], WTERMSIG(st));
+        else
+            fprintf(stderr, "  table %s: FAILED (exit %d)\n", tables[i], WEXITSTATUS(st));
     }
     fprintf(stderr, "  %d table%s ran, %d failed\n", ran, ran == 1 ? "" : "s", failed);
     CHECK(ran >= 1);
