@@ -4,8 +4,8 @@
  * key pair for the server.
  *
  * It is not part of the server and shares no code with it: it links only libzmq,
- * libprotobuf-c and the schema's generated C (proto/bitnet.proto), so the helpers
- * it needs are local. It sends one request, with protocol version 1, and no batch.
+ * libprotobuf-c and the schema's generated C (proto/bitnet.proto), so the few
+ * helpers it needs are here. One request per run, protocol version 1; no batches.
  * Invariants: stdout carries exactly what `bitnet-worker --prompt` prints (the text
  * as it streams, then one '\n'; or the ids), or the `key: value` lines of
  * info/health/stats; everything else goes to stderr. Only main exits.
@@ -30,12 +30,12 @@
 
 #define PROTOCOL_VERSION 1
 #define DEFAULT_SERVER "tcp://127.0.0.1:5555"
-#define TICK_MS 100                      /* longest wait between looks at the signal flag */
-#define CANCEL_GRACE_MS 5000.0           /* after Ctrl-C, how long the final may take */
-#define MAX_REPLY_BYTES (64 << 20)       /* a larger frame drops the connection (ZMQ_MAXMSGSIZE) */
+#define TICK_MS 100                        /* longest wait between looks at the signal flag */
+#define CANCEL_GRACE_MS 5000.0             /* after Ctrl-C, how long the final may take */
+#define MAX_REPLY_BYTES (64 << 20)         /* a larger frame drops the connection */
 #define MAX_PROMPT_FILE_BYTES (256u << 20)
-#define KEY_LEN 40                       /* a CURVE key in Z85 */
-#define MORE (-1)                        /* "keep going": not an exit status */
+#define KEY_LEN 40                         /* a CURVE key in Z85 */
+#define MORE (-1)                          /* "keep going": not an exit status */
 #define EXIT_USAGE 2
 #define EXIT_INTERRUPTED 130
 
@@ -44,12 +44,12 @@ typedef enum { CMD_GENERATE, CMD_INFO, CMD_HEALTH, CMD_STATS, CMD_KEYGEN } cmd_t
 typedef struct {
     cmd_t cmd;
     const char *server, *keygen_file;
-    char server_key[KEY_LEN + 1];        /* "" = plain TCP, no CURVE */
-    char *id;                            /* --id, or made up by run() */
-    char *prompt, *prompt_file;          /* point into argv */
-    int32_t *tokens;                     /* --tokens, parsed */
+    char server_key[KEY_LEN + 1];          /* "" = no CURVE */
+    char *id;                              /* --id, or made up by run() */
+    char *prompt, *prompt_file;            /* point into argv */
+    int32_t *tokens;                       /* --tokens, parsed (owned) */
     size_t n_tokens;
-    char **stop;                         /* --stop strings, point into argv */
+    char **stop;                           /* --stop strings (array owned, strings in argv) */
     size_t n_stop;
     long long n_predict, top_k, deadline_ms;   /* deadline_ms -1: not sent */
     double temp, top_p, min_p, timeout_s;
@@ -57,16 +57,16 @@ typedef struct {
     int seed_given, chat, ignore_eos, print_ids, usage;
 } options_t;
 
-/* What a generate request has printed so far. */
+/* One request's progress on stdout. */
 typedef struct {
     const options_t *o;
-    size_t n_ids;         /* ids printed (--print-ids) */
-    int line_open;        /* stdout has output not yet ended by '\n' */
-    int interrupted;      /* a signal came and Cancel was sent */
-    uint32_t next_seq;
+    size_t n_ids;                          /* ids printed (--print-ids) */
+    uint32_t next_seq;                     /* the chunk expected next */
+    int line_open;                         /* stdout has output not yet ended by '\n' */
+    int interrupted;                       /* a signal came and Cancel was sent */
 } stream_t;
 
-static volatile sig_atomic_t g_signals;  /* SIGINT and SIGTERM seen */
+static volatile sig_atomic_t g_signals;    /* SIGINT and SIGTERM seen */
 static int g_verbose;
 
 static void usage(FILE *f)
@@ -76,7 +76,7 @@ static void usage(FILE *f)
         "       bitnet-client [options] --tokens 1,2,3       the prompt as token ids\n"
         "       bitnet-client [options] --prompt-file FILE   the prompt read from FILE (- = stdin)\n"
         "       bitnet-client [--server EP] [--server-key KEY] info | health | stats\n"
-        "       bitnet-client keygen FILE                    CURVE key pair: FILE (secret, 0600), FILE.pub\n"
+        "       bitnet-client keygen FILE                    CURVE key pair: FILE (secret), FILE.pub\n"
         "\n"
         "connection:\n"
         "  --server EP          the server (default: $BITNET_SERVER, else " DEFAULT_SERVER ")\n"
@@ -85,45 +85,35 @@ static void usage(FILE *f)
         "  --timeout S          give up when no reply comes for S seconds (default 600)\n"
         "  --id ID              the request's id (default: made from the pid and the clock)\n"
         "\n"
-        "generation (defaults as bitnet-worker's):\n"
-        "  --prompt TEXT        the prompt text, as the positional argument (use it for text\n"
-        "                       that is a command's name or starts with '-')\n"
+        "generation (the defaults are bitnet-worker's):\n"
+        "  --prompt TEXT        the prompt text, as the positional argument (for text that\n"
+        "                       starts with '-' or is info, health, stats or keygen)\n"
         "  -n, --n-predict N    tokens to generate (default 64)\n"
         "  --chat               wrap the prompt in the model's chat form\n"
         "  --temp T             temperature, 0 = greedy (default 0.8)\n"
         "  --top-k K            keep the K most likely tokens, 0 = all (default 40)\n"
         "  --top-p P            keep the smallest set with probability >= P (default 0.95)\n"
         "  --min-p P            drop tokens below P x the best probability (default 0.05)\n"
-        "  --seed N             random seed (default: chosen by the server)\n"
-        "  --stop STR           stop when the text contains STR (repeatable; STR not printed)\n"
+        "  --seed N             random seed (default: chosen by the server, see --usage)\n"
+        "  --stop STR           stop where the text contains STR, not printed (repeatable)\n"
         "  --ignore-eos         do not stop at end-of-text tokens\n"
         "  --deadline-ms MS     the server gives up MS ms after the request arrives\n"
         "\n"
         "output:\n"
         "  --print-ids          print the generated token ids instead of the text\n"
-        "  --usage              at the end, one 'usage: prompt_tokens=N ...' line on stderr\n"
+        "  --usage              at the end, one line on stderr: 'usage: prompt_tokens=N\n"
+        "                       completion_tokens=N ttft_ms=X tokens_per_s=X total_ms=X\n"
+        "                       queue_ms=X finish=eos|length|stop|cancelled|error seed=N'\n"
         "  -v, --verbose        debug lines on stderr (e.g. replies to other requests)\n"
         "  -h, --help           this text\n"
         "\n"
-        "exit status: 0 done, 1 runtime error (error reply, cancelled, no answer),\n"
-        "2 bad command line, 130 interrupted (Ctrl-C cancels the request on the server)\n",
+        "Exit status: 0 done, 1 runtime error (error reply, cancelled, no answer), 2 bad\n"
+        "command line, 130 interrupted (Ctrl-C cancels the request on the server; twice\n"
+        "quits at once).\n",
         f);
 }
 
-static void debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void debug(const char *fmt, ...)
-{
-    if (!g_verbose)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("bitnet-client: debug: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
-
-/* Print "bitnet-client: <message>" on stderr; returns -1. */
+/* "bitnet-client: <message>" on stderr; returns -1. */
 static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int fail(const char *fmt, ...)
 {
@@ -136,10 +126,13 @@ static int fail(const char *fmt, ...)
     return -1;
 }
 
-/* Report a failed zmq call (errno set by libzmq); returns exit status 1. */
+/* Only with --verbose; the format must be a string literal. */
+#define debug(...) do { if (g_verbose) fail("debug: " __VA_ARGS__); } while (0)
+
+/* A failed zmq call (errno set by libzmq); returns exit status 1. */
 static int zfail(const char *what)
 {
-    fprintf(stderr, "bitnet-client: %s: %s\n", what, zmq_strerror(errno));
+    fail("%s: %s", what, zmq_strerror(errno));
     return 1;
 }
 
@@ -213,37 +206,37 @@ static int parse_tokens(const char *s, options_t *o)
     return 0;
 }
 
-/* A CURVE key: 40 characters of the Z85 alphabet that decode to 32 bytes. */
+/* A CURVE key: 40 characters that decode as Z85 (libzmq checks the alphabet). */
 static int is_z85_key(const char *s)
 {
-    static const char z85[] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
     uint8_t raw[32];
-    if (strlen(s) != KEY_LEN)
-        return 0;
-    for (const char *p = s; *p; p++)
-        if (!strchr(z85, *p))
-            return 0;
-    return zmq_z85_decode(raw, s) != NULL;
+    return strlen(s) == KEY_LEN && zmq_z85_decode(raw, s) != NULL;
 }
 
 /* --server-key: the key itself, or a file whose first line is the key. */
 static int parse_server_key(const char *arg, char out[KEY_LEN + 1])
 {
+    char line[256] = "", pub[PATH_MAX];
     if (is_z85_key(arg)) {
         memcpy(out, arg, KEY_LEN + 1);
         return 0;
     }
     FILE *f = fopen(arg, "r");
+    if (!f && strlen(arg) == KEY_LEN)
+        return fail("--server-key: '%s' is not a Z85 key (40 characters of the Z85 alphabet)", arg);
     if (!f)
         return fail("--server-key: '%s' is neither a 40-character Z85 key nor a readable file (%s)", arg,
                     strerror(errno));
-    char line[256] = "";
     if (!fgets(line, sizeof line, f))
         line[0] = '\0';
     fclose(f);
     line[strcspn(line, " \t\r\n")] = '\0';
     if (!is_z85_key(line))
         return fail("--server-key: the first line of %s is not a 40-character Z85 key", arg);
+    /* keygen's FILE beside FILE.pub holds a secret key: the handshake would never complete */
+    if (snprintf(pub, sizeof pub, "%s.pub", arg) < (int)sizeof pub && access(pub, F_OK) == 0)
+        fprintf(stderr, "bitnet-client: warning: --server-key %s looks like a secret key (%s is beside it)\n",
+                arg, pub);
     memcpy(out, line, KEY_LEN + 1);
     return 0;
 }
@@ -315,8 +308,8 @@ static int parse_net_flag(const char *a, char *v, options_t *o)
     return rc;
 }
 
-/* What the flags cannot say alone: open bounds, empty strings, the command's
- * flags, one prompt. `pos0` is the first positional argument. Returns 0 or -1. */
+/* What single flags cannot check: open bounds, empty strings, flags that do not fit
+ * the command, one prompt. `pos0` is the first positional argument. 0 or -1. */
 static int check_options(const options_t *o, const char *gen_flag, const char *net_flag, const char *pos0)
 {
     if (o->top_p == 0)
@@ -341,7 +334,8 @@ static int check_options(const options_t *o, const char *gen_flag, const char *n
     return 0;
 }
 
-/* Returns MORE to go on, or the exit status (0 after --help, 1, EXIT_USAGE). */
+/* Fills *o (pos: room for argc pointers). Returns MORE to go on, or the exit
+ * status: 0 after --help, 1, EXIT_USAGE. */
 static int parse_args(int argc, char **argv, options_t *o, char **pos)
 {
     const char *env = getenv("BITNET_SERVER");
@@ -353,22 +347,24 @@ static int parse_args(int argc, char **argv, options_t *o, char **pos)
     int n_pos = 0, flags_done = 0;
     for (int i = 1; i < argc; i++) {
         char *a = argv[i];
-        int rc;
-        if (flags_done || a[0] != '-' || !a[1])
+        if (flags_done || a[0] != '-' || !a[1]) {
             pos[n_pos++] = a;
-        else if (!strcmp(a, "--"))
+        } else if (!strcmp(a, "--")) {
             flags_done = 1;
-        else if (!strcmp(a, "-h") || !strcmp(a, "--help"))
-            return usage(stdout), 0;
-        else if (!strcmp(a, "-v") || !strcmp(a, "--verbose"))
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) {
             g_verbose = 1;
-        else if (parse_gen_switch(a, o) == 0)
+        } else if (parse_gen_switch(a, o) == 0) {
             gen_flag = a;
-        else if (i + 1 >= argc)
-            return fail("%s needs a value (or is unknown; see --help)", a), EXIT_USAGE;
-        else {
+        } else if (i + 1 >= argc) {
+            fail("%s needs a value (or is unknown; see --help)", a);
+            return EXIT_USAGE;
+        } else {
             char *v = argv[++i];
-            if ((rc = parse_gen_flag(a, v, o)) == 0)
+            int rc = parse_gen_flag(a, v, o);
+            if (rc == 0)
                 gen_flag = a;
             else if (rc == 1 && (rc = parse_net_flag(a, v, o)) == 0)
                 net_flag = a;
@@ -385,49 +381,50 @@ static int parse_args(int argc, char **argv, options_t *o, char **pos)
 
 /* ---- requests ---- */
 
-/* The whole of FILE ("-" = stdin) as a NUL-terminated string; NULL after a message. */
+/* The whole of FILE ("-" = stdin) as a string; NULL after a message. */
 static char *read_prompt_file(const char *path)
 {
     FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
-    if (!f) {
-        fprintf(stderr, "bitnet-client: %s: %s\n", path, strerror(errno));
-        return NULL;
-    }
-    size_t len = 0, cap = 0;
+    if (!f)
+        return fail("%s: %s", path, strerror(errno)), NULL;
+    const char *err = NULL;
     char *buf = NULL;
-    for (;;) {
-        if (cap - len < 2) {
-            char *nb = cap < MAX_PROMPT_FILE_BYTES ? realloc(buf, cap ? 2 * cap : 4096) : NULL;
+    size_t len = 0, cap = 0, k;
+    do {
+        if (len + 1 >= cap) {
+            char *nb = cap < MAX_PROMPT_FILE_BYTES ? realloc(buf, cap ? 2 * cap : 65536) : NULL;
             if (!nb) {
-                fprintf(stderr, "bitnet-client: %s: %s\n", path,
-                        cap < MAX_PROMPT_FILE_BYTES ? "out of memory" : "larger than 256 MB");
-                goto fail;
+                err = cap < MAX_PROMPT_FILE_BYTES ? "out of memory" : "larger than 256 MB";
+                break;
             }
             buf = nb;
-            cap = cap ? 2 * cap : 4096;
+            cap = cap ? 2 * cap : 65536;
         }
-        size_t k = fread(buf + len, 1, cap - len - 1, f);
+        k = fread(buf + len, 1, cap - len - 1, f);
         len += k;
-        if (k == 0)
-            break;
-    }
-    if (ferror(f)) {
-        fprintf(stderr, "bitnet-client: %s: %s\n", path, strerror(errno));
-        goto fail;
+    } while (k > 0);
+    if (!err && ferror(f))
+        err = strerror(errno);
+    if (!err && memchr(buf, '\0', len))
+        err = "has a NUL byte (a prompt is text)";
+    if (f != stdin)
+        fclose(f);
+    if (err) {
+        fail("%s: %s", path, err);
+        free(buf);
+        return NULL;
     }
     buf[len] = '\0';
-    if (memchr(buf, '\0', len)) {
-        fprintf(stderr, "bitnet-client: %s: has a NUL byte (a prompt is text)\n", path);
-        goto fail;
-    }
-    if (f != stdin)
-        fclose(f);
     return buf;
-fail:
-    if (f != stdin)
-        fclose(f);
-    free(buf);
-    return NULL;
+}
+
+static Bitnet__Request request_for(const options_t *o)
+{
+    Bitnet__Request req = BITNET__REQUEST__INIT;
+    req.has_version = 1;
+    req.version = PROTOCOL_VERSION;
+    req.request_id = o->id;
+    return req;
 }
 
 /* Pack and queue one request; returns 0 or exit status 1. */
@@ -436,7 +433,7 @@ static int send_request(void *sock, const Bitnet__Request *req)
     size_t len = bitnet__request__get_packed_size(req);
     uint8_t *buf = malloc(len ? len : 1);
     if (!buf) {
-        fprintf(stderr, "bitnet-client: out of memory (a request of %zu bytes)\n", len);
+        fail("out of memory (a request of %zu bytes)", len);
         return 1;
     }
     bitnet__request__pack(req, buf);
@@ -447,58 +444,50 @@ static int send_request(void *sock, const Bitnet__Request *req)
     return rc;
 }
 
-/* The request the command line asks for. Sampling fields are always sent, so the
- * server uses the client's defaults; the seed only when given. */
-static int send_command(void *sock, const options_t *o, char *prompt)
+/* The generate request. Every sampling field is sent, so the server uses the
+ * client's defaults; the seed only when given. */
+static int send_generate(void *sock, const options_t *o, char *prompt)
 {
-    Bitnet__Request req = BITNET__REQUEST__INIT;
+    Bitnet__Request req = request_for(o);
     Bitnet__Generate gen = BITNET__GENERATE__INIT;
     Bitnet__Sampling smp = BITNET__SAMPLING__INIT;
-    Bitnet__InfoRequest info = BITNET__INFO_REQUEST__INIT;
-    Bitnet__HealthRequest health = BITNET__HEALTH_REQUEST__INIT;
-    Bitnet__StatsRequest stats = BITNET__STATS_REQUEST__INIT;
-    req.has_version = 1;
-    req.version = PROTOCOL_VERSION;
-    req.request_id = o->id;
-    switch (o->cmd) {
-    case CMD_INFO: req.body_case = BITNET__REQUEST__BODY_INFO, req.info = &info; break;
-    case CMD_HEALTH: req.body_case = BITNET__REQUEST__BODY_HEALTH, req.health = &health; break;
-    case CMD_STATS: req.body_case = BITNET__REQUEST__BODY_STATS, req.stats = &stats; break;
-    default:
-        smp.has_temperature = smp.has_top_k = smp.has_top_p = smp.has_min_p = 1;
-        smp.temperature = (float)o->temp;
-        smp.top_k = (int32_t)o->top_k;
-        smp.top_p = (float)o->top_p;
-        smp.min_p = (float)o->min_p;
-        smp.has_seed = o->seed_given;
-        smp.seed = o->seed;
-        gen.prompt = prompt;
-        gen.n_tokens = o->n_tokens;
-        gen.tokens = o->tokens;
-        gen.has_chat = gen.has_ignore_eos = gen.has_max_tokens = 1;
-        gen.chat = o->chat;
-        gen.ignore_eos = o->ignore_eos;
-        gen.max_tokens = (uint32_t)o->n_predict;
-        gen.sampling = &smp;
-        gen.n_stop = o->n_stop;
-        gen.stop = o->stop;
-        gen.has_deadline_ms = o->deadline_ms >= 0;
-        gen.deadline_ms = (uint32_t)o->deadline_ms;
-        req.body_case = BITNET__REQUEST__BODY_GENERATE;
-        req.generate = &gen;
-    }
+    smp.has_temperature = smp.has_top_k = smp.has_top_p = smp.has_min_p = 1;
+    smp.temperature = (float)o->temp;
+    smp.top_k = (int32_t)o->top_k;
+    smp.top_p = (float)o->top_p;
+    smp.min_p = (float)o->min_p;
+    smp.has_seed = o->seed_given;
+    smp.seed = o->seed;
+    gen.prompt = prompt;
+    gen.n_tokens = o->n_tokens;
+    gen.tokens = o->tokens;
+    gen.has_chat = gen.has_ignore_eos = gen.has_max_tokens = 1;
+    gen.chat = o->chat;
+    gen.ignore_eos = o->ignore_eos;
+    gen.max_tokens = (uint32_t)o->n_predict;
+    gen.sampling = &smp;
+    gen.n_stop = o->n_stop;
+    gen.stop = o->stop;
+    gen.has_deadline_ms = o->deadline_ms >= 0;
+    gen.deadline_ms = (uint32_t)o->deadline_ms;
+    req.body_case = BITNET__REQUEST__BODY_GENERATE;
+    req.generate = &gen;
     return send_request(sock, &req);
 }
 
-static int send_cancel(void *sock, const options_t *o)
+/* info, health, stats or cancel: requests without fields. */
+static int send_empty(void *sock, const options_t *o, Bitnet__Request__BodyCase body)
 {
-    Bitnet__Request req = BITNET__REQUEST__INIT;
+    Bitnet__Request req = request_for(o);
+    Bitnet__InfoRequest info = BITNET__INFO_REQUEST__INIT;
+    Bitnet__HealthRequest health = BITNET__HEALTH_REQUEST__INIT;
+    Bitnet__StatsRequest stats = BITNET__STATS_REQUEST__INIT;
     Bitnet__Cancel cancel = BITNET__CANCEL__INIT;
-    req.has_version = 1;
-    req.version = PROTOCOL_VERSION;
-    req.request_id = o->id;
-    req.body_case = BITNET__REQUEST__BODY_CANCEL;
-    req.cancel = &cancel;
+    req.body_case = body;
+    if (body == BITNET__REQUEST__BODY_INFO) req.info = &info;
+    else if (body == BITNET__REQUEST__BODY_HEALTH) req.health = &health;
+    else if (body == BITNET__REQUEST__BODY_STATS) req.stats = &stats;
+    else req.cancel = &cancel;
     return send_request(sock, &req);
 }
 
@@ -515,19 +504,21 @@ static void end_line(stream_t *st)
 
 static void print_error(const Bitnet__Error *e)
 {
+    const char *msg = e->message ? e->message : "(no message)";
     if (e->status)
-        fprintf(stderr, "bitnet-client: %s: %s\n", e->status, e->message ? e->message : "(no message)");
+        fail("%s: %s", e->status, msg);
     else
-        fprintf(stderr, "bitnet-client: error %d: %s\n", e->has_code ? e->code : 0,
-                e->message ? e->message : "(no message)");
+        fail("error %d: %s", e->has_code ? e->code : 0, msg);
 }
 
-static const char *finish_name(int reason)
+static const char *finish_name(const Bitnet__Final *f)
 {
     static const char *const names[] = { "unspecified", "eos", "length", "stop", "cancelled", "error" };
-    return reason >= 0 && reason <= BITNET__FINISH_REASON__FINISH_ERROR ? names[reason] : "unknown";
+    int r = f->has_finish_reason ? (int)f->finish_reason : 0;
+    return r >= 0 && r <= BITNET__FINISH_REASON__FINISH_ERROR ? names[r] : "unknown";
 }
 
+/* --usage; a number the server did not send shows as 0. */
 static void print_usage_line(const Bitnet__Final *f)
 {
     static const Bitnet__Usage none = BITNET__USAGE__INIT;
@@ -536,7 +527,7 @@ static void print_usage_line(const Bitnet__Final *f)
             "usage: prompt_tokens=%" PRIu32 " completion_tokens=%" PRIu32 " ttft_ms=%.1f tokens_per_s=%.1f"
             " total_ms=%.1f queue_ms=%.1f finish=%s seed=%" PRIu64 "\n",
             u->prompt_tokens, u->completion_tokens, u->time_to_first_token_ms, u->tokens_per_s, u->total_ms,
-            u->queue_ms, finish_name(f->has_finish_reason ? (int)f->finish_reason : 0), f->seed);
+            u->queue_ms, finish_name(f), f->seed);
 }
 
 static void print_chunk(stream_t *st, const Bitnet__TokenChunk *c)
@@ -561,44 +552,44 @@ static int on_final(stream_t *st, const Bitnet__Final *f)
     int reason = f->has_finish_reason ? (int)f->finish_reason : 0, rc = 1;
     if (st->interrupted) {
         rc = EXIT_INTERRUPTED;
-        end_line(st);
     } else if (reason == BITNET__FINISH_REASON__FINISH_EOS || reason == BITNET__FINISH_REASON__FINISH_LENGTH ||
                reason == BITNET__FINISH_REASON__FINISH_STOP) {
         rc = 0;
-        putchar('\n');     /* as bitnet-worker: always, even after no text */
-        fflush(stdout);
-        st->line_open = 0;
+        st->line_open = 1;   /* as bitnet-worker: the '\n' even after no text */
+    } else if (reason == BITNET__FINISH_REASON__FINISH_CANCELLED || reason == BITNET__FINISH_REASON__FINISH_ERROR) {
+        end_line(st);
+        fail("%s: %s", finish_name(f), f->detail ? f->detail : "(no detail)");
     } else {
         end_line(st);
-        if (reason == BITNET__FINISH_REASON__FINISH_CANCELLED || reason == BITNET__FINISH_REASON__FINISH_ERROR)
-            fprintf(stderr, "bitnet-client: %s: %s\n", finish_name(reason), f->detail ? f->detail : "(no detail)");
-        else
-            fprintf(stderr, "bitnet-client: the final reply has no known finish reason (%d)\n", reason);
+        fail("the final reply has no known finish reason (%d)", reason);
     }
+    end_line(st);
     if (st->o->usage)
         print_usage_line(f);
     return rc;
 }
 
+/* A scalar field of info/health/stats as `name: value`. */
 static void print_scalar(const ProtobufCFieldDescriptor *f, const void *p)
 {
     printf("%s: ", f->name);
     switch (f->type) {
-    case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32: case PROTOBUF_C_TYPE_SFIXED32:
-    case PROTOBUF_C_TYPE_ENUM: printf("%" PRId32 "\n", *(const int32_t *)p); break;
-    case PROTOBUF_C_TYPE_UINT32: case PROTOBUF_C_TYPE_FIXED32: printf("%" PRIu32 "\n", *(const uint32_t *)p); break;
-    case PROTOBUF_C_TYPE_INT64: case PROTOBUF_C_TYPE_SINT64: case PROTOBUF_C_TYPE_SFIXED64:
-        printf("%" PRId64 "\n", *(const int64_t *)p); break;
-    case PROTOBUF_C_TYPE_UINT64: case PROTOBUF_C_TYPE_FIXED64: printf("%" PRIu64 "\n", *(const uint64_t *)p); break;
+    case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32: case PROTOBUF_C_TYPE_ENUM:
+        printf("%" PRId32 "\n", *(const int32_t *)p); break;
+    case PROTOBUF_C_TYPE_UINT32: printf("%" PRIu32 "\n", *(const uint32_t *)p); break;
+    case PROTOBUF_C_TYPE_INT64: case PROTOBUF_C_TYPE_SINT64: printf("%" PRId64 "\n", *(const int64_t *)p); break;
+    case PROTOBUF_C_TYPE_UINT64: printf("%" PRIu64 "\n", *(const uint64_t *)p); break;
     case PROTOBUF_C_TYPE_FLOAT: printf("%.3f\n", *(const float *)p); break;
     case PROTOBUF_C_TYPE_DOUBLE: printf("%.3f\n", *(const double *)p); break;
     case PROTOBUF_C_TYPE_BOOL: puts(*(const protobuf_c_boolean *)p ? "true" : "false"); break;
-    default: puts("(not shown)");
+    default: puts("(a type this client does not show)");
     }
 }
 
-/* One `key: value` line per field the message has, in the schema's order; text of
- * several lines (the plan) comes after the rest, as `key:` then its lines indented. */
+/* Every field the message has, one `name: value` line each, in the schema's order
+ * (walked through the descriptor, so a field added to the schema shows without a
+ * change here); text of several lines (the plan) comes last, as `name:` and its
+ * lines indented two spaces. */
 static void print_fields(const ProtobufCMessage *m)
 {
     const ProtobufCMessageDescriptor *d = m->descriptor;
@@ -606,53 +597,56 @@ static void print_fields(const ProtobufCMessage *m)
         for (unsigned i = 0; i < d->n_fields; i++) {
             const ProtobufCFieldDescriptor *f = &d->fields[i];
             const char *p = (const char *)m + f->offset;
+            const protobuf_c_boolean *has = (const void *)((const char *)m + f->quantifier_offset);
             if (f->label == PROTOBUF_C_LABEL_REPEATED)
                 continue;
-            if (f->type == PROTOBUF_C_TYPE_STRING) {
-                const char *s = *(char *const *)p;
-                if (!s || (strchr(s, '\n') != NULL) != multiline)
-                    continue;
-                if (!multiline) {
-                    printf("%s: %s\n", f->name, s);
-                    continue;
-                }
-                printf("%s:\n", f->name);
-                for (size_t n; *s; s += n + (s[n] == '\n')) {
-                    n = strcspn(s, "\n");
-                    printf("  %.*s\n", (int)n, s);
-                }
-            } else if (!multiline && (!f->quantifier_offset ||
-                                      *(const protobuf_c_boolean *)((const char *)m + f->quantifier_offset))) {
-                print_scalar(f, p);
+            if (f->type != PROTOBUF_C_TYPE_STRING) {
+                if (!multiline && (!f->quantifier_offset || *has))
+                    print_scalar(f, p);
+                continue;
+            }
+            const char *s = *(char *const *)p;
+            if (!s || (strchr(s, '\n') != NULL) != multiline)
+                continue;
+            if (!multiline) {
+                printf("%s: %s\n", f->name, s);
+                continue;
+            }
+            printf("%s:\n", f->name);
+            for (size_t n; *s; s += n + (s[n] == '\n')) {
+                n = strcspn(s, "\n");
+                printf("  %.*s\n", (int)n, s);
             }
         }
     fflush(stdout);
 }
 
-/* One reply of ours: MORE, or the exit status. */
+/* One reply to our request: MORE, or the exit status. */
 static int on_reply(stream_t *st, const Bitnet__Reply *r)
 {
-    static const Bitnet__Reply__BodyCase expected[] = {
-        [CMD_INFO] = BITNET__REPLY__BODY_INFO, [CMD_HEALTH] = BITNET__REPLY__BODY_HEALTH,
-        [CMD_STATS] = BITNET__REPLY__BODY_STATS };
     cmd_t cmd = st->o->cmd;
-    if (r->body_case == BITNET__REPLY__BODY_ERROR) {
+    Bitnet__Reply__BodyCase body = r->body_case;
+    if (body == BITNET__REPLY__BODY_ERROR) {
         end_line(st);
         print_error(r->error);
         return st->interrupted ? EXIT_INTERRUPTED : 1;
     }
-    if (cmd == CMD_GENERATE && r->body_case == BITNET__REPLY__BODY_CHUNK) {
+    if (cmd == CMD_GENERATE && body == BITNET__REPLY__BODY_CHUNK) {
         print_chunk(st, r->chunk);
         return MORE;
     }
-    if (cmd == CMD_GENERATE && r->body_case == BITNET__REPLY__BODY_FINAL)
+    if (cmd == CMD_GENERATE && body == BITNET__REPLY__BODY_FINAL)
         return on_final(st, r->final);
-    if (cmd != CMD_GENERATE && r->body_case == expected[cmd]) {
-        print_fields((const ProtobufCMessage *)r->info);  /* the body union's members share the address */
+    const ProtobufCMessage *m = cmd == CMD_INFO && body == BITNET__REPLY__BODY_INFO ? &r->info->base
+                              : cmd == CMD_HEALTH && body == BITNET__REPLY__BODY_HEALTH ? &r->health->base
+                              : cmd == CMD_STATS && body == BITNET__REPLY__BODY_STATS ? &r->stats->base
+                              : NULL;
+    if (m) {
+        print_fields(m);
         return 0;
     }
     end_line(st);
-    fprintf(stderr, "bitnet-client: a reply of an unexpected kind (body %d) to this request\n", (int)r->body_case);
+    fail("a reply of an unexpected kind (body %d) to this request", (int)body);
     return 1;
 }
 
@@ -662,20 +656,22 @@ static int on_frame(stream_t *st, const uint8_t *data, size_t len)
     Bitnet__Reply *r = bitnet__reply__unpack(NULL, len, data);
     if (!r) {
         end_line(st);
-        fprintf(stderr, "bitnet-client: a reply of %zu bytes is not a valid message\n", len);
+        fail("a reply of %zu bytes is not a valid message", len);
         return 1;
     }
+    /* An error without an id answers a message the server could not read (too
+     * large, or undecodable): on this connection, only ours. */
+    int unread = (!r->request_id || !*r->request_id) && r->body_case == BITNET__REPLY__BODY_ERROR;
     int rc = MORE;
-    if (!r->request_id || strcmp(r->request_id, st->o->id))
-        debug("ignored a reply to request '%s' (not ours)", r->request_id ? r->request_id : "");
-    else
+    if (unread || (r->request_id && !strcmp(r->request_id, st->o->id)))
         rc = on_reply(st, r);
+    else
+        debug("ignored a reply to request '%s' (not ours)", r->request_id ? r->request_id : "");
     bitnet__reply__free_unpacked(r, NULL);
     return rc;
 }
 
-/* Every frame waiting on the socket, counted in *n_frames; MORE when they are
- * read, or the exit status. */
+/* Every frame waiting on the socket, counted in *n_frames: MORE, or the exit status. */
 static int read_frames(void *sock, stream_t *st, size_t *n_frames)
 {
     for (;;) {
@@ -700,7 +696,7 @@ static int report_timeout(const options_t *o, size_t n_frames)
     const char *why = n_frames ? "did the server stop?"
                     : o->server_key[0] ? "is the server running, and is --server-key its public key?"
                                        : "is the server running?";
-    fprintf(stderr, "bitnet-client: no answer from %s for %g s (%s)\n", o->server, o->timeout_s, why);
+    fail("no answer from %s for %g s (%s)", o->server, o->timeout_s, why);
     return 1;
 }
 
@@ -717,7 +713,7 @@ static int wait_replies(void *sock, const options_t *o, stream_t *st)
         if (g_signals && !st->interrupted) {
             debug("interrupted: cancelling request '%s'", o->id);
             st->interrupted = 1;
-            if (send_cancel(sock, o))
+            if (send_empty(sock, o, BITNET__REQUEST__BODY_CANCEL))
                 return EXIT_INTERRUPTED;
             grace_end = now_ms() + CANCEL_GRACE_MS;
         }
@@ -741,7 +737,7 @@ static int wait_replies(void *sock, const options_t *o, stream_t *st)
     }
 }
 
-/* ---- sockets and the two modes ---- */
+/* ---- sockets, and the two things bitnet-client does ---- */
 
 /* CURVE with an ephemeral client key pair; returns 0 or exit status 1. */
 static int set_curve(void *sock, const char *server_key)
@@ -758,15 +754,15 @@ static int set_curve(void *sock, const char *server_key)
     return rc;
 }
 
-/* A DEALER connected to o->server; returns 0, or an exit status after a message. */
+/* A DEALER (in *sock_out, even on failure) connected to o->server; returns 0, or
+ * an exit status after a message. */
 static int open_socket(const options_t *o, void *ctx, void **sock_out)
 {
     int linger = 0;
     int64_t max_msg = MAX_REPLY_BYTES;
-    void *sock = zmq_socket(ctx, ZMQ_DEALER);
+    void *sock = *sock_out = zmq_socket(ctx, ZMQ_DEALER);
     if (!sock)
         return zfail("zmq_socket");
-    *sock_out = sock;
     if (zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger) ||
         zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_msg, sizeof max_msg))
         return zfail("zmq_setsockopt");
@@ -774,16 +770,19 @@ static int open_socket(const options_t *o, void *ctx, void **sock_out)
         return 1;
     if (zmq_connect(sock, o->server)) {
         int bad_endpoint = errno == EINVAL || errno == EPROTONOSUPPORT;
-        fprintf(stderr, "bitnet-client: --server '%s': %s\n", o->server, zmq_strerror(errno));
+        fail("--server '%s': %s", o->server, zmq_strerror(errno));
         return bad_endpoint ? EXIT_USAGE : 1;
     }
-    debug("connected to %s%s", o->server, o->server_key[0] ? " (CURVE)" : "");
+    debug("connecting to %s%s", o->server, o->server_key[0] ? " (CURVE)" : "");
     return 0;
 }
 
-/* A generate, info, health or stats request, start to end: the exit status. */
+/* A generate, info, health or stats request from start to end: the exit status. */
 static int run(options_t *o)
 {
+    static const Bitnet__Request__BodyCase bodies[] = {
+        [CMD_INFO] = BITNET__REQUEST__BODY_INFO, [CMD_HEALTH] = BITNET__REQUEST__BODY_HEALTH,
+        [CMD_STATS] = BITNET__REQUEST__BODY_STATS };
     char id[64], *prompt = o->prompt;
     if (!o->id) {
         struct timespec ts;
@@ -803,12 +802,12 @@ static int run(options_t *o)
     void *sock = NULL, *ctx = zmq_ctx_new();
     int rc = ctx ? open_socket(o, ctx, &sock) : zfail("zmq_ctx_new");
     if (!rc)
-        rc = send_command(sock, o, prompt);
+        rc = o->cmd == CMD_GENERATE ? send_generate(sock, o, prompt) : send_empty(sock, o, bodies[o->cmd]);
     if (!rc)
         rc = wait_replies(sock, o, &st);
     end_line(&st);
     if (fflush(stdout) || ferror(stdout)) {
-        fprintf(stderr, "bitnet-client: writing stdout: %s\n", strerror(errno));
+        fail("writing stdout: %s", strerror(errno));
         rc = rc ? rc : 1;
     }
     if (sock)
@@ -820,7 +819,8 @@ static int run(options_t *o)
     return rc;
 }
 
-/* Create path (refusing to overwrite it) holding key and '\n', with exactly mode. */
+/* Create path (never over an existing file) holding key and '\n', with exactly
+ * `mode` whatever the umask. 0, or -1 after a message with nothing left behind. */
 static int write_key_file(const char *path, const char *key, mode_t mode)
 {
     char line[KEY_LEN + 1];
@@ -834,7 +834,7 @@ static int write_key_file(const char *path, const char *key, mode_t mode)
     ok = close(fd) == 0 && ok;
     explicit_bzero(line, sizeof line);
     if (!ok) {
-        fprintf(stderr, "bitnet-client: keygen: %s: %s\n", path, strerror(err ? err : errno));
+        fail("keygen: %s: %s", path, strerror(err ? err : errno));
         unlink(path);
         return -1;
     }
@@ -842,12 +842,12 @@ static int write_key_file(const char *path, const char *key, mode_t mode)
 }
 
 /* keygen FILE: the secret key to FILE (0600), the public key to FILE.pub (0644)
- * and stdout. Nothing is left behind when either file cannot be written. */
+ * and stdout. Neither file is left behind when the other cannot be written. */
 static int keygen(const char *file)
 {
     char pub[KEY_LEN + 1], sec[KEY_LEN + 1], pub_path[PATH_MAX];
     if (snprintf(pub_path, sizeof pub_path, "%s.pub", file) >= (int)sizeof pub_path) {
-        fprintf(stderr, "bitnet-client: keygen: %s: the name is too long\n", file);
+        fail("keygen: %s: the name is too long", file);
         return 1;
     }
     if (zmq_curve_keypair(pub, sec))
@@ -870,15 +870,13 @@ static int keygen(const char *file)
 
 int main(int argc, char **argv)
 {
-    options_t o;
+    options_t o = { 0 };
     char **pos = calloc(argc, sizeof *pos);
-    int rc = pos ? parse_args(argc, argv, &o, pos) : (fprintf(stderr, "bitnet-client: out of memory\n"), 1);
+    int rc = pos ? parse_args(argc, argv, &o, pos) : (fail("out of memory"), 1);
     if (rc == MORE)
         rc = o.cmd == CMD_KEYGEN ? keygen(o.keygen_file) : run(&o);
-    if (pos) {
-        free(o.stop);
-        free(o.tokens);
-    }
+    free(o.stop);
+    free(o.tokens);
     free(pos);
     return rc;
 }
