@@ -31,7 +31,7 @@ PB_H    := $(O)/proto/bitnet.pb-c.h
 ZMQ_CFLAGS = $(shell pkg-config --cflags libzmq libprotobuf-c)
 ZMQ_LIBS   = $(shell pkg-config --libs libzmq libprotobuf-c)
 
-LIB_SRC := proto/status.c $(ISA_SRC) \
+LIB_SRC := base/status.c $(ISA_SRC) \
            $(wildcard kernels/*.c kernels/ref/*.c coordinator/*.c) \
            $(filter-out worker/main.c worker/comm.c worker/engine.c worker/sanitizer.c,$(wildcard worker/*.c)) \
            $(filter-out tools/mkmodel.c,$(wildcard tools/*.c))
@@ -138,6 +138,7 @@ cross:
 bench:
 	@sh bench/run.sh
 	@sh bench/mpi.sh
+	@sh bench/serve.sh
 
 clean:
 	rm -rf build build-san bin bin-san build-aarch64 bin-aarch64
@@ -155,7 +156,7 @@ FUZZ_O     := build-fuzz
 BIN_FUZZ   := bin-fuzz
 FUZZ_FLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Wshadow -Wno-unused-parameter \
               -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
-FUZZ_SRC   := tests/fuzz_wire.c coordinator/net/wire.c coordinator/request.c proto/status.c
+FUZZ_SRC   := tests/fuzz_wire.c coordinator/net/wire.c coordinator/request.c base/status.c
 FUZZ_HDR   := $(wildcard coordinator/*.h coordinator/net/*.h proto/*.h worker/*.h kernels/*.h)
 FUZZ_PB_CFLAGS = $(shell pkg-config --cflags libprotobuf-c)
 FUZZ_PB_LIBS   = $(shell pkg-config --libs libprotobuf-c)

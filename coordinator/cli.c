@@ -3,7 +3,7 @@
 
 #include "coordinator/sched.h"
 #include "coordinator/vocab.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/log.h"
 
 #include <errno.h>

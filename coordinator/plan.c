@@ -2,7 +2,7 @@
  * except bn_plan_print. */
 #include "coordinator/plan.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -339,13 +339,6 @@ void bn_plan_free(bn_plan_t *p)
         return;
     free(p->rank);
     memset(p, 0, sizeof *p);
-}
-
-int bn_plan_rank(const bn_plan_t *p, int replica, int stage, int tp)
-{
-    if (replica < 0 || replica >= p->R || stage < 0 || stage >= p->P || tp < 0 || tp >= p->T)
-        return -1;
-    return (replica * p->P + stage) * p->T + tp;
 }
 
 /* "a-b" (inclusive) for [a, b), "-" when empty */

@@ -28,6 +28,8 @@
 #ifndef BN_PLAN_H
 #define BN_PLAN_H
 
+#include "worker/shard.h"
+
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -51,32 +53,6 @@ typedef struct {
     int tp, pp, replicas;      /* pins; 0 = let the planner choose */
 } bn_plan_in_t;
 
-typedef struct {
-    int replica, stage, tp;    /* this rank's place in the grid */
-    uint32_t layer0, layer1;   /* layers [layer0, layer1) of its stage */
-    uint32_t head0, head1;     /* query heads */
-    uint32_t kv0, kv1;         /* KV heads */
-    uint32_t ff0, ff1;         /* FFN rows (gate/up rows, down columns) */
-    uint32_t vocab0, vocab1;   /* LM head rows; empty unless the last stage */
-    uint64_t weight_bytes;     /* its ternary rows/columns plus its LM head rows:
-                                  a ternary row of n inputs is n / 4 bytes (the kernels'
-                                  layout), a column slice of c inputs is padded to a
-                                  multiple of 128 (ceil(c / 128) * 32 bytes per row):
-                                  per layer wq (head1-head0)*head_dim rows of n_embd,
-                                  wk and wv (kv1-kv0)*head_dim rows of n_embd, wo n_embd
-                                  rows of (head1-head0)*head_dim columns, gate and up
-                                  (ff1-ff0) rows of n_embd, down n_embd rows of
-                                  (ff1-ff0) columns; a stage's layers times that, plus
-                                  (vocab1-vocab0) * head_row_bytes */
-    uint64_t kv_bytes;         /* its KV cache for n_seq x n_ctx positions:
-                                  layers * n_seq * n_ctx * (kv1-kv0) * kv_bytes_per_pos / n_head_kv */
-} bn_shard_t;
-
-typedef struct {
-    int world, R, P, T;
-    bn_shard_t *rank;          /* (world) */
-} bn_plan_t;
-
 /* Make the plan. Pins that cannot work (a pin < 0, product not dividing the world,
  * more stages than layers, a plan whose rank does not fit mem_per_rank when it is
  * known) give BN_EINVAL with a message naming the constraint, e.g. "--pp 5: the
@@ -92,9 +68,6 @@ typedef struct {
  * On success the caller owns out->rank (bn_plan_free). */
 int bn_plan_make(const bn_plan_model_t *m, const bn_plan_in_t *in, bn_plan_t *out, char *err, size_t errlen);
 void bn_plan_free(bn_plan_t *p);
-
-/* The coordinates of a rank (rank = (replica * P + stage) * T + tp). */
-int bn_plan_rank(const bn_plan_t *p, int replica, int stage, int tp);
 
 /* The plan in a few human lines: the grid, then one line per rank with its
  * layers, heads, KV heads, FFN rows, vocabulary rows and bytes (weights and KV,

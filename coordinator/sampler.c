@@ -1,7 +1,7 @@
 /* sampler.c - temperature, top-k, top-p, min-p sampling. See sampler.h. */
 #include "coordinator/sampler.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -91,86 +91,6 @@ void bn_sampler_destroy(bn_sampler_t **ps)
     *ps = NULL;
 }
 
-int32_t bn_argmax(const float *logits, uint32_t n)
-{
-    int32_t best = 0;
-    for (uint32_t i = 1; i < n; i++)
-        if (logits[i] > logits[best])
-            best = (int32_t)i;
-    return best;
-}
-
-/* a is worse than b: lower logit, or the same logit and a higher id */
-static int worse(bn_cand_t a, bn_cand_t b)
-{
-    return a.logit < b.logit || (a.logit == b.logit && a.id > b.id);
-}
-
-/* descending by logit, ascending id on ties: a total order, so qsort is deterministic */
-static int cmp_cand(const void *a, const void *b)
-{
-    const bn_cand_t *x = a, *y = b;
-    return worse(*x, *y) ? 1 : worse(*y, *x) ? -1 : 0;
-}
-
-uint32_t bn_sampler_n_cand(const bn_sampler_params_t *p, uint32_t n)
-{
-    uint32_t k = p->temp == 0.0f ? 1 : BN_SAMPLER_CAP;
-    if (p->top_k > 0 && (uint32_t)p->top_k < k)
-        k = (uint32_t)p->top_k;
-    return k < n ? k : n;
-}
-
-/* the root h[0] is the worst of the k kept */
-static void sift_down(bn_cand_t *h, uint32_t k, uint32_t i)
-{
-    for (;;) {
-        uint32_t l = 2 * i + 1, m = i;
-        if (l < k && worse(h[l], h[m]))
-            m = l;
-        if (l + 1 < k && worse(h[l + 1], h[m]))
-            m = l + 1;
-        if (m == i)
-            return;
-        bn_cand_t t = h[i];
-        h[i] = h[m];
-        h[m] = t;
-        i = m;
-    }
-}
-
-void bn_sample_slice(const bn_sampler_params_t *p, const float *logits, uint32_t n, int32_t off,
-                     bn_cand_t *cand, bn_slice_stats_t *st)
-{
-    const uint32_t k = bn_sampler_n_cand(p, n);
-    memset(st, 0, sizeof *st);
-    st->n_cand = k;
-    st->max = -INFINITY;
-    if (k == 0)
-        return;
-    /* a min-heap of the k best: one comparison per token once it is full */
-    for (uint32_t i = 0; i < k; i++)
-        cand[i] = (bn_cand_t){ logits[i], off + (int32_t)i };
-    for (uint32_t i = k / 2; i-- > 0;)
-        sift_down(cand, k, i);
-    for (uint32_t i = k; i < n; i++) {
-        bn_cand_t c = { logits[i], off + (int32_t)i };
-        if (worse(cand[0], c)) {
-            cand[0] = c;
-            sift_down(cand, k, 0);
-        }
-    }
-    qsort(cand, k, sizeof *cand, cmp_cand);
-    st->max = cand[0].logit;
-    if (p->temp > 0.0f && p->top_k == 0) {
-        const float inv = 1.0f / p->temp;
-        double sum = 0.0;
-        for (uint32_t i = 0; i < n; i++)
-            sum += expf((logits[i] - st->max) * inv);
-        st->sumexp = sum;
-    }
-}
-
 const bn_sampler_params_t *bn_sampler_params(const bn_sampler_t *s)
 {
     return &s->p;
@@ -184,7 +104,7 @@ static double tail_weight(const bn_slice_stats_t *st, const bn_cand_t *cand, siz
         return 0.0;
     double in = 0.0;
     for (uint32_t j = 0; j < st->n_cand; j++)
-        if (!worse(cand[first + j], last))
+        if (!bn_cand_worse(cand[first + j], last))
             in += expf((cand[first + j].logit - st->max) * inv);
     double t = (st->sumexp - in) * exp((double)(st->max - mx) * inv);
     return t > 0.0 ? t : 0.0;
@@ -211,7 +131,7 @@ bn_pick_t bn_sampler_pick(bn_sampler_t *s, const bn_slice_stats_t *st, int n_sli
         s->cap = (uint32_t)n_all;
     }
     memcpy(s->cand, cand, n_all * sizeof *cand);
-    qsort(s->cand, n_all, sizeof *s->cand, cmp_cand);
+    qsort(s->cand, n_all, sizeof *s->cand, bn_cand_cmp);
     if (p->temp == 0.0f)
         return (bn_pick_t){ .token = s->cand[0].id, .slice = -1 };
     /* the kept candidates are the best n of the union, whatever the slicing: the
@@ -271,24 +191,6 @@ bn_pick_t bn_sampler_pick(bn_sampler_t *s, const bn_slice_stats_t *st, int n_sli
         acc += t;
     }
     return (bn_pick_t){ .token = s->cand[n - 1].id, .slice = -1 };
-}
-
-int32_t bn_sample_tail(const bn_sampler_params_t *p, const float *logits, uint32_t n, int32_t off,
-                       const bn_slice_stats_t *st, bn_cand_t last, double target)
-{
-    const float inv = 1.0f / p->temp;
-    double acc = 0.0;
-    int32_t pick = -1;
-    for (uint32_t i = 0; i < n; i++) {
-        bn_cand_t c = { logits[i], off + (int32_t)i };
-        if (!worse(c, last))
-            continue; /* a kept candidate */
-        pick = c.id;
-        acc += expf((c.logit - st->max) * inv);
-        if (target < acc)
-            break;
-    }
-    return pick;
 }
 
 int32_t bn_sampler_sample(bn_sampler_t *s, const float *logits)

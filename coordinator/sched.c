@@ -2,7 +2,7 @@
 #include "coordinator/sched.h"
 
 #include "coordinator/vocab.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/log.h"
 
 #include <stdlib.h>
@@ -105,6 +105,17 @@ static void lat_pct(const lat_t *l, double *p50, double *p99)
     free(tmp);
 }
 
+/* the engine draws with the requests' samplers through these */
+static const bn_sampler_params_t *pick_params(const void *smp)
+{
+    return bn_sampler_params(smp);
+}
+
+static bn_pick_t pick(void *smp, const bn_slice_stats_t *st, int n_slices, const bn_cand_t *cand)
+{
+    return bn_sampler_pick(smp, st, n_slices, cand);
+}
+
 int bn_sched_new(bn_engine_t *eng, const bn_plan_t *plan, const bn_model_t *m, const bn_tokenizer_t *tok,
                  const bn_sched_opts_t *o, const bn_sched_sink_t *sink, bn_sched_t **out, char *err, size_t errlen)
 {
@@ -116,6 +127,7 @@ int bn_sched_new(bn_engine_t *eng, const bn_plan_t *plan, const bn_model_t *m, c
     if (!s)
         return bn_err(err, errlen, BN_ENOMEM, "out of memory");
     s->eng = eng;
+    bn_engine_set_picker(eng, &(bn_picker_t){ .params = pick_params, .pick = pick });
     s->plan = plan;
     s->m = m;
     s->tok = tok;

@@ -22,7 +22,9 @@
 #ifndef BN_SCHED_H
 #define BN_SCHED_H
 
+#include "coordinator/plan.h"
 #include "coordinator/request.h"
+#include "coordinator/sampler.h"
 #include "coordinator/tokenizer.h"
 #include "worker/engine.h"
 #include "worker/model.h"

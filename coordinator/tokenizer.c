@@ -12,7 +12,7 @@
 #include "coordinator/tokenizer.h"
 
 #include "coordinator/unicode.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,7 +1,7 @@
 /* vocab.c - see vocab.h. */
 #include "coordinator/vocab.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -30,7 +30,7 @@
  * never more than one run behind, because the caller waits for all of them. */
 #include "kernels/pool.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <assert.h>
 #include <errno.h>

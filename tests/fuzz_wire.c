@@ -18,7 +18,7 @@
 #ifndef BN_NO_NET
 #include "coordinator/net/wire.h"
 #include "proto/bitnet.pb-c.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <stdint.h>

@@ -71,6 +71,7 @@
     X(serve_full_queue) \
     X(serve_curve) \
     X(serve_sigterm_drains) \
+    X(serve_idle_cpu_and_kv_memory) \
     X(batch_invariance) \
     X(wire_decode_bad_input) \
     X(wire_decode_good) \

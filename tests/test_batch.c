@@ -36,7 +36,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/pool.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/forward.h"
 #include "worker/model.h"
 

@@ -6,7 +6,7 @@
 
 #include "coordinator/vocab.h"
 #include "golden.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <string.h>

@@ -5,7 +5,7 @@
 
 #include "coordinator/sampler.h"
 #include "golden.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/forward.h"
 #include "worker/model.h"
 

@@ -9,7 +9,7 @@
 
 #include "kernels/quants.h"
 #include "kernels/ref/pack.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "tools/gguf_write.h"
 #include "worker/gguf.h"
 

@@ -6,7 +6,7 @@
 #include "kernels/kernels.h"
 #include "kernels/quants.h"
 #include "tools/gguf_write.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/forward.h"
 #include "worker/gguf.h"
 #include "worker/model.h"

@@ -3,7 +3,7 @@
 #include "test.h"
 
 #include "coordinator/plan.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <string.h>
 

@@ -4,7 +4,7 @@
 #include "test.h"
 
 #include "kernels/pool.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <stdatomic.h>
 #include <string.h>

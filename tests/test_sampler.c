@@ -2,7 +2,7 @@
 #include "test.h"
 
 #include "coordinator/sampler.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <string.h>

@@ -8,7 +8,7 @@
 #include "test.h"
 
 #include "kernels/kernels.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/forward.h"
 #include "worker/model.h"
 

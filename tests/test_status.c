@@ -1,6 +1,6 @@
 /* test_status.c - the status list gives every code a distinct name and message. */
 #include "test.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <string.h>
 

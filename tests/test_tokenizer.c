@@ -5,7 +5,7 @@
 #include "test.h"
 
 #include "coordinator/tokenizer.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/gguf.h"
 
 #include <string.h>

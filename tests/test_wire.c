@@ -10,7 +10,7 @@
 #ifndef BN_NO_NET
 #include "coordinator/net/wire.h"
 #include "proto/bitnet.pb-c.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <dirent.h>
 #include <math.h>
@@ -582,7 +582,7 @@ BN_TEST(wire_decode_good)
                             .completion_tokens = 800, .steps = 900, .running = 4, .queued = 1, .busy_s = 16,
                             .ttft_p50_ms = 10, .ttft_p99_ms = 90, .itl_p50_ms = 20, .itl_p99_ms = 40,
                             .kv_bytes_in_use = 1u << 20, .kv_bytes_reserved = 1u << 21 };
-    CHECK_EQ_INT(bn_wire_stats("s", &st, 60.5, 7, 1ull << 33, &buf, &blen), BN_OK);
+    CHECK_EQ_INT(bn_wire_stats("s", &st, 60.5, 7, 1ull << 33, 12288, &buf, &blen), BN_OK);
     CHECK((y = bitnet__reply__unpack(NULL, blen, buf)) != NULL);
     CHECK_EQ_INT(y->body_case, BITNET__REPLY__BODY_STATS);
     const Bitnet__Stats *ys = y->stats;
@@ -593,6 +593,8 @@ BN_TEST(wire_decode_good)
     CHECK_EQ_INT(ys->queued, 1);
     CHECK_EQ_INT(ys->prompt_tokens, 5000);
     CHECK_EQ_INT(ys->completion_tokens, 800);
+    CHECK(ys->has_kv_bytes_resident);
+    CHECK_EQ_INT(ys->kv_bytes_resident, 12288);
     CHECK_NEAR(ys->tokens_per_s, 50, 0);
     CHECK_NEAR(ys->ttft_p50_ms, 10, 0);
     CHECK_NEAR(ys->ttft_p99_ms, 90, 0);
@@ -606,7 +608,7 @@ BN_TEST(wire_decode_good)
     bitnet__reply__free_unpacked(y, NULL);
     free(buf);
     st.busy_s = 0; /* nothing ran yet: no division by zero */
-    CHECK_EQ_INT(bn_wire_stats("s", &st, 0, 0, 0, &buf, &blen), BN_OK);
+    CHECK_EQ_INT(bn_wire_stats("s", &st, 0, 0, 0, 0, &buf, &blen), BN_OK);
     CHECK((y = bitnet__reply__unpack(NULL, blen, buf)) != NULL);
     CHECK_NEAR(y->stats->tokens_per_s, 0, 0);
     bitnet__reply__free_unpacked(y, NULL);

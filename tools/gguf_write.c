@@ -5,7 +5,7 @@
  * write time, when their offsets are laid out and their data streamed in order. */
 #include "gguf_write.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/gguf.h"
 
 #include <errno.h>

@@ -25,7 +25,7 @@
  * then LLaMA-3-style special tokens of type CONTROL at the top. */
 #include "kernels/quants.h"
 #include "kernels/ref/pack.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "tools/gguf_write.h"
 #include "worker/gguf.h"
 

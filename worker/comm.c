@@ -1,7 +1,7 @@
 /* comm.c - MPI for bitnet-worker; see comm.h. The only file that includes mpi.h. */
 #include "worker/comm.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/log.h"
 
 #include <mpi.h>

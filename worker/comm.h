@@ -19,7 +19,7 @@
 #ifndef BN_COMM_H
 #define BN_COMM_H
 
-#include "worker/forward.h"
+#include "worker/dist.h"
 
 #include <stddef.h>
 #include <stdint.h>

@@ -1,7 +1,7 @@
 /* engine.c - the steps of a sharded model, submitted and polled; see engine.h. */
 #include "worker/engine.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/log.h"
 
 #include <stdlib.h>
@@ -40,7 +40,7 @@ typedef struct {
 typedef struct {
     uint64_t id;
     int want, k, tails, exclusive;
-    bn_sampler_t *smp[BN_STEP_MAX];
+    void *smp[BN_STEP_MAX];
     float *logits;
 } ticket_t;
 
@@ -55,6 +55,7 @@ struct bn_engine {
     const bn_model_t *m;
     bn_state_t *st;
     int last_stage;           /* this rank computes logits */
+    bn_picker_t picker;       /* rank 0 */
     int cap;                  /* steps of one replica in flight at most */
     float *logits;            /* (BN_STEP_MAX, vocab rows here) */
     uint8_t *msg;             /* one result message */
@@ -160,6 +161,11 @@ int bn_engine_new(bn_comm_t *comm, const bn_plan_t *plan, const bn_model_t *m, b
     }
     *out = e;
     return BN_OK;
+}
+
+void bn_engine_set_picker(bn_engine_t *e, const bn_picker_t *p)
+{
+    e->picker = *p;
 }
 
 void bn_engine_destroy(bn_engine_t **pe)
@@ -336,9 +342,9 @@ int bn_engine_submit(bn_engine_t *e, int replica, const bn_step_t *in, uint64_t 
     ticket_t t = { .id = ++e->next_id, .want = s.want, .k = k, .logits = in->logits };
     if (s.want == BN_WANT_SAMPLE) {
         for (int i = 0; i < k; i++) {
-            if (!in->smp[i])
+            if (!in->smp[i] || !e->picker.params)
                 return bn_err(err, errlen, BN_EINVAL, "step entry %d wants a sample but has no sampler", i);
-            const bn_sampler_params_t *sp = bn_sampler_params(in->smp[i]);
+            const bn_sampler_params_t *sp = e->picker.params(in->smp[i]);
             s.sp[i] = (samp_t){ .temp = sp->temp, .top_p = sp->top_p, .min_p = sp->min_p, .top_k = sp->top_k };
             t.smp[i] = in->smp[i];
             t.tails |= has_tail(sp);
@@ -449,7 +455,7 @@ static int finish(bn_engine_t *e, int r, const ticket_t *t, bn_step_done_t *done
                    st[i].n_cand * sizeof *e->u);
             used += st[i].n_cand;
         }
-        bn_pick_t pk = bn_sampler_pick(t->smp[j], st, p->T, e->u);
+        bn_pick_t pk = e->picker.pick(t->smp[j], st, p->T, e->u);
         done->tokens[j] = pk.token;
         e->req[j] = (tail_req_t){ .asked = pk.token < 0 && pk.slice >= 0 ? pk.slice + 1 : 0, .last = pk.last,
                                   .target = pk.target };

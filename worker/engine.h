@@ -21,10 +21,10 @@
 #ifndef BN_ENGINE_H
 #define BN_ENGINE_H
 
-#include "coordinator/plan.h"
-#include "coordinator/sampler.h"
 #include "worker/comm.h"
 #include "worker/forward.h"
+#include "worker/shard.h"
+#include "worker/slice.h"
 
 #define BN_STEP_MAX 64 /* entries per step */
 
@@ -48,8 +48,8 @@ typedef struct {
     int want;                             /* BN_WANT_* for the entries with want_logits */
     int phase;                            /* BN_PHASE_* (for --stats) */
     bn_batch_entry_t e[BN_STEP_MAX];
-    bn_sampler_t *smp[BN_STEP_MAX];       /* BN_WANT_SAMPLE: the k-th wanting entry's sampler;
-                                             kept alive by the caller until the step is done */
+    void *smp[BN_STEP_MAX];               /* BN_WANT_SAMPLE: the k-th wanting entry's sampler
+                                             (the picker's); alive until the step is done */
     float *logits;                        /* BN_WANT_LOGITS: (k, n_vocab), the caller's, until done */
     int n_release;
     int32_t release[BN_STEP_MAX];         /* sequence slots whose KV memory goes back first */
@@ -63,11 +63,20 @@ typedef struct {
     int32_t tokens[BN_STEP_MAX];          /* BN_WANT_SAMPLE: the k-th wanting entry's token */
 } bn_step_done_t;
 
+/* How rank 0 draws tokens from the slices' candidates: the scheduler's samplers
+ * (coordinator/sampler.h), which the engine holds as opaque pointers. */
+typedef struct {
+    const bn_sampler_params_t *(*params)(const void *smp);
+    bn_pick_t (*pick)(void *smp, const bn_slice_stats_t *st, int n_slices, const bn_cand_t *cand);
+} bn_picker_t;
+
 /* An engine over this rank's model part and state (not owned), the plan and comm
  * (not owned; comm's grid already made). */
 int bn_engine_new(bn_comm_t *comm, const bn_plan_t *plan, const bn_model_t *m, bn_state_t *st,
                   bn_engine_t **out, char *err, size_t errlen);
 void bn_engine_destroy(bn_engine_t **e);
+/* Rank 0: the picker of steps that want samples (copied). */
+void bn_engine_set_picker(bn_engine_t *e, const bn_picker_t *p);
 
 /* Rank 0: how many more steps replica r takes now (0 while an exclusive step is
  * in flight there). A step is exclusive, and needs an idle replica, when it wants

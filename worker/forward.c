@@ -7,7 +7,7 @@
  * tokens; attention by (token, head). All arithmetic is in the kernels. */
 #include "worker/forward.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <stdatomic.h>

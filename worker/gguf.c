@@ -7,7 +7,7 @@
 #include "gguf.h"
 
 #include "kernels/quants.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -1,7 +1,7 @@
 /* kvcache.c - the KV cache's mapping, release and accounting; see kvcache.h. */
 #include "worker/kvcache.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -12,7 +12,7 @@
 #include "coordinator/sampler.h"
 #include "coordinator/tokenizer.h"
 #include "coordinator/vocab.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/comm.h"
 #include "worker/engine.h"
 #include "worker/forward.h"
@@ -321,7 +321,7 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
                                 .max_msg_bytes = (uint32_t)o->max_msg_bytes, .model_path = o->model,
                                 .plan_text = plan ? plan : "", .kernels = bn_kernels_get()->name,
                                 .lm_head = bn_head_type_name(m->w.head.type), .kv_type = bn_kv_type_name(rk->st->kv_type),
-                                .threads = bn_pool_size(rk->pool),
+                                .threads = bn_pool_size(rk->pool), .kv = rk->st->kv,
                                 .sched = { .max_seqs = o->max_seqs, .max_queue = o->max_queue,
                                            .step_tokens = o->step_tokens, .n_ctx = n_ctx,
                                            .kv_budget = (uint64_t)o->kv_budget_mb * 1000000u, .kv_pos_bytes = pos_bytes } };

@@ -7,7 +7,7 @@
 #include "kernels/quants.h"
 #include "kernels/ref/pack.h"
 #include "worker/repack.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -13,7 +13,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/pool.h"
-#include "coordinator/plan.h"
+#include "worker/shard.h"
 #include "worker/gguf.h"
 
 #include <stddef.h>

@@ -1,7 +1,7 @@
 /* repack.c - see repack.h. Decoders follow formats.md; the written layout is I2_S's. */
 #include "worker/repack.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -2,7 +2,7 @@
 #include "coordinator/net/server.h"
 
 #include "coordinator/net/wire.h"
-#include "proto/status.h"
+#include "base/status.h"
 #include "worker/log.h"
 
 #include <errno.h>
@@ -186,7 +186,8 @@ static void handle(server_t *sv, const unsigned char *ident, size_t ident_len, c
         bn_sched_stats_t st;
         bn_sched_stats(sv->sched, &st);
         uint64_t budget = sv->o->sched.kv_budget * (uint64_t)sv->info.replicas;
-        if (bn_wire_stats(rq.id, &st, bn_now_s() - sv->t_start, sv->bad, budget, &b, &n) == BN_OK)
+        if (bn_wire_stats(rq.id, &st, bn_now_s() - sv->t_start, sv->bad, budget, bn_kvcache_resident(sv->o->kv), &b,
+                          &n) == BN_OK)
             send_to(sv, ident, ident_len, b, n);
         break;
     }

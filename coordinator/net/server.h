@@ -18,6 +18,7 @@
 #include "coordinator/sched.h"
 #include "coordinator/tokenizer.h"
 #include "worker/engine.h"
+#include "worker/kvcache.h"
 #include "worker/model.h"
 
 typedef struct {
@@ -29,6 +30,7 @@ typedef struct {
     /* for info */
     const char *model_path, *plan_text, *kernels, *lm_head, *kv_type;
     int threads;
+    const bn_kvcache_t *kv;        /* rank 0's KV cache, for stats (its resident pages) */
 } bn_server_opts_t;
 
 /* Serve until a signal. BN_OK after a clean stop; BN_EIO / BN_EDENIED for a bad

@@ -2,7 +2,7 @@
 #include "coordinator/net/wire.h"
 
 #include "proto/bitnet.pb-c.h"
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -251,7 +251,7 @@ int bn_wire_health(const char *id, int ok, int draining, double uptime_s, uint32
 }
 
 int bn_wire_stats(const char *id, const bn_sched_stats_t *st, double uptime_s, uint64_t bad_messages, uint64_t budget,
-                  uint8_t **buf, size_t *blen)
+                  uint64_t kv_resident, uint8_t **buf, size_t *blen)
 {
     Bitnet__Reply r = BITNET__REPLY__INIT;
     Bitnet__Stats s = BITNET__STATS__INIT;
@@ -273,6 +273,7 @@ int bn_wire_stats(const char *id, const bn_sched_stats_t *st, double uptime_s, u
     S(steps, st->steps);
     S(uptime_s, uptime_s);
     S(bad_messages, bad_messages);
+    S(kv_bytes_resident, kv_resident);
 #undef S
     r.body_case = BITNET__REPLY__BODY_STATS;
     r.stats = &s;

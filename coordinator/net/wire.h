@@ -52,6 +52,6 @@ int bn_wire_info(const char *id, const bn_wire_info_t *in, uint8_t **buf, size_t
 int bn_wire_health(const char *id, int ok, int draining, double uptime_s, uint32_t running, uint32_t queued,
                    uint8_t **buf, size_t *blen);
 int bn_wire_stats(const char *id, const bn_sched_stats_t *st, double uptime_s, uint64_t bad_messages, uint64_t budget,
-                  uint8_t **buf, size_t *blen);
+                  uint64_t kv_resident, uint8_t **buf, size_t *blen);
 
 #endif

@@ -5,7 +5,7 @@
  * run once when a model file is made, never per token. */
 #include "pack.h"
 
-#include "proto/status.h"
+#include "base/status.h"
 
 #include <math.h>
 #include <string.h>

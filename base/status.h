@@ -3,7 +3,9 @@
  * Every function that can fail returns bn_status_t: BN_OK (0) or a negative code.
  * The X-macro below is the only list; it gives each code its name and a short
  * message. Details (which file, which key) go into the caller's error buffer.
- * The numbers are stable: the wire schema (proto/) carries them to clients. */
+ * The numbers are stable: the wire schema (proto/) carries them to clients.
+ * base/ is the bottom layer: every module may include it (kernels too); it
+ * includes nothing of the project. */
 #ifndef BN_STATUS_H
 #define BN_STATUS_H
 

@@ -1,4 +1,4 @@
-/* status.c - names and messages for proto/status.h, and the error-buffer helper. */
+/* status.c - names and messages for base/status.h, and the error-buffer helper. */
 #include "status.h"
 
 #include <stdarg.h>
