@@ -15,6 +15,12 @@
  *   llama: peak_rss_mb=X threads=N
  * --print-ids adds the generated ids of the last run, --dump-logits FILE writes its
  * prompt's last logits (float32), so run.sh can check both engines run the same model.
+ * --streams N (bench/serve.sh): llama.cpp's own server-style batching instead, N
+ * sequences of one context (n_seq_max N, as llama-server's parallel slots): all N
+ * prompts (ids FIRST+i.., one per stream) decoded in batches of up to 512 tokens,
+ * then TG steps of one token of every sequence in one batch. One line per run:
+ *   llama: streams=N gen_tokens=N wall_s=X agg_tps=X ttft_ms=X itl_p50_ms=X itl_p99_ms=X
+ * (ttft: all prompts in, the first tokens drawn; itl: the steps' times).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,6 +64,77 @@ static int argmax(const float *v, int n)
     return best;
 }
 
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* --streams: n sequences prefilled together, then decoded together, greedy */
+static int streams_run(struct llama_context *ctx, int n_vocab, int first, int n, int pp, int tg, int report)
+{
+    llama_memory_clear(llama_get_memory(ctx), true);
+    const int chunk = 512;
+    struct llama_batch b = llama_batch_init(chunk, 0, 1);
+    int *tok = calloc((size_t)n, sizeof *tok);
+    double *itl = calloc((size_t)tg + 1, sizeof *itl);
+    if (!tok || !itl)
+        return -1;
+    double t0 = now_s();
+    int k = 0, rc = 0;
+    for (int s = 0; s < n && rc == 0; s++)
+        for (int i = 0; i < pp && rc == 0; i++) {
+            b.token[k] = (first + s + i) % n_vocab;
+            b.pos[k] = i;
+            b.n_seq_id[k] = 1;
+            b.seq_id[k][0] = s;
+            b.logits[k] = i + 1 == pp;
+            k++;
+            if (k == chunk || (s + 1 == n && i + 1 == pp)) {
+                b.n_tokens = k;
+                rc = llama_decode(ctx, b);
+                /* the logits of the sequences that ended in this chunk */
+                for (int j = 0; j < k && rc == 0; j++)
+                    if (b.logits[j])
+                        tok[b.seq_id[j][0]] = argmax(llama_get_logits_ith(ctx, j), n_vocab);
+                k = 0;
+            }
+        }
+    double ttft = now_s() - t0;
+    for (int step = 0; step < tg - 1 && rc == 0; step++) { /* the first token came from the prompt */
+        double ts = now_s();
+        for (int s = 0; s < n; s++) {
+            b.token[s] = tok[s];
+            b.pos[s] = pp + step;
+            b.n_seq_id[s] = 1;
+            b.seq_id[s][0] = s;
+            b.logits[s] = 1;
+        }
+        b.n_tokens = n;
+        if ((rc = llama_decode(ctx, b)) != 0)
+            break;
+        for (int s = 0; s < n; s++)
+            tok[s] = argmax(llama_get_logits_ith(ctx, s), n_vocab);
+        itl[step] = now_s() - ts;
+    }
+    double wall = now_s() - t0;
+    llama_batch_free(b);
+    if (rc != 0) {
+        fprintf(stderr, "llama-driver: decode failed: %d\n", rc);
+        return -1;
+    }
+    int m = tg > 1 ? tg - 1 : 0;
+    qsort(itl, (size_t)m, sizeof *itl, cmp_d);
+    if (report)
+        printf("llama: streams=%d gen_tokens=%d wall_s=%.3f agg_tps=%.3f ttft_ms=%.1f itl_p50_ms=%.2f itl_p99_ms=%.2f\n", n,
+           n * tg, wall, n * tg / wall, 1e3 * ttft, m ? 1e3 * itl[(m - 1) / 2] : 0.0,
+           m ? 1e3 * itl[(int)((m - 1) * 0.99 + 0.5)] : 0.0);
+    fflush(stdout);
+    free(tok);
+    free(itl);
+    return 0;
+}
+
 static void usage(void)
 {
     fprintf(stderr,
@@ -68,6 +145,7 @@ static void usage(void)
             "  --pp N, --tg N     prompt tokens (ids FIRST..FIRST+N-1) and generated tokens (128, 64)\n"
             "  --runs N           timed runs after one warm-up run (default 3)\n"
             "  --print-ids        print the generated ids (greedy) of the last run\n"
+            "  --streams N        N sequences of one context, batched together (serve.sh)\n"
             "  --dump-logits FILE write the float32 logits of the prompt's last position\n");
 }
 
@@ -134,7 +212,7 @@ static int one_run(struct llama_context *ctx, int n_vocab, int first, int pp, in
 int main(int argc, char **argv)
 {
     const char *model_path = NULL, *libdir = NULL, *dump = NULL;
-    int threads = 1, pp = 128, tg = 64, runs = 3, first = 1000, print_ids = 0;
+    int threads = 1, pp = 128, tg = 64, runs = 3, first = 1000, print_ids = 0, streams = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--verbose")) {
@@ -170,6 +248,8 @@ int main(int argc, char **argv)
             first = atoi(v);
         else if (!strcmp(a, "--dump-logits"))
             dump = v;
+        else if (!strcmp(a, "--streams"))
+            streams = atoi(v);
         else {
             usage();
             return 2;
@@ -209,6 +289,11 @@ int main(int argc, char **argv)
     cp.n_ctx = (uint32_t)((pp + tg + 255) / 256 * 256);
     cp.n_batch = cp.n_ubatch = (uint32_t)pp;
     cp.n_seq_max = 1;
+    if (streams > 0) { /* each sequence gets its own share of the context */
+        cp.n_ctx *= (uint32_t)streams;
+        cp.n_batch = cp.n_ubatch = 512;
+        cp.n_seq_max = (uint32_t)streams;
+    }
     cp.n_threads = cp.n_threads_batch = threads;
     cp.no_perf = true;
     struct llama_context *ctx = llama_init_from_model(model, cp);
@@ -217,6 +302,16 @@ int main(int argc, char **argv)
         return 1;
     }
 
+    if (streams > 0) {
+        for (int r = -1; r < runs; r++) { /* the first run warms up, unreported */
+            if (streams_run(ctx, n_vocab, first, r < 0 ? 1 : streams, pp, r < 0 ? 2 : tg, r >= 0))
+                return 1;
+        }
+        llama_free(ctx);
+        llama_model_free(model);
+        llama_backend_free();
+        return 0;
+    }
     int *ids = calloc((size_t)tg + 1, sizeof *ids);
     if (!ids)
         return 1;
