@@ -28,7 +28,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 say() { echo "bench/serve: $*" >&2; }
 die() { echo "bench/serve: error: $*" >&2; exit 1; }
 kv() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n 1; }
-pct() { sort -g | awk -v p="$1" '{ a[NR] = $1 } END { if (!NR) { print 0; exit } i = int((NR - 1) * p + 1.5); print a[i > NR ? NR : i] }'; }
+pct() { sort -g | awk -v p="$1" '{ a[NR] = $1 } END { if (!NR) { print 0; exit } i = int((NR - 1) * p + 1.5); if (i > NR) i = NR; print a[i] }'; }
 
 sh tools/install-deps.sh
 make --no-print-directory -j2 bin/bitnet-worker bin/bitnet-client bin/bitnet-mkmodel >"$TMP/make.log" 2>&1 ||
@@ -142,15 +142,16 @@ CPU=$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -n 1)
     echo "| engine | ranks x threads | streams | gen tok/s (all) | vs 1 stream | TTFT p50 / p99 ms | ITL p50 / p99 ms |"
     echo "| --- | --- | --- | --- | --- | --- | --- |"
     awk '{
-        key = $1 " " $2; if (!(key in one)) one[key] = $4
-        rt = ($2 == 1 && $1 == "ours") ? "1 x 2" : ($1 == "ours" ? "2 x 1" : "1 x 2")
-        printf "| %s | %s | %s | %.1f | %.2fx | %.0f / %.0f | %.1f / %.1f |\n", ($1 == "ours" ? "bitnet-worker --serve" : "llama.cpp batched"),
-            rt, $3, $4, $4 / one[key], $5, $6, $7, $8
+        key = $1 " " $2
+        if (!(key in one)) one[key] = $4
+        eng = "llama.cpp batched"; rt = "1 x 2"
+        if ($1 == "ours") { eng = "bitnet-worker --serve"; if ($2 == 2) rt = "2 x 1" }
+        printf "| %s | %s | %s | %.1f | %.2fx | %.0f / %.0f | %.1f / %.1f |\n", eng, rt, $3, $4, $4 / one[key], $5, $6, $7, $8
     }' "$RES"
     echo
     awk '$1 == "ours" { if (!(($2) in t1)) { t1[$2] = $4; i1[$2] = $8 } if ($3 == 16) { t16[$2] = $4; i16[$2] = $8 } }
         END { for (r in t16) printf "- aims, %s rank(s): 16 streams %.2fx one stream (aim >= 4x): %s; p99 ITL %.2fx (aim <= 3x): %s\n",
-                 r, t16[r] / t1[r], t16[r] / t1[r] >= 4 ? "met" : "NOT met", i16[r] / i1[r], i16[r] / i1[r] <= 3 ? "met" : "NOT met" }' "$RES"
+                 r, t16[r] / t1[r], ((t16[r] / t1[r] >= 4) ? "met" : "NOT met"), i16[r] / i1[r], ((i16[r] / i1[r] <= 3) ? "met" : "NOT met") }' "$RES"
     if [ $LLAMA_OK = 1 ]; then
         awk '$3 == 16 { v[$1 " " $2] = $4 } END { if (("ours 1") in v && ("llama 1") in v)
              printf "- 16 streams, same 2 threads: bitnet-worker %.2fx llama.cpp batched\n", v["ours 1"] / v["llama 1"] }' "$RES"
