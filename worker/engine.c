@@ -39,7 +39,7 @@ typedef struct {
 /* rank 0: a step in flight */
 typedef struct {
     uint64_t id;
-    int want, k, tails, exclusive;
+    int want, k, tails, exclusive, phase;
     void *smp[BN_STEP_MAX];
     float *logits;
 } ticket_t;
@@ -339,7 +339,8 @@ int bn_engine_submit(bn_engine_t *e, int replica, const bn_step_t *in, uint64_t 
     const int k = count_wanted(&s);
     if (k == 0)
         s.want = BN_WANT_NONE;
-    ticket_t t = { .id = ++e->next_id, .want = s.want, .k = k, .logits = in->logits };
+    ticket_t t = { .id = ++e->next_id, .want = s.want, .k = k, .logits = in->logits,
+                   .phase = in->phase >= 0 && in->phase < BN_PHASES ? in->phase : 0 };
     if (s.want == BN_WANT_SAMPLE) {
         for (int i = 0; i < k; i++) {
             if (!in->smp[i] || !e->picker.params)
@@ -505,11 +506,20 @@ int bn_engine_poll(bn_engine_t *e, double wait_s, bn_step_done_t *done, char *er
                 return rc;
             if (!ready)
                 continue;
+            /* the wait for results, and taking them, count to the step's phase */
+            double w = bn_now_s() - t0;
+            snap_t a = snap(e->c);
             rc = finish(e, r, t, done, err, errlen);
+            bn_phase_stats_t *ps = &e->ps[t->phase];
+            ps->t_wait += w + e->c->t_wait - a.t_wait;
+            ps->t_comm += e->c->t_comm - a.t_comm;
+            ps->bytes_sent += e->c->bytes_sent - a.bytes;
+            ps->messages += e->c->messages - a.msgs;
+            ps->t_step += bn_now_s() - t0;
+            e->c->t_wait += w;
             f->head = (f->head + 1) % FIFO_CAP;
             f->count--;
             e->rr = (r + 1) % R;
-            e->c->t_wait += bn_now_s() - t0;
             return rc ? rc : 1;
         }
         if (!any || bn_now_s() - t0 >= wait_s)
