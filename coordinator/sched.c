@@ -172,7 +172,7 @@ static int has_tail(const req_t *r)
 /* hand text to the sink, holding back what may still become a stop string */
 static int emit(bn_sched_t *s, req_t *r, const char *text, size_t len, const int32_t *ids, int n_ids, int final)
 {
-    if (r->pend_len + len > r->pend_cap) {
+    if (!r->pend || r->pend_len + len > r->pend_cap) { /* (never NULL below) */
         size_t cap = (r->pend_len + len) * 2 + 64;
         char *np = realloc(r->pend, cap);
         if (!np)

@@ -72,6 +72,7 @@
     X(serve_curve) \
     X(serve_sigterm_drains) \
     X(serve_idle_cpu_and_kv_memory) \
+    X(serve_stop_strings) \
     X(batch_invariance) \
     X(wire_decode_bad_input) \
     X(wire_decode_good) \

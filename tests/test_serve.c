@@ -547,6 +547,51 @@ BN_TEST(serve_sigterm_drains)
     }
 }
 
+/* Stop strings are matched across token boundaries and never sent: for stop
+ * strings cut from the text the prompt gets alone (3 to 9 bytes, most of them
+ * spanning two or more tokens of this model's short pieces), the served text is
+ * exactly the text alone up to the first occurrence, and nothing of the stop
+ * string; a stop string that never occurs changes nothing. */
+BN_TEST(serve_stop_strings)
+{
+    server_t s;
+    server_start(&s, 1, "--model " I2S);
+    const char *q = "-n 48 --temp 0 --ignore-eos --prompt 'Once upon a time'"; /* (no NUL bytes in its text) */
+    char *full = alone(q); /* the text, then a newline */
+    size_t n = strlen(full);
+    CHECK(n > 30);
+    n--; /* without the newline */
+    int checked = 0;
+    for (size_t k = 3; k + 9 < n && checked < 12; k += 5) {
+        size_t m = 3 + k % 7;
+        char stop[16];
+        memcpy(stop, full + k, m);
+        stop[m] = 0;
+        if (strchr(stop, '\'') || memchr(stop, 0, m) || strchr(stop, '\n'))
+            continue;
+        const char *at = memmem(full, n, stop, m);
+        char args[512], *out = NULL;
+        snprintf(args, sizeof args, "--stop '%s' %s", stop, q);
+        CHECK_EQ_INT(client(&s, args, &out, NULL), 0);
+        size_t want = (size_t)(at - full);
+        size_t got = strlen(out);
+        if (got != want + 1 || memcmp(out, full, want) != 0 || out[want] != '\n')
+            BN_FAIL("stop '%s' (at byte %zu): served %zu bytes \"%s\", want the first %zu of \"%s\"", stop, want, got, out,
+                    want, full);
+        free(out);
+        checked++;
+    }
+    fprintf(stderr, "  %d stop strings: each cut the text exactly before its first occurrence\n", checked);
+    CHECK(checked >= 5);
+    char *out = NULL;
+    CHECK_EQ_INT(client(&s, "--stop 'no such text here' -n 48 --temp 0 --ignore-eos --prompt 'Once upon a time'", &out, NULL), 0);
+    CHECK_STR_EQ(out, full);
+    free(out);
+    free(full);
+    CHECK_EQ_INT(server_stop(&s), 0);
+    unlink(s.errp);
+}
+
 /* CPU seconds (user + system) of a process so far, from /proc */
 static double proc_cpu_s(int pid)
 {
@@ -630,4 +675,5 @@ NO_NET(serve_full_queue)
 NO_NET(serve_curve)
 NO_NET(serve_sigterm_drains)
 NO_NET(serve_idle_cpu_and_kv_memory)
+NO_NET(serve_stop_strings)
 #endif
