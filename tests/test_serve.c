@@ -503,6 +503,13 @@ BN_TEST(serve_curve)
     free(err);
     CHECK_EQ_INT(server_stop(&s), 0);
     unlink(s.errp);
+    /* beyond loopback without CURVE: a warning (the last --bind counts) */
+    server_start(&s, 1, "--model " I2S " --bind 'tcp://0.0.0.0:*'");
+    char *log = server_log(&s);
+    CHECK(strstr(log, "is beyond loopback, without CURVE") != NULL);
+    free(log);
+    CHECK_EQ_INT(server_stop(&s), 0);
+    unlink(s.errp);
     unlink(key);
     unlink(other);
     strcat(key, ".pub");

@@ -317,7 +317,7 @@ int bn_server_run(const bn_server_opts_t *o, bn_engine_t *eng, const bn_plan_t *
     size_t epl = sizeof ep;
     zmq_getsockopt(sv.sock, ZMQ_LAST_ENDPOINT, ep, &epl);
     if (!loopback(ep) && !o->curve_secret_file)
-        BN_WARN("serving on %s beyond loopback without CURVE: anyone who can reach it can submit work "
+        BN_WARN("%s is beyond loopback, without CURVE: anyone who can reach it can submit work "
                 "(see --curve-secret-file)", ep);
     struct sigaction sa = { .sa_handler = on_signal };
     sigemptyset(&sa.sa_mask);
