@@ -124,7 +124,7 @@ demo: deps
 
 test: deps
 	@$(MAKE) --no-print-directory -j2 all cross fuzz
-	BN_BIN=$(BIN) $(BIN)/bitnet-tests $(T)
+	BN_BIN=$(BIN) $(if $(SAN),BN_TEST_TIMEOUT=$${BN_TEST_TIMEOUT:-900}) $(BIN)/bitnet-tests $(T)
 
 # The test runner and library for aarch64 (not the worker: MPI has no cross
 # package), built with the Debian cross compiler for tests/test_cross.c, which runs
