@@ -39,6 +39,7 @@ typedef struct {
     size_t stop_len[BN_MAX_STOPS];
     int n_stop;
     uint32_t deadline_ms;    /* 0 = none */
+    char label[136];         /* for the log line: the client's request id ("" = none) */
     int replica;             /* command line only: run on this replica; -1 = any (the default) */
     float *dump_logits;      /* command line only: (prompt tokens, n_vocab) rows, not owned;
                                 the prompt is evaluated once, nothing generated */

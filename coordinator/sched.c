@@ -242,8 +242,9 @@ static void finish(bn_sched_t *s, req_t *r, int reason, const char *detail)
         s->st.served++;
     s->st.prompt_tokens += r->n_prompt;
     s->st.completion_tokens += r->n_gen;
-    BN_INFO("request %llu: %s%s%s%s, %u prompt tokens, %u generated, queue %.1f ms, first token %.1f ms, "
-            "%.2f tokens/s, total %.1f ms", (unsigned long long)r->id, bn_finish_name(reason), detail ? " (" : "",
+    BN_INFO("request %llu%s%s%s: %s%s%s%s, %u prompt tokens, %u generated, queue %.1f ms, first token %.1f ms, "
+            "%.2f tokens/s, total %.1f ms", (unsigned long long)r->id, r->p.label[0] ? " '" : "", r->p.label,
+            r->p.label[0] ? "'" : "", bn_finish_name(reason), detail ? " (" : "",
             detail ? detail : "", detail ? ")" : "", r->n_prompt, r->n_gen, u.queue_ms, u.ttft_ms, u.tokens_per_s,
             u.total_ms);
     if (s->sink.on_final)

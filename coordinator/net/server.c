@@ -149,6 +149,7 @@ static void handle(server_t *sv, const unsigned char *ident, size_t ident_len, c
         memcpy(cr->ident, ident, ident_len);
         cr->ident_len = ident_len;
         memcpy(cr->id, rq.id, sizeof cr->id);
+        snprintf(rq.gen.label, sizeof rq.gen.label, "%s", rq.id);
         rc = bn_sched_submit(sv->sched, &rq.gen, cr, &cr->sid, err, sizeof err);
         if (rc) {
             BN_INFO("request '%s' refused: %s", rq.id, err);
