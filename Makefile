@@ -31,14 +31,19 @@ PB_H    := $(O)/proto/bitnet.pb-c.h
 ZMQ_CFLAGS = $(shell pkg-config --cflags libzmq libprotobuf-c)
 ZMQ_LIBS   = $(shell pkg-config --libs libzmq libprotobuf-c)
 
+# JSONL batch jobs read and write JSON with Debian's cJSON (libcjson)
+JSON_SRC := coordinator/batch.c coordinator/batch_job.c
+JSON_CFLAGS = $(shell pkg-config --cflags libcjson)
+JSON_LIBS   = $(shell pkg-config --libs libcjson)
+
 LIB_SRC := base/status.c $(ISA_SRC) \
-           $(wildcard kernels/*.c kernels/ref/*.c coordinator/*.c) \
+           $(filter-out $(JSON_SRC),$(wildcard kernels/*.c kernels/ref/*.c coordinator/*.c)) \
            $(filter-out worker/main.c worker/comm.c worker/engine.c worker/sanitizer.c,$(wildcard worker/*.c)) \
            $(filter-out tools/mkmodel.c,$(wildcard tools/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o)
 # what talks to clients: rank 0's server and wire codec, and bitnet-client
 NET_SRC := $(wildcard coordinator/net/*.c)
-NET_OBJ := $(NET_SRC:%.c=$(O)/%.o) $(O)/proto/bitnet.pb-c.o
+NET_OBJ := $(NET_SRC:%.c=$(O)/%.o) $(O)/proto/bitnet.pb-c.o $(JSON_SRC:%.c=$(O)/%.o)
 TEST_OBJ := $(patsubst %.c,$(O)/%.o,$(wildcard tests/*.c))
 
 .PHONY: all clean demo test deps bench cross
@@ -54,6 +59,10 @@ $(O)/proto/bitnet.pb-c.o: $(PB_C)
 $(O)/coordinator/net/%.o: coordinator/net/%.c $(PB_H)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(ZMQ_CFLAGS) -I$(O) -MMD -MP -c $< -o $@
+
+$(JSON_SRC:%.c=$(O)/%.o): $(O)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(JSON_CFLAGS) -MMD -MP -c $< -o $@
 
 $(O)/client/%.o: client/%.c $(PB_H)
 	@mkdir -p $(dir $@)
@@ -77,7 +86,7 @@ $(O)/kernels/x86/%.o: kernels/x86/%.c
 
 $(BIN)/bitnet-worker: $(O)/worker/main.o $(O)/worker/comm.o $(O)/worker/engine.o $(O)/worker/sanitizer.o $(NET_OBJ) $(O)/libbn.a
 	@mkdir -p $(BIN)
-	$(CC) $(LDFLAGS) $^ -o $@ $(MPI_LIBS) $(ZMQ_LIBS) $(LDLIBS)
+	$(CC) $(LDFLAGS) $^ -o $@ $(MPI_LIBS) $(ZMQ_LIBS) $(JSON_LIBS) $(LDLIBS)
 
 # bitnet-client links only ZeroMQ, protobuf-c and the schema's C
 $(BIN)/bitnet-client: $(patsubst %.c,$(O)/%.o,$(wildcard client/*.c)) $(O)/proto/bitnet.pb-c.o
@@ -95,7 +104,7 @@ ifeq ($(NET),1)
 $(O)/tests/%.o: tests/%.c $(PB_H)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(ZMQ_CFLAGS) -I$(O) -MMD -MP -c $< -o $@
-TEST_NET := $(filter-out $(O)/coordinator/net/server.o,$(NET_OBJ))
+TEST_NET := $(filter-out $(O)/coordinator/net/server.o $(JSON_SRC:%.c=$(O)/%.o),$(NET_OBJ))
 TEST_LIBS := $(ZMQ_LIBS)
 else
 $(O)/tests/%.o: tests/%.c

@@ -356,6 +356,7 @@ int bn_sched_submit(bn_sched_t *s, bn_gen_params_t *p, void *user, uint64_t *id,
 {
     int rc = BN_OK;
     req_t *r = NULL;
+    admit(s); /* slots freed since the last step take the queue's head first */
     if (s->q_count >= s->o.max_queue) {
         rc = bn_err(err, errlen, BN_EBUSY, "the queue is full (%d requests waiting, %d running); try again later",
                     s->q_count, s->st.running);

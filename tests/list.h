@@ -77,4 +77,6 @@
     X(wire_decode_bad_input) \
     X(wire_decode_good) \
     X(wire_fuzz_replay) \
-    X(wire_fuzz)
+    X(wire_fuzz) \
+    X(batch_offline_answers_and_errors) \
+    X(batch_offline_killed_and_resumed)

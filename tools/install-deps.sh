@@ -2,7 +2,7 @@
 # install-deps.sh - install the Debian packages the build and tests need, if missing.
 # Idempotent and quiet when everything is there; needs root (or sudo) otherwise.
 set -e
-PKGS="gcc make libc6-dev pkg-config openmpi-bin libopenmpi-dev libzmq3-dev libprotobuf-c-dev protobuf-c-compiler python3"
+PKGS="gcc make libc6-dev pkg-config openmpi-bin libopenmpi-dev libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libcjson-dev python3"
 # the aarch64 cross build of the tests and qemu to run it (make cross, tests/test_cross.c)
 PKGS="$PKGS gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static"
 # clang and its libFuzzer runtime (libclang_rt.fuzzer-x86_64.a) for make fuzz (tests/fuzz_wire.c)

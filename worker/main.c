@@ -6,6 +6,7 @@
  *   bitnet-worker --model M.gguf --prompt "text" --tokenize
  * Exit status: 0 done, 1 runtime error (bad model file, context exceeded...),
  * 2 bad command line. stdout carries only the generated text (or the ids). */
+#include "coordinator/batch.h"
 #include "coordinator/cli.h"
 #include "coordinator/net/server.h"
 #include "coordinator/plan.h"
@@ -40,6 +41,7 @@ typedef struct {
     int serve, max_seqs, max_queue, step_tokens, kv_budget_mb, max_msg_bytes;
     float drain_s;
     const char *bind, *curve_secret_file;
+    const char *batch, *batch_out;   /* --batch IN --out OUT */
     bn_sampler_params_t sp;
 } options_t;
 
@@ -88,6 +90,13 @@ static void usage(FILE *f)
         "  --replica N          the replica that runs this prompt (default 0)\n"
         "  --mem-per-rank MB    memory a rank may use (default: available memory over\n"
         "                       the ranks on the node)\n"
+        "\n"
+        "batch (a JSONL file of prompts in, a JSONL file of answers out; resumable):\n"
+        "  --batch IN --out OUT run every line of IN not yet answered in OUT: lines\n"
+        "                       {\"id\": ..., \"prompt\": \"...\"} or {\"id\": ..., \"tokens\": [...]},\n"
+        "                       optional max_tokens, temperature, top_k, top_p, min_p,\n"
+        "                       seed, stop, chat (the sampling flags are the defaults);\n"
+        "                       --max-seqs of them run at once\n"
         "\n"
         "serving (rank 0 answers bitnet-client over ZeroMQ; see README, Serving):\n"
         "  --serve              serve requests until SIGINT/SIGTERM (no prompt flags)\n"
@@ -188,6 +197,8 @@ static int parse_args(int argc, char **argv, options_t *o)
         else if (!strcmp(a, "--replica")) rc = parse_int(a, v, 0, 4095, &o->replica);
         else if (!strcmp(a, "--mem-per-rank")) rc = parse_int(a, v, 1, INT_MAX, &o->mem_mb);
         else if (!strcmp(a, "--bind")) o->bind = v;
+        else if (!strcmp(a, "--batch")) o->batch = v;
+        else if (!strcmp(a, "--out")) o->batch_out = v;
         else if (!strcmp(a, "--curve-secret-file")) o->curve_secret_file = v;
         else if (!strcmp(a, "--max-seqs")) rc = parse_int(a, v, 1, 4096, &o->max_seqs);
         else if (!strcmp(a, "--max-queue")) rc = parse_int(a, v, 1, 1 << 20, &o->max_queue);
@@ -255,12 +266,21 @@ static int parse_args(int argc, char **argv, options_t *o)
         return -1;
     }
     int inputs = !!o->prompt + !!o->prompt_file + !!o->tokens;
+    if (!!o->batch != !!o->batch_out) {
+        fprintf(stderr, "bitnet-worker: --batch IN and --out OUT go together\n");
+        return -1;
+    }
+    if (o->batch && (o->serve || inputs || o->tokenize || o->dump_logits)) {
+        fprintf(stderr, "bitnet-worker: --batch takes its prompts from IN: no --serve, --prompt, --prompt-file, "
+                "--tokens, --tokenize or --dump-logits\n");
+        return -1;
+    }
     if (o->serve && (inputs || o->tokenize || o->dump_logits)) {
         fprintf(stderr, "bitnet-worker: --serve takes its prompts from clients: no --prompt, --prompt-file, "
                 "--tokens, --tokenize or --dump-logits\n");
         return -1;
     }
-    if (!o->serve && inputs != 1) {
+    if (!o->serve && !o->batch && inputs != 1) {
         fprintf(stderr, "bitnet-worker: give exactly one of --prompt, --prompt-file, --tokens\n");
         return -1;
     }
@@ -327,6 +347,23 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
                                            .kv_budget = (uint64_t)o->kv_budget_mb * 1000000u, .kv_pos_bytes = pos_bytes } };
         rc = bn_server_run(&so, rk->eng, &rk->plan, m, tok, err, errlen);
         free(plan);
+        bn_tokenizer_destroy(&tok);
+        return rc;
+    }
+    if (o->batch) {
+        bn_batch_job_t jb = { .in = o->batch, .out = o->batch_out, .max_seqs = o->max_seqs, .n_ctx = n_ctx };
+        bn_gen_params_init(&jb.defaults);
+        jb.defaults.sp = o->sp;
+        jb.defaults.seed_given = o->seed_given;
+        jb.defaults.max_tokens = (uint32_t)o->n_predict;
+        jb.defaults.chat = o->chat;
+        jb.defaults.ignore_eos = o->ignore_eos;
+        bn_batch_summary_t sum;
+        rc = bn_batch_job_run(&jb, rk->eng, &rk->plan, m, tok, &sum, err, errlen);
+        fprintf(stderr, "batch: %zu answered, %zu skipped (already in %s), %zu error lines; %llu prompt and %llu "
+                "generated tokens in %.1f s (%.2f generated tokens/s)\n", sum.answered, sum.skipped, o->batch_out,
+                sum.errors, (unsigned long long)sum.prompt_tokens, (unsigned long long)sum.completion_tokens,
+                sum.seconds, sum.seconds > 0 ? sum.completion_tokens / sum.seconds : 0.0);
         bn_tokenizer_destroy(&tok);
         return rc;
     }
@@ -488,7 +525,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
                                .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * bn_kv_type_size(o->kv_type) };
         bn_plan_in_t in = { .world = comm->size, .ranks_per_node = comm->node_ranks,
                             .mem_per_rank = o->mem_mb || comm->size > 1 ? mem : 0, /* one rank has no other plan */
-                            .n_ctx = n_ctx, .n_seq = o->serve ? (uint32_t)o->max_seqs : 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
+                            .n_ctx = n_ctx, .n_seq = o->serve || o->batch ? (uint32_t)o->max_seqs : 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
         rc = bn_plan_make(&pm, &in, &rk.plan, err, errlen);
     }
     if ((rc = agree(comm, rc, quiet, err, errlen))) {
@@ -516,7 +553,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
     if ((rc = bn_comm_grid(comm, rk.plan.R, rk.plan.P, rk.plan.T, err, errlen)) == BN_OK &&
         (rc = bn_pool_new(n_threads, &rk.pool, err, errlen)) == BN_OK &&
         (mo.pool = rk.pool, rc = bn_model_load(o->model, &mo, &rk.m, err, errlen)) == BN_OK &&
-        (rc = bn_state_new(rk.m, n_ctx, o->serve ? (uint32_t)o->max_seqs : 1, o->kv_type, rk.pool, &rk.st, err, errlen)) == BN_OK) {
+        (rc = bn_state_new(rk.m, n_ctx, o->serve || o->batch ? (uint32_t)o->max_seqs : 1, o->kv_type, rk.pool, &rk.st, err, errlen)) == BN_OK) {
         bn_comm_dist(comm, &rk.dist);
         if ((rc = bn_state_set_dist(rk.st, &rk.dist, err, errlen)) == BN_OK)
             rc = bn_engine_new(comm, &rk.plan, rk.m, rk.st, &rk.eng, err, errlen);
