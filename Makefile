@@ -44,7 +44,7 @@ LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o)
 # what talks to clients: rank 0's server and wire codec, and bitnet-client
 NET_SRC := $(wildcard coordinator/net/*.c)
 NET_OBJ := $(NET_SRC:%.c=$(O)/%.o) $(O)/proto/bitnet.pb-c.o $(JSON_SRC:%.c=$(O)/%.o)
-TEST_OBJ := $(patsubst %.c,$(O)/%.o,$(wildcard tests/*.c))
+TEST_OBJ := $(patsubst %.c,$(O)/%.o,$(filter-out tests/fuzz_batch.c,$(wildcard tests/*.c)))
 
 .PHONY: all clean demo test deps bench cross
 all: $(BIN)/bitnet-worker $(BIN)/bitnet-client $(BIN)/bitnet-mkmodel $(BIN)/bitnet-tests
@@ -171,7 +171,14 @@ FUZZ_PB_CFLAGS = $(shell pkg-config --cflags libprotobuf-c)
 FUZZ_PB_LIBS   = $(shell pkg-config --libs libprotobuf-c)
 
 .PHONY: fuzz clean-fuzz
-fuzz: $(BIN_FUZZ)/fuzz-wire
+fuzz: $(BIN_FUZZ)/fuzz-wire $(BIN_FUZZ)/fuzz-batch
+
+# the JSONL lines of batch jobs (tests/fuzz_batch.c; cJSON from Debian)
+FUZZ_BATCH_SRC := tests/fuzz_batch.c coordinator/batch.c coordinator/request.c base/status.c
+$(BIN_FUZZ)/fuzz-batch: $(FUZZ_BATCH_SRC) $(FUZZ_HDR) $(wildcard base/*.h)
+	@mkdir -p $(BIN_FUZZ)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -I. $(shell pkg-config --cflags libcjson) $(FUZZ_BATCH_SRC) -o $@ \
+	    $(shell pkg-config --libs libcjson) -lm
 
 $(FUZZ_O)/proto/bitnet.pb-c.c $(FUZZ_O)/proto/bitnet.pb-c.h: proto/bitnet.proto
 	@mkdir -p $(FUZZ_O)

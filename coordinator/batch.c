@@ -109,7 +109,9 @@ static int parse_obj(const cJSON *o, bn_gen_params_t *p, char *err, size_t errle
         p->chat = cJSON_IsTrue(chat);
     }
     const cJSON *stop = cJSON_GetObjectItemCaseSensitive(o, "stop");
-    if (stop && !cJSON_IsNull(stop)) {
+    if (stop && !cJSON_IsNull(stop)) { /* the line's stop strings replace the defaults' */
+        for (int i = 0; i < p->n_stop; i++)
+            free(p->stop[i]);
         p->n_stop = 0;
         if (cJSON_IsArray(stop)) {
             const cJSON *s;

@@ -79,4 +79,5 @@
     X(wire_fuzz_replay) \
     X(wire_fuzz) \
     X(batch_offline_answers_and_errors) \
-    X(batch_offline_killed_and_resumed)
+    X(batch_offline_killed_and_resumed) \
+    X(batch_fuzz)

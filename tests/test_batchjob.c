@@ -177,3 +177,29 @@ BN_TEST(batch_offline_killed_and_resumed)
     unlink(in);
     unlink(out);
 }
+
+/* The JSONL parser and the resume reader under libFuzzer for 10 s (make fuzz
+ * builds bin-fuzz/fuzz-batch with clang). Its first find, a leak of the default
+ * stop strings when a line gives its own, is the seed tests/fuzz/batch/prompt.jsonl. */
+BN_TEST(batch_fuzz)
+{
+    const char *fz = getenv("BN_FUZZ_BATCH_BIN");
+    if (!fz)
+        fz = "bin-fuzz/fuzz-batch";
+    if (access(fz, X_OK) != 0)
+        BN_FAIL("%s missing: run make fuzz (make test builds it)", fz);
+    char dir[64], cmd[1024], *out = NULL, *err = NULL;
+    snprintf(dir, sizeof dir, "/tmp/bn-fuzz-batch-%d", (int)getpid());
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/corpus && timeout 120 %s -max_total_time=10 -rss_limit_mb=2048 -timeout=10 "
+             "-print_final_stats=1 -artifact_prefix=%s/ %s/corpus tests/fuzz/batch", dir, fz, dir, dir);
+    int rc = bn_test_run(cmd, &out, &err);
+    const char *runs = err ? strstr(err, "stat::number_of_executed_units:") : NULL;
+    fprintf(stderr, "  %s", runs ? runs : "(no stats)\n");
+    if (rc)
+        BN_FAIL("%s exited with %d; the input is kept in %s; its output ends:\n%s", fz, rc, dir,
+                err && strlen(err) > 3000 ? err + strlen(err) - 3000 : err);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK_EQ_INT(bn_test_run(cmd, NULL, NULL), 0);
+    free(out);
+    free(err);
+}
