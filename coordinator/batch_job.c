@@ -59,7 +59,8 @@ static void on_text(void *ctx, void *user, const char *text, size_t len, const i
         r->text = nt;
         r->cap = cap;
     }
-    memcpy(r->text + r->len, text, len);
+    if (len)
+        memcpy(r->text + r->len, text, len);
     r->len += len;
     if (r->n_ids + (size_t)n_ids > r->ids_cap) {
         size_t cap = (r->n_ids + (size_t)n_ids) * 2 + 16;
@@ -69,7 +70,8 @@ static void on_text(void *ctx, void *user, const char *text, size_t len, const i
         r->ids = ni;
         r->ids_cap = cap;
     }
-    memcpy(r->ids + r->n_ids, ids, (size_t)n_ids * sizeof *ids);
+    if (n_ids) /* (the final flush of held-back text comes without ids) */
+        memcpy(r->ids + r->n_ids, ids, (size_t)n_ids * sizeof *ids);
     r->n_ids += (size_t)n_ids;
 }
 
