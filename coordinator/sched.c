@@ -165,8 +165,7 @@ static void req_free(req_t *r)
 
 static int has_tail(const req_t *r)
 {
-    const bn_sampler_params_t *p = &r->p.sp;
-    return p->temp > 0.0f && p->top_k == 0 && p->top_p >= 1.0f && p->min_p == 0.0f;
+    return bn_sampler_draws_tail(&r->p.sp);
 }
 
 /* hand text to the sink, holding back what may still become a stop string */
@@ -214,15 +213,10 @@ static int emit(bn_sched_t *s, req_t *r, const char *text, size_t len, const int
     return stopped;
 }
 
-static double now_s(void)
-{
-    return bn_now_s();
-}
-
 /* The request's last event; it leaves the scheduler (nothing of it may be in flight). */
 static void finish(bn_sched_t *s, req_t *r, int reason, const char *detail)
 {
-    double t = now_s();
+    double t = bn_now_s();
     if (reason != BN_FINISH_STOP && r->state != ST_QUEUED) { /* what was held back is text after all */
         char tail[8];
         size_t k = bn_detok_flush(&r->dt, tail, sizeof tail);
@@ -410,14 +404,14 @@ int bn_sched_submit(bn_sched_t *s, bn_gen_params_t *p, void *user, uint64_t *id,
                     s->o.kv_budget / 1e6);
         goto fail;
     }
-    r->seed = r->p.seed_given ? r->p.sp.seed : (s->seed_mix += 0x9E3779B97F4A7C15ull) ^ ((uint64_t)now_s() << 20);
+    r->seed = r->p.seed_given ? r->p.sp.seed : (s->seed_mix += 0x9E3779B97F4A7C15ull) ^ ((uint64_t)bn_now_s() << 20);
     r->p.sp.seed = r->seed;
     if ((rc = bn_sampler_new(&r->p.sp, s->m->cfg.n_vocab, &r->smp, err, errlen)))
         goto fail;
     r->id = ++s->next_id;
     r->user = user;
     r->state = ST_QUEUED;
-    r->t_arrive = now_s();
+    r->t_arrive = bn_now_s();
     r->deadline = r->p.deadline_ms ? r->t_arrive + r->p.deadline_ms / 1e3 : 0;
     s->queue[(s->q_head + s->q_count) % s->o.max_queue] = r;
     s->q_count++;
@@ -475,7 +469,7 @@ void bn_sched_cancel_all(bn_sched_t *s, const char *why)
 /* deadlines, and cancelled requests that nothing in flight still refers to */
 static void reap(bn_sched_t *s)
 {
-    double t = now_s();
+    double t = bn_now_s();
     int kept = 0;
     const int Q = s->o.max_queue;
     for (int i = 0; i < s->q_count; i++) {
@@ -525,7 +519,7 @@ static void admit(bn_sched_t *s)
         r->replica = best;
         r->slot = slot;
         r->state = ST_PREFILL;
-        r->t_admit = now_s();
+        r->t_admit = bn_now_s();
         if (s->st.running++ == 0)
             s->busy_since = r->t_admit;
         s->q_head = (s->q_head + 1) % s->o.max_queue;
@@ -655,7 +649,7 @@ static int submit_ready(bn_sched_t *s, int *submitted, char *err, size_t errlen)
 static void take_token(bn_sched_t *s, req_t *r, int32_t tok)
 {
     const bn_config_t *c = &s->m->cfg;
-    double t = now_s();
+    double t = bn_now_s();
     if (r->cancel)
         return;
     if (r->t_first == 0) {
@@ -780,7 +774,7 @@ void bn_sched_stats(const bn_sched_t *s, bn_sched_stats_t *st)
     *st = s->st;
     st->queued = s->q_count;
     if (s->st.running)
-        st->busy_s += now_s() - s->busy_since;
+        st->busy_s += bn_now_s() - s->busy_since;
     lat_pct(&s->ttft, &st->ttft_p50_ms, &st->ttft_p99_ms);
     lat_pct(&s->itl, &st->itl_p50_ms, &st->itl_p99_ms);
     uint64_t used = 0, reserved = 0;

@@ -114,12 +114,6 @@ static bn_sampler_params_t params_of(const samp_t *s)
     return (bn_sampler_params_t){ .temp = s->temp, .top_k = s->top_k, .top_p = s->top_p, .min_p = s->min_p };
 }
 
-/* These parameters may draw past the candidates (sampler.h: plain temperature) */
-static int has_tail(const bn_sampler_params_t *p)
-{
-    return p->temp > 0.0f && p->top_k == 0 && p->top_p >= 1.0f && p->min_p == 0.0f;
-}
-
 int bn_engine_new(bn_comm_t *comm, const bn_plan_t *plan, const bn_model_t *m, bn_state_t *st,
                   bn_engine_t **out, char *err, size_t errlen)
 {
@@ -348,7 +342,7 @@ int bn_engine_submit(bn_engine_t *e, int replica, const bn_step_t *in, uint64_t 
             const bn_sampler_params_t *sp = e->picker.params(in->smp[i]);
             s.sp[i] = (samp_t){ .temp = sp->temp, .top_p = sp->top_p, .min_p = sp->min_p, .top_k = sp->top_k };
             t.smp[i] = in->smp[i];
-            t.tails |= has_tail(sp);
+            t.tails |= bn_sampler_draws_tail(sp);
         }
     } else if (s.want == BN_WANT_LOGITS && !in->logits) {
         return bn_err(err, errlen, BN_EINVAL, "a step wanting logits without a buffer");

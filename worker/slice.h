@@ -51,6 +51,13 @@ typedef struct {
     double target;
 } bn_pick_t;
 
+/* These parameters may draw past the slices' candidates (plain temperature
+ * sampling), so a draw may need the owning slice's bn_sample_tail. */
+static inline int bn_sampler_draws_tail(const bn_sampler_params_t *p)
+{
+    return p->temp > 0.0f && p->top_k == 0 && p->top_p >= 1.0f && p->min_p == 0.0f;
+}
+
 /* a is worse than b: lower logit, or the same logit and a higher id */
 static inline int bn_cand_worse(bn_cand_t a, bn_cand_t b)
 {
