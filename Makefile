@@ -32,11 +32,11 @@ ZMQ_CFLAGS = $(shell pkg-config --cflags libzmq libprotobuf-c)
 ZMQ_LIBS   = $(shell pkg-config --libs libzmq libprotobuf-c)
 
 # JSONL batch jobs read and write JSON with Debian's cJSON (libcjson)
-JSON_SRC := coordinator/batch.c coordinator/batch_job.c
+JSON_SRC := coordinator/batch.c coordinator/batch_file.c coordinator/batch_job.c
 JSON_CFLAGS = $(shell pkg-config --cflags libcjson)
 JSON_LIBS   = $(shell pkg-config --libs libcjson)
 
-LIB_SRC := base/status.c $(ISA_SRC) \
+LIB_SRC := $(wildcard base/*.c) $(ISA_SRC) \
            $(filter-out $(JSON_SRC),$(wildcard kernels/*.c kernels/ref/*.c coordinator/*.c)) \
            $(filter-out worker/main.c worker/comm.c worker/engine.c worker/sanitizer.c,$(wildcard worker/*.c)) \
            $(filter-out tools/mkmodel.c,$(wildcard tools/*.c))
@@ -88,10 +88,14 @@ $(BIN)/bitnet-worker: $(O)/worker/main.o $(O)/worker/comm.o $(O)/worker/engine.o
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(MPI_LIBS) $(ZMQ_LIBS) $(JSON_LIBS) $(LDLIBS)
 
-# bitnet-client links only ZeroMQ, protobuf-c and the schema's C
-$(BIN)/bitnet-client: $(patsubst %.c,$(O)/%.o,$(wildcard client/*.c)) $(O)/proto/bitnet.pb-c.o
+# bitnet-client links ZeroMQ, protobuf-c, the schema's C and, for batch jobs, the
+# JSONL files' code (cJSON) with what it needs from base/; never the engine
+CLIENT_OBJ := $(patsubst %.c,$(O)/%.o,$(wildcard client/*.c)) $(O)/proto/bitnet.pb-c.o \
+              $(O)/coordinator/batch.o $(O)/coordinator/batch_file.o $(O)/coordinator/request.o \
+              $(O)/base/status.o $(O)/base/log.o
+$(BIN)/bitnet-client: $(CLIENT_OBJ)
 	@mkdir -p $(BIN)
-	$(CC) $(LDFLAGS) $^ -o $@ $(ZMQ_LIBS) $(LDLIBS)
+	$(CC) $(LDFLAGS) $^ -o $@ $(ZMQ_LIBS) $(JSON_LIBS) $(LDLIBS)
 
 $(BIN)/bitnet-mkmodel: $(O)/tools/mkmodel.o $(O)/libbn.a
 	@mkdir -p $(BIN)

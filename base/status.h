@@ -25,7 +25,8 @@
     X(BN_ECOMM,      -10,  "communication failure")                     \
     X(BN_EINTERNAL,  -11,  "internal error")                          \
     X(BN_EPROTO,     -12,  "malformed message")                         \
-    X(BN_EDENIED,    -13,  "permission denied")
+    X(BN_EDENIED,    -13,  "permission denied")                        \
+    X(BN_ESTOPPING,  -14,  "shutting down")
 
 typedef enum {
 #define BN_X(name, val, msg) name = val,

@@ -1,17 +1,19 @@
 /* client.c - bitnet-client: a ZeroMQ DEALER that sends one request to a
  * `bitnet-worker --serve` (a ROUTER) and prints what comes back: the generated text
  * as it streams, or the fields of info, health and stats. `keygen` writes a CURVE
- * key pair for the server.
+ * key pair for the server; `batch IN OUT` is client/batch.c.
  *
- * It is not part of the server and shares no code with it: it links only libzmq,
- * libprotobuf-c and the schema's generated C (proto/bitnet.proto), so the few
- * helpers it needs are here. One request per run, protocol version 1; no batches.
+ * It is not part of the server: it links libzmq, libprotobuf-c, the schema's
+ * generated C (proto/bitnet.proto) and, for batch jobs, the JSONL line formats
+ * that bitnet-worker --batch uses (coordinator/batch*.c, request.c, base/),
+ * never the engine. Protocol version 1.
  * Invariants: stdout carries exactly what `bitnet-worker --prompt` prints (the text
  * as it streams, then one '\n'; or the ids), or the `key: value` lines of
  * info/health/stats; everything else goes to stderr. Only main exits.
  * Exit status: 0 done; 1 runtime error (an error reply, finish error or cancelled,
- * no answer); 2 bad command line; 130 interrupted (SIGINT or SIGTERM). */
-#include "proto/bitnet.pb-c.h"
+ * no answer); 2 bad command line; 3 batch lines left; 130 interrupted (SIGINT or
+ * SIGTERM). */
+#include "client/client.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -28,34 +30,12 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#define PROTOCOL_VERSION 1
 #define DEFAULT_SERVER "tcp://127.0.0.1:5555"
 #define TICK_MS 100                        /* longest wait between looks at the signal flag */
 #define CANCEL_GRACE_MS 5000.0             /* after Ctrl-C, how long the final may take */
 #define MAX_REPLY_BYTES (64 << 20)         /* a larger frame drops the connection */
 #define MAX_PROMPT_FILE_BYTES (256u << 20)
-#define KEY_LEN 40                         /* a CURVE key in Z85 */
 #define MORE (-1)                          /* "keep going": not an exit status */
-#define EXIT_USAGE 2
-#define EXIT_INTERRUPTED 130
-
-typedef enum { CMD_GENERATE, CMD_INFO, CMD_HEALTH, CMD_STATS, CMD_KEYGEN } cmd_t;
-
-typedef struct {
-    cmd_t cmd;
-    const char *server, *keygen_file;
-    char server_key[KEY_LEN + 1];          /* "" = no CURVE */
-    char *id;                              /* --id, or made up by run() */
-    char *prompt, *prompt_file;            /* point into argv */
-    int32_t *tokens;                       /* --tokens, parsed (owned) */
-    size_t n_tokens;
-    char **stop;                           /* --stop strings (array owned, strings in argv) */
-    size_t n_stop;
-    long long n_predict, top_k, deadline_ms;   /* deadline_ms -1: not sent */
-    double temp, top_p, min_p, timeout_s;
-    uint64_t seed;
-    int seed_given, chat, ignore_eos, print_ids, usage;
-} options_t;
 
 /* One request's progress on stdout. */
 typedef struct {
@@ -66,8 +46,8 @@ typedef struct {
     int interrupted;                       /* a signal came and Cancel was sent */
 } stream_t;
 
-static volatile sig_atomic_t g_signals;    /* SIGINT and SIGTERM seen */
-static int g_verbose;
+volatile sig_atomic_t g_signals;
+int g_verbose;
 
 static void usage(FILE *f)
 {
@@ -76,12 +56,15 @@ static void usage(FILE *f)
         "       bitnet-client [options] --tokens 1,2,3       the prompt as token ids\n"
         "       bitnet-client [options] --prompt-file FILE   the prompt read from FILE (- = stdin)\n"
         "       bitnet-client [--server EP] [--server-key KEY] info | health | stats\n"
+        "       bitnet-client [options] batch IN.jsonl OUT.jsonl  a JSONL job (see README, Batch jobs)\n"
         "       bitnet-client keygen FILE                    CURVE key pair: FILE (secret), FILE.pub\n"
         "\n"
         "connection:\n"
         "  --server EP          the server (default: $BITNET_SERVER, else " DEFAULT_SERVER ")\n"
         "  --server-key KEY     encrypt with CURVE: the server's public key (40 Z85 characters)\n"
         "                       or a file whose first line is that key (keygen's FILE.pub)\n"
+        "  --endpoint-file F    the server and its key from F (bitnet-worker --serve\n"
+        "                       --endpoint-file F writes it once it listens)\n"
         "  --timeout S          give up when no reply comes for S seconds (default 600)\n"
         "  --id ID              the request's id (default: made from the pid and the clock)\n"
         "\n"
@@ -99,6 +82,13 @@ static void usage(FILE *f)
         "  --ignore-eos         do not stop at end-of-text tokens\n"
         "  --deadline-ms MS     the server gives up MS ms after the request arrives\n"
         "\n"
+        "batch (IN: lines {\"id\": ..., \"prompt\": \"...\"} or {\"id\": ..., \"tokens\": [...]},\n"
+        "optional max_tokens, temperature, top_k, top_p, min_p, seed, stop, chat; the\n"
+        "generation flags are their defaults. OUT gets one line per id in completion\n"
+        "order; ids already in OUT are skipped, so the same command after a kill finishes\n"
+        "the job):\n"
+        "  --concurrency N      requests in flight at once (default 8)\n"
+        "\n"
         "output:\n"
         "  --print-ids          print the generated token ids instead of the text\n"
         "  --usage              at the end, one line on stderr: 'usage: prompt_tokens=N\n"
@@ -108,14 +98,12 @@ static void usage(FILE *f)
         "  -h, --help           this text\n"
         "\n"
         "Exit status: 0 done, 1 runtime error (error reply, cancelled, no answer), 2 bad\n"
-        "command line, 130 interrupted (Ctrl-C cancels the request on the server; twice\n"
-        "quits at once).\n",
+        "command line, 3 batch lines left for a rerun (the server stopped them), 130\n"
+        "interrupted (Ctrl-C cancels on the server what is running; twice quits at once).\n",
         f);
 }
 
-/* "bitnet-client: <message>" on stderr; returns -1. */
-static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int fail(const char *fmt, ...)
+int fail(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -126,17 +114,13 @@ static int fail(const char *fmt, ...)
     return -1;
 }
 
-/* Only with --verbose; the format must be a string literal. */
-#define debug(...) do { if (g_verbose) fail("debug: " __VA_ARGS__); } while (0)
-
-/* A failed zmq call (errno set by libzmq); returns exit status 1. */
-static int zfail(const char *what)
+int zfail(const char *what)
 {
     fail("%s: %s", what, zmq_strerror(errno));
     return 1;
 }
 
-static double now_ms(void)
+double now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -147,6 +131,14 @@ static void on_signal(int sig)
 {
     (void)sig;
     g_signals = g_signals + 1;
+}
+
+void catch_signals(void)
+{
+    struct sigaction sa = { .sa_handler = on_signal };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
 }
 
 /* ---- command line ---- */
@@ -241,7 +233,37 @@ static int parse_server_key(const char *arg, char out[KEY_LEN + 1])
     return 0;
 }
 
-/* Positional arguments: a command, keygen FILE, or the prompt text. */
+/* --endpoint-file FILE: the lines endpoint=EP and server_key=KEY (optional)
+ * that `bitnet-worker --serve --endpoint-file FILE` writes once it listens. */
+static int parse_endpoint_file(const char *path, options_t *o)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return fail("--endpoint-file %s: %s%s", path, strerror(errno),
+                    errno == ENOENT ? " (the server writes it once it listens: is it up yet?)" : "");
+    char line[1024];
+    int rc = 0;
+    while (!rc && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (!strncmp(line, "endpoint=", 9)) {
+            free(o->endpoint_buf);
+            if (!(o->endpoint_buf = strdup(line + 9)))
+                rc = fail("out of memory");
+            o->server = o->endpoint_buf;
+        } else if (!strncmp(line, "server_key=", 11)) {
+            if (!is_z85_key(line + 11))
+                rc = fail("--endpoint-file %s: server_key is not a 40-character Z85 key", path);
+            else
+                memcpy(o->server_key, line + 11, KEY_LEN + 1);
+        }
+    }
+    fclose(f);
+    if (!rc && !o->endpoint_buf)
+        rc = fail("--endpoint-file %s: no 'endpoint=' line", path);
+    return rc;
+}
+
+/* Positional arguments: a command, keygen FILE, batch IN OUT, or the prompt text. */
 static int parse_positionals(char **pos, int n_pos, options_t *o)
 {
     static const char *const names[] = { [CMD_INFO] = "info", [CMD_HEALTH] = "health", [CMD_STATS] = "stats" };
@@ -252,6 +274,14 @@ static int parse_positionals(char **pos, int n_pos, options_t *o)
             o->cmd = (cmd_t)c;
             return 0;
         }
+    if (!strcmp(pos[0], "batch")) {
+        if (n_pos != 3)
+            return fail("batch needs IN.jsonl and OUT.jsonl (see --help)");
+        o->cmd = CMD_BATCH;
+        o->batch_in = pos[1];
+        o->batch_out = pos[2];
+        return 0;
+    }
     if (!strcmp(pos[0], "keygen")) {
         if (n_pos != 2)
             return fail("keygen needs one FILE (see --help)");
@@ -304,6 +334,8 @@ static int parse_net_flag(const char *a, char *v, options_t *o)
     else if (!strcmp(a, "--server-key")) rc = parse_server_key(v, o->server_key);
     else if (!strcmp(a, "--id")) o->id = v;
     else if (!strcmp(a, "--timeout")) rc = parse_number(a, v, 0, 1e7, &o->timeout_s);
+    else if (!strcmp(a, "--endpoint-file")) rc = parse_endpoint_file(v, o);
+    else if (!strcmp(a, "--concurrency")) rc = parse_int(a, v, 1, 4096, &o->concurrency);
     else return 1;
     return rc;
 }
@@ -323,9 +355,17 @@ static int check_options(const options_t *o, const char *gen_flag, const char *n
     for (size_t i = 0; i < o->n_stop; i++)
         if (!*o->stop[i])
             return fail("--stop: the string is empty");
+    if (o->n_stop > BN_MAX_STOPS)
+        return fail("--stop: at most %d strings", BN_MAX_STOPS);
+    if (o->cmd == CMD_BATCH && (o->prompt || o->prompt_file || o->tokens || o->print_ids || o->usage || o->id ||
+                                o->deadline_ms >= 0))
+        return fail("batch takes its prompts from IN and writes OUT: no prompt, --prompt-file, --tokens, "
+                    "--print-ids, --usage, --id or --deadline-ms");
+    if (o->concurrency && o->cmd != CMD_BATCH)
+        return fail("--concurrency is for batch");
     if (o->cmd == CMD_KEYGEN && (gen_flag || net_flag))
         return fail("keygen takes only FILE, not %s", gen_flag ? gen_flag : net_flag);
-    if (o->cmd != CMD_GENERATE && o->cmd != CMD_KEYGEN && gen_flag)
+    if (o->cmd != CMD_GENERATE && o->cmd != CMD_KEYGEN && o->cmd != CMD_BATCH && gen_flag)
         return fail("%s is for generation, not for %s", gen_flag, pos0);
     if (o->cmd == CMD_GENERATE && !!o->prompt + !!o->prompt_file + !!o->tokens != 1)
         return fail("give exactly one prompt: text, --prompt-file or --tokens (see --help)");
@@ -418,17 +458,16 @@ static char *read_prompt_file(const char *path)
     return buf;
 }
 
-static Bitnet__Request request_for(const options_t *o)
+static Bitnet__Request request_for(const char *id)
 {
     Bitnet__Request req = BITNET__REQUEST__INIT;
     req.has_version = 1;
     req.version = PROTOCOL_VERSION;
-    req.request_id = o->id;
+    req.request_id = (char *)id;
     return req;
 }
 
-/* Pack and queue one request; returns 0 or exit status 1. */
-static int send_request(void *sock, const Bitnet__Request *req)
+int send_request(void *sock, const Bitnet__Request *req)
 {
     size_t len = bitnet__request__get_packed_size(req);
     uint8_t *buf = malloc(len ? len : 1);
@@ -444,41 +483,84 @@ static int send_request(void *sock, const Bitnet__Request *req)
     return rc;
 }
 
-/* The generate request. Every sampling field is sent, so the server uses the
- * client's defaults; the seed only when given. */
-static int send_generate(void *sock, const options_t *o, char *prompt)
+void gen_defaults(const options_t *o, bn_gen_params_t *g)
 {
-    Bitnet__Request req = request_for(o);
-    Bitnet__Generate gen = BITNET__GENERATE__INIT;
-    Bitnet__Sampling smp = BITNET__SAMPLING__INIT;
-    smp.has_temperature = smp.has_top_k = smp.has_top_p = smp.has_min_p = 1;
-    smp.temperature = (float)o->temp;
-    smp.top_k = (int32_t)o->top_k;
-    smp.top_p = (float)o->top_p;
-    smp.min_p = (float)o->min_p;
-    smp.has_seed = o->seed_given;
-    smp.seed = o->seed;
-    gen.prompt = prompt;
-    gen.n_tokens = o->n_tokens;
-    gen.tokens = o->tokens;
-    gen.has_chat = gen.has_ignore_eos = gen.has_max_tokens = 1;
-    gen.chat = o->chat;
-    gen.ignore_eos = o->ignore_eos;
-    gen.max_tokens = (uint32_t)o->n_predict;
-    gen.sampling = &smp;
-    gen.n_stop = o->n_stop;
-    gen.stop = o->stop;
-    gen.has_deadline_ms = o->deadline_ms >= 0;
-    gen.deadline_ms = (uint32_t)o->deadline_ms;
-    req.body_case = BITNET__REQUEST__BODY_GENERATE;
-    req.generate = &gen;
+    bn_gen_params_init(g);
+    g->prompt = o->prompt;
+    g->prompt_len = o->prompt ? strlen(o->prompt) : 0;
+    g->tokens = o->tokens;
+    g->n_tokens = o->n_tokens;
+    g->chat = o->chat;
+    g->ignore_eos = o->ignore_eos;
+    g->sp.temp = (float)o->temp;
+    g->sp.top_k = (int32_t)o->top_k;
+    g->sp.top_p = (float)o->top_p;
+    g->sp.min_p = (float)o->min_p;
+    g->sp.seed = o->seed;
+    g->seed_given = o->seed_given;
+    g->max_tokens = (uint32_t)o->n_predict;
+    for (size_t i = 0; i < o->n_stop && i < BN_MAX_STOPS; i++) {
+        g->stop[i] = o->stop[i];
+        g->stop_len[i] = strlen(o->stop[i]);
+        g->n_stop = (int)i + 1;
+    }
+    g->deadline_ms = o->deadline_ms >= 0 ? (uint32_t)o->deadline_ms : 0;
+}
+
+/* The generate request of g, pointing into g and the parts given. Every
+ * sampling field is sent, so the server uses the client's defaults; the seed
+ * only when given. */
+static void fill_generate(Bitnet__Request *req, Bitnet__Generate *gen, Bitnet__Sampling *smp, const char *id,
+                          const bn_gen_params_t *g)
+{
+    *req = request_for(id);
+    bitnet__generate__init(gen);
+    bitnet__sampling__init(smp);
+    smp->has_temperature = smp->has_top_k = smp->has_top_p = smp->has_min_p = 1;
+    smp->temperature = g->sp.temp;
+    smp->top_k = g->sp.top_k;
+    smp->top_p = g->sp.top_p;
+    smp->min_p = g->sp.min_p;
+    smp->has_seed = g->seed_given;
+    smp->seed = g->sp.seed;
+    gen->prompt = g->prompt;
+    gen->n_tokens = g->n_tokens;
+    gen->tokens = g->tokens;
+    gen->has_chat = gen->has_ignore_eos = gen->has_max_tokens = 1;
+    gen->chat = g->chat;
+    gen->ignore_eos = g->ignore_eos;
+    gen->max_tokens = g->max_tokens;
+    gen->sampling = smp;
+    gen->n_stop = (size_t)g->n_stop;
+    gen->stop = (char **)g->stop;
+    gen->has_deadline_ms = g->deadline_ms > 0;
+    gen->deadline_ms = g->deadline_ms;
+    req->body_case = BITNET__REQUEST__BODY_GENERATE;
+    req->generate = gen;
+}
+
+int send_generate(void *sock, const char *id, const bn_gen_params_t *g)
+{
+    Bitnet__Request req;
+    Bitnet__Generate gen;
+    Bitnet__Sampling smp;
+    fill_generate(&req, &gen, &smp, id, g);
     return send_request(sock, &req);
 }
 
-/* info, health, stats or cancel: requests without fields. */
-static int send_empty(void *sock, const options_t *o, Bitnet__Request__BodyCase body)
+size_t generate_size(const char *id, const bn_gen_params_t *g)
 {
-    Bitnet__Request req = request_for(o);
+    Bitnet__Request req;
+    Bitnet__Generate gen;
+    Bitnet__Sampling smp;
+    fill_generate(&req, &gen, &smp, id, g);
+    return bitnet__request__get_packed_size(&req);
+}
+
+/* info, health, stats or cancel: requests without fields. */
+static int send_empty(void *sock, const char *id, Bitnet__Request__BodyCase body)
+{
+    Bitnet__Request req = request_for(id);
     Bitnet__InfoRequest info = BITNET__INFO_REQUEST__INIT;
     Bitnet__HealthRequest health = BITNET__HEALTH_REQUEST__INIT;
     Bitnet__StatsRequest stats = BITNET__STATS_REQUEST__INIT;
@@ -489,6 +571,11 @@ static int send_empty(void *sock, const options_t *o, Bitnet__Request__BodyCase 
     else if (body == BITNET__REQUEST__BODY_STATS) req.stats = &stats;
     else req.cancel = &cancel;
     return send_request(sock, &req);
+}
+
+int send_cancel(void *sock, const char *id)
+{
+    return send_empty(sock, id, BITNET__REQUEST__BODY_CANCEL);
 }
 
 /* ---- replies ---- */
@@ -713,7 +800,7 @@ static int wait_replies(void *sock, const options_t *o, stream_t *st)
         if (g_signals && !st->interrupted) {
             debug("interrupted: cancelling request '%s'", o->id);
             st->interrupted = 1;
-            if (send_empty(sock, o, BITNET__REQUEST__BODY_CANCEL))
+            if (send_cancel(sock, o->id))
                 return EXIT_INTERRUPTED;
             grace_end = now_ms() + CANCEL_GRACE_MS;
         }
@@ -756,7 +843,7 @@ static int set_curve(void *sock, const char *server_key)
 
 /* A DEALER (in *sock_out, even on failure) connected to o->server; returns 0, or
  * an exit status after a message. */
-static int open_socket(const options_t *o, void *ctx, void **sock_out)
+int open_socket(const options_t *o, void *ctx, void **sock_out)
 {
     int linger = 0;
     int64_t max_msg = MAX_REPLY_BYTES;
@@ -793,16 +880,17 @@ static int run(options_t *o)
     }
     if (o->prompt_file && !(prompt = read_prompt_file(o->prompt_file)))
         return 1;
-    struct sigaction sa = { .sa_handler = on_signal };   /* no SA_RESTART: zmq_poll returns EINTR */
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_signals();
 
     stream_t st = { .o = o };
     void *sock = NULL, *ctx = zmq_ctx_new();
     int rc = ctx ? open_socket(o, ctx, &sock) : zfail("zmq_ctx_new");
+    bn_gen_params_t g;
+    gen_defaults(o, &g);
+    g.prompt = prompt;
+    g.prompt_len = prompt ? strlen(prompt) : 0;
     if (!rc)
-        rc = o->cmd == CMD_GENERATE ? send_generate(sock, o, prompt) : send_empty(sock, o, bodies[o->cmd]);
+        rc = o->cmd == CMD_GENERATE ? send_generate(sock, o->id, &g) : send_empty(sock, o->id, bodies[o->cmd]);
     if (!rc)
         rc = wait_replies(sock, o, &st);
     end_line(&st);
@@ -874,8 +962,9 @@ int main(int argc, char **argv)
     char **pos = calloc(argc, sizeof *pos);
     int rc = pos ? parse_args(argc, argv, &o, pos) : (fail("out of memory"), 1);
     if (rc == MORE)
-        rc = o.cmd == CMD_KEYGEN ? keygen(o.keygen_file) : run(&o);
+        rc = o.cmd == CMD_KEYGEN ? keygen(o.keygen_file) : o.cmd == CMD_BATCH ? run_batch(&o) : run(&o);
     free(o.stop);
+    free(o.endpoint_buf);
     free(o.tokens);
     free(pos);
     return rc;

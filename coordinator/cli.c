@@ -4,7 +4,7 @@
 #include "coordinator/sched.h"
 #include "coordinator/vocab.h"
 #include "base/status.h"
-#include "worker/log.h"
+#include "base/log.h"
 
 #include <errno.h>
 #include <stdio.h>

@@ -3,7 +3,7 @@
 
 #include "coordinator/vocab.h"
 #include "base/status.h"
-#include "worker/log.h"
+#include "base/log.h"
 
 #include <stdlib.h>
 #include <string.h>

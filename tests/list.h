@@ -80,4 +80,6 @@
     X(wire_fuzz) \
     X(batch_offline_answers_and_errors) \
     X(batch_offline_killed_and_resumed) \
+    X(batch_client_answers_and_errors) \
+    X(batch_client_killed_and_resumed) \
     X(batch_fuzz)

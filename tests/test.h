@@ -17,6 +17,12 @@
 #define BN_FAIL(...) do { fprintf(stderr, "%s:%d: ", __FILE__, __LINE__); \
     fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } while (0)
 
+/* A test that cannot run here: says why on stderr and ends with status
+ * BN_SKIP_STATUS, which the runner counts as skipped, never as passed. */
+#define BN_SKIP_STATUS 77
+#define BN_SKIP(...) do { fprintf(stderr, "  skipped: "); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); \
+    exit(BN_SKIP_STATUS); } while (0)
+
 #define CHECK(cond) do { if (!(cond)) BN_FAIL("check failed: %s", #cond); } while (0)
 
 #define CHECK_EQ_INT(a, b) do { long long a_ = (long long)(a), b_ = (long long)(b); \

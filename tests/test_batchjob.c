@@ -5,8 +5,12 @@
  * id answered exactly once. */
 #include "test.h"
 
+#include "tests/server.h"
+
+#include <fcntl.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -77,6 +81,37 @@ static void run_job(const char *mpi, const char *in, const char *out, const char
     free(err);
 }
 
+/* OUT of the short job: every good id once, its tokens those of the same prompt
+ * run alone (greedy), and the 4 error lines */
+static void check_short_job(const char *out, const char *what)
+{
+    char *o = bn_test_read_file(out, NULL);
+    CHECK(o != NULL);
+    CHECK_EQ_INT(lines(o), N_GOOD + 4);
+    for (int i = 0; i < N_GOOD; i++) {
+        CHECK_EQ_INT(count_id(o, i), 1);
+        char args[512], *want = NULL, key[32];
+        snprintf(args, sizeof args, "%s/bitnet-worker --log-level warn --model " I2S
+                 " --prompt 'story number %d begins' -n %d --temp 0 --print-ids", bin_dir(), i, 4 + i);
+        CHECK_EQ_INT(bn_test_run(args, &want, NULL), 0);
+        want[strcspn(want, "\n")] = 0;
+        for (char *c = want; *c; c++)
+            if (*c == ' ')
+                *c = ',';
+        snprintf(key, sizeof key, "{\"id\":%d,", i);
+        const char *t = strstr(strstr(o, key), "\"tokens\":[") + 10;
+        if (strncmp(t, want, strlen(want)) != 0 || t[strlen(want)] != ']')
+            BN_FAIL("%s, id %d: tokens [%.*s] vs alone [%s]", what, i, (int)strcspn(t, "]"), t, want);
+        free(want);
+    }
+    CHECK(strstr(o, "{\"id\":null,\"line\":5,\"error\":\"not JSON\"}") != NULL);
+    CHECK(strstr(o, "{\"id\":null,\"line\":6,\"error\":\"no \\\"id\\\"") != NULL);
+    CHECK(strstr(o, "{\"id\":null,\"line\":7,\"error\":\"duplicate id 2\"}") != NULL);
+    CHECK(strstr(o, "{\"id\":\"bad-temp\",\"line\":8,\"error\":\"\\\"temperature\\\" must be") != NULL);
+    fprintf(stderr, "  %s: %d ids answered once each, equal to --prompt alone; 4 error lines\n", what, N_GOOD);
+    free(o);
+}
+
 BN_TEST(batch_offline_answers_and_errors)
 {
     char in[64], out[64];
@@ -86,33 +121,7 @@ BN_TEST(batch_offline_answers_and_errors)
     for (int world = 1; world <= 2; world++) {
         unlink(out);
         run_job(world == 1 ? "" : MPIRUN, in, out, world == 1 ? "" : "--tp 2");
-        char *o = bn_test_read_file(out, NULL);
-        CHECK(o != NULL);
-        CHECK_EQ_INT(lines(o), N_GOOD + 4);
-        for (int i = 0; i < N_GOOD; i++) {
-            CHECK_EQ_INT(count_id(o, i), 1);
-            /* its tokens equal the same prompt run alone */
-            char args[512], *want = NULL, key[32];
-            snprintf(args, sizeof args, "%s/bitnet-worker --log-level warn --model " I2S
-                     " --prompt 'story number %d begins' -n %d --temp 0 --print-ids", bin_dir(), i, 4 + i);
-            CHECK_EQ_INT(bn_test_run(args, &want, NULL), 0);
-            want[strcspn(want, "\n")] = 0;
-            for (char *c = want; *c; c++)
-                if (*c == ' ')
-                    *c = ',';
-            snprintf(key, sizeof key, "{\"id\":%d,", i);
-            const char *t = strstr(strstr(o, key), "\"tokens\":[") + 10;
-            if (strncmp(t, want, strlen(want)) != 0 || t[strlen(want)] != ']')
-                BN_FAIL("id %d: tokens [%.*s] vs alone [%s]", i, (int)strcspn(t, "]"), t, want);
-            free(want);
-        }
-        CHECK(strstr(o, "{\"id\":null,\"line\":5,\"error\":\"not JSON\"}") != NULL);
-        CHECK(strstr(o, "{\"id\":null,\"line\":6,\"error\":\"no \\\"id\\\"") != NULL);
-        CHECK(strstr(o, "{\"id\":null,\"line\":7,\"error\":\"duplicate id 2\"}") != NULL);
-        CHECK(strstr(o, "{\"id\":\"bad-temp\",\"line\":8,\"error\":\"\\\"temperature\\\" must be") != NULL);
-        fprintf(stderr, "  world of %d: %d ids answered once each, equal to --prompt alone; 4 error lines\n", world,
-                N_GOOD);
-        free(o);
+        check_short_job(out, world == 1 ? "one process" : "mpirun -n 2 --tp 2");
     }
     /* resumed after a cut-short last line: the cut line is dropped and its id answered again, once */
     char *o = bn_test_read_file(out, NULL);
@@ -133,50 +142,216 @@ BN_TEST(batch_offline_answers_and_errors)
     unlink(out);
 }
 
-/* a job killed half way, then run again: every id answered exactly once */
-BN_TEST(batch_offline_killed_and_resumed)
+/* `cmd` in the background, its stderr to errp (NULL: /dev/null) */
+static pid_t start(const char *cmd, const char *errp)
 {
-    char in[64], out[64], cmd[1024];
-    snprintf(in, sizeof in, "/tmp/bn-batchk-%d.in", (int)getpid());
-    snprintf(out, sizeof out, "/tmp/bn-batchk-%d.out", (int)getpid());
-    write_input(in, 1);
-    unlink(out);
-    snprintf(cmd, sizeof cmd, "exec %s/bitnet-worker --log-level error --model " I2S
-             " --threads 1 --ctx 4096 --max-seqs 1 --ignore-eos --batch %s --out %s", bin_dir(), in, out);
-    /* kill it once some lines are out and some are not (again if it was too quick) */
-    int before = 0;
-    for (int attempt = 0; attempt < 5 && (before == 0 || before == N_GOOD); attempt++) {
-        unlink(out);
-        fflush(NULL);
-        pid_t p = fork();
-        if (p == 0) {
-            execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-            _exit(127);
-        }
-        for (int i = 0; i < 4000 && before < 1; i++) {
-            char *o = bn_test_read_file(out, NULL);
-            before = o ? lines(o) : 0;
-            free(o);
-            usleep(5000);
-        }
-        kill(p, SIGKILL);
-        waitpid(p, NULL, 0);
-        char *o = bn_test_read_file(out, NULL);
-        before = o ? lines(o) : 0;
-        free(o);
+    fflush(NULL);
+    pid_t p = fork();
+    if (p == 0) {
+        int fd = open(errp ? errp : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        dup2(fd, 2);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
     }
-    fprintf(stderr, "  killed with %d of %d lines answered\n", before, N_GOOD);
-    CHECK(before > 0 && before < N_GOOD);
-    run_job("", in, out, "--ctx 4096 --max-seqs 1 --ignore-eos");
+    return p;
+}
+
+static int out_lines(const char *out)
+{
     char *o = bn_test_read_file(out, NULL);
+    int n = o ? lines(o) : 0;
+    free(o);
+    return n;
+}
+
+/* wait (up to 60 s) until OUT has at least n lines or p ended; its line count */
+static int wait_lines(const char *out, int n, pid_t p)
+{
+    int have = 0;
+    for (int i = 0; i < 12000 && (have = out_lines(out)) < n; i++) {
+        if (waitpid(p, NULL, WNOHANG) == p)
+            BN_FAIL("the job ended before OUT had %d lines (it has %d)", n, have);
+        usleep(5000);
+    }
+    return have;
+}
+
+static int reap(pid_t p)
+{
+    int st;
+    waitpid(p, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+/* every id of the long job answered exactly once, none refused */
+static void check_long_job(const char *out)
+{
+    char *o = bn_test_read_file(out, NULL);
+    CHECK(o != NULL);
     CHECK_EQ_INT(lines(o), N_GOOD);
     for (int i = 0; i < N_GOOD; i++)
         CHECK_EQ_INT(count_id(o, i), 1);
-    CHECK(strstr(o, "\"error\"") == NULL); /* every line an answer, none refused */
+    CHECK(strstr(o, "\"error\"") == NULL);
     free(o);
+}
+
+/* a job killed half way (SIGKILL), then stopped by SIGTERM (its running lines
+ * dropped, exit status 3), then run again: every id answered exactly once */
+BN_TEST(batch_offline_killed_and_resumed)
+{
+    char in[64], out[64], errp[64], cmd[1024];
+    snprintf(in, sizeof in, "/tmp/bn-batchk-%d.in", (int)getpid());
+    snprintf(out, sizeof out, "/tmp/bn-batchk-%d.out", (int)getpid());
+    snprintf(errp, sizeof errp, "/tmp/bn-batchk-%d.err", (int)getpid());
+    write_input(in, 1);
+    unlink(out);
+    snprintf(cmd, sizeof cmd, "exec %s/bitnet-worker --log-level warn --model " I2S
+             " --threads 1 --ctx 4096 --max-seqs 1 --ignore-eos --drain-s 0 --batch %s --out %s", bin_dir(), in, out);
+    pid_t p = start(cmd, NULL);
+    int before = wait_lines(out, 1, p);
+    kill(p, SIGKILL);
+    reap(p);
+    before = out_lines(out);
+    fprintf(stderr, "  killed with %d of %d lines answered\n", before, N_GOOD);
+    CHECK(before > 0 && before < N_GOOD - 1);
+    p = start(cmd, errp);
+    wait_lines(out, before + 1, p);
+    kill(p, SIGTERM);
+    int st = reap(p);
+    int mid = out_lines(out);
+    char *e = bn_test_read_file(errp, NULL);
+    fprintf(stderr, "  stopped by SIGTERM with %d lines answered (exit %d): %s", mid, st,
+            e && strstr(e, "batch: ") ? strstr(e, "batch: ") : "(no summary)\n");
+    CHECK_EQ_INT(st, 3);
+    CHECK(mid > before && mid < N_GOOD);
+    CHECK(e && strstr(e, "left for the next run"));
+    free(e);
+    run_job("", in, out, "--ctx 4096 --max-seqs 1 --ignore-eos");
+    check_long_job(out);
+    unlink(in);
+    unlink(out);
+    unlink(errp);
+}
+
+#ifndef BN_NO_NET
+static int client_job(const char *ep_file, const char *args, char **err)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s/bitnet-client --timeout 60 --endpoint-file %s batch %s", bin_dir(), ep_file, args);
+    return bn_test_run(cmd, NULL, err);
+}
+
+/* bitnet-client batch against a real server whose queue is smaller than the
+ * concurrency (busy replies are sent again): the same OUT as the offline job;
+ * a rerun skips everything; a locked OUT is refused; the endpoint file goes
+ * with the server */
+BN_TEST(batch_client_answers_and_errors)
+{
+    char in[64], out[64], epf[64], args[512], *err = NULL;
+    snprintf(in, sizeof in, "/tmp/bn-cbatch-%d.in", (int)getpid());
+    snprintf(out, sizeof out, "/tmp/bn-cbatch-%d.out", (int)getpid());
+    snprintf(epf, sizeof epf, "/tmp/bn-cbatch-%d.ep", (int)getpid());
+    write_input(in, 0);
+    unlink(out);
+    server_t s;
+    snprintf(args, sizeof args, "--model " I2S " --threads 1 --max-seqs 2 --max-queue 2 --endpoint-file %s", epf);
+    server_start(&s, 1, args);
+    char *ep = bn_test_read_file(epf, NULL);
+    CHECK(ep && strstr(ep, "endpoint=tcp://127.0.0.1:"));
+    free(ep);
+    snprintf(args, sizeof args, "%s %s --concurrency 8", in, out);
+    int rc = client_job(epf, args, &err);
+    fprintf(stderr, "  %s", err && strstr(err, "batch: ") ? strstr(err, "batch: ") : err);
+    CHECK_EQ_INT(rc, 0);
+    CHECK(strstr(err, "the server is busy") != NULL); /* 8 in flight, room for 4: retried, not error lines */
+    CHECK(strstr(err, "line 5: not JSON") != NULL);   /* bad lines named with their numbers */
+    free(err);
+    check_short_job(out, "bitnet-client batch --concurrency 8");
+    /* rerun: nothing to do, OUT unchanged */
+    char *o1 = bn_test_read_file(out, NULL);
+    CHECK_EQ_INT(client_job(epf, args, &err), 0);
+    CHECK(strstr(err, "0 answered, 16 skipped") != NULL);
+    free(err);
+    char *o2 = bn_test_read_file(out, NULL);
+    CHECK_STR_EQ(o1, o2);
+    free(o1);
+    free(o2);
+    /* OUT locked by another job: refused, OUT untouched */
+    int fd = open(out, O_RDONLY);
+    CHECK(fd >= 0 && flock(fd, LOCK_EX) == 0);
+    CHECK_EQ_INT(client_job(epf, args, &err), 1);
+    CHECK(strstr(err, "being written by another batch job") != NULL);
+    free(err);
+    close(fd);
+    CHECK_EQ_INT(server_stop(&s), 0);
+    CHECK(access(epf, F_OK) != 0); /* a stopped server leaves no endpoint behind */
+    CHECK_EQ_INT(client_job(epf, args, &err), 2);
+    CHECK(strstr(err, "is it up yet?") != NULL);
+    free(err);
+    unlink(s.errp);
     unlink(in);
     unlink(out);
 }
+
+/* bitnet-client batch killed (SIGKILL), interrupted (SIGINT: exit 130), and
+ * left by a server that stops (exit 3), then rerun against a new server: every
+ * id answered exactly once, none refused */
+BN_TEST(batch_client_killed_and_resumed)
+{
+    char in[64], out[64], epf[64], errp[64], args[512], cmd[1024];
+    snprintf(in, sizeof in, "/tmp/bn-cbatchk-%d.in", (int)getpid());
+    snprintf(out, sizeof out, "/tmp/bn-cbatchk-%d.out", (int)getpid());
+    snprintf(epf, sizeof epf, "/tmp/bn-cbatchk-%d.ep", (int)getpid());
+    snprintf(errp, sizeof errp, "/tmp/bn-cbatchk-%d.err", (int)getpid());
+    write_input(in, 1);
+    unlink(out);
+    server_t s;
+    snprintf(args, sizeof args, "--model " I2S " --threads 1 --ctx 4096 --max-seqs 1 --drain-s 0 --endpoint-file %s",
+             epf);
+    server_start(&s, 1, args);
+    snprintf(cmd, sizeof cmd, "exec %s/bitnet-client --timeout 60 --endpoint-file %s --ignore-eos batch %s %s "
+             "--concurrency 2", bin_dir(), epf, in, out);
+    pid_t p = start(cmd, NULL);
+    wait_lines(out, 1, p);
+    kill(p, SIGKILL);
+    reap(p);
+    int n1 = out_lines(out);
+    p = start(cmd, errp);
+    wait_lines(out, n1 + 1, p);
+    kill(p, SIGINT);
+    int st = reap(p);
+    int n2 = out_lines(out);
+    char *e = bn_test_read_file(errp, NULL);
+    CHECK_EQ_INT(st, 130);
+    CHECK(e && strstr(e, "interrupted: cancelling"));
+    free(e);
+    p = start(cmd, errp);
+    wait_lines(out, n2 + 1, p);
+    CHECK_EQ_INT(server_stop(&s), 0); /* --drain-s 0: what runs is cancelled */
+    st = reap(p);
+    int n3 = out_lines(out);
+    e = bn_test_read_file(errp, NULL);
+    fprintf(stderr, "  killed at %d lines, interrupted at %d, server stopped at %d (client exit %d) of %d\n", n1, n2, n3,
+            st, N_GOOD);
+    CHECK_EQ_INT(st, 3);
+    CHECK(e && strstr(e, "run the same command again"));
+    free(e);
+    CHECK(n1 > 0 && n1 < n2 && n2 < n3 && n3 < N_GOOD);
+    unlink(s.errp);
+    server_start(&s, 1, args);
+    p = start(cmd, errp);
+    CHECK_EQ_INT(reap(p), 0);
+    check_long_job(out);
+    CHECK_EQ_INT(server_stop(&s), 0);
+    unlink(s.errp);
+    unlink(in);
+    unlink(out);
+    unlink(errp);
+}
+#else
+BN_TEST(batch_client_answers_and_errors) { BN_FAIL("not built with ZeroMQ (cross build)"); }
+BN_TEST(batch_client_killed_and_resumed) { BN_FAIL("not built with ZeroMQ (cross build)"); }
+#endif
 
 /* The JSONL parser and the resume reader under libFuzzer for 10 s (make fuzz
  * builds bin-fuzz/fuzz-batch with clang). Its first find, a leak of the default

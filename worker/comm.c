@@ -2,7 +2,7 @@
 #include "worker/comm.h"
 
 #include "base/status.h"
-#include "worker/log.h"
+#include "base/log.h"
 
 #include <mpi.h>
 #include <stdlib.h>

@@ -2,7 +2,7 @@
 #include "worker/engine.h"
 
 #include "base/status.h"
-#include "worker/log.h"
+#include "base/log.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -6,7 +6,7 @@
  *   bitnet-worker --model M.gguf --prompt "text" --tokenize
  * Exit status: 0 done, 1 runtime error (bad model file, context exceeded...),
  * 2 bad command line. stdout carries only the generated text (or the ids). */
-#include "coordinator/batch.h"
+#include "coordinator/batch_job.h"
 #include "coordinator/cli.h"
 #include "coordinator/net/server.h"
 #include "coordinator/plan.h"
@@ -17,7 +17,7 @@
 #include "worker/comm.h"
 #include "worker/engine.h"
 #include "worker/forward.h"
-#include "worker/log.h"
+#include "base/log.h"
 #include "worker/model.h"
 
 #include <errno.h>
@@ -40,6 +40,7 @@ typedef struct {
     /* --serve */
     int serve, max_seqs, max_queue, step_tokens, kv_budget_mb, max_msg_bytes;
     float drain_s;
+    const char *endpoint_file;
     const char *bind, *curve_secret_file;
     const char *batch, *batch_out;   /* --batch IN --out OUT */
     bn_sampler_params_t sp;
@@ -96,7 +97,9 @@ static void usage(FILE *f)
         "                       {\"id\": ..., \"prompt\": \"...\"} or {\"id\": ..., \"tokens\": [...]},\n"
         "                       optional max_tokens, temperature, top_k, top_p, min_p,\n"
         "                       seed, stop, chat (the sampling flags are the defaults);\n"
-        "                       --max-seqs of them run at once\n"
+        "                       --max-seqs of them run at once. SIGTERM, SIGINT or\n"
+        "                       SIGUSR1 stop it: running lines get --drain-s to finish,\n"
+        "                       the rest is left for the next run (exit status 3)\n"
         "\n"
         "serving (rank 0 answers bitnet-client over ZeroMQ; see README, Serving):\n"
         "  --serve              serve requests until SIGINT/SIGTERM (no prompt flags)\n"
@@ -111,6 +114,9 @@ static void usage(FILE *f)
         "  --step-tokens N      token budget of one step, 1..64 (default 64)\n"
         "  --max-msg-bytes N    largest request accepted (default 1048576)\n"
         "  --drain-s S          after a signal, time for running requests (default 30)\n"
+        "  --endpoint-file F    write 'endpoint=tcp://HOST:PORT' (and 'server_key=KEY'\n"
+        "                       with CURVE) to F once bound, for bitnet-client\n"
+        "                       --endpoint-file F; removed at a clean stop\n"
         "\n"
         "output:\n"
         "  --stats              print speed and memory; last line on stderr is\n"
@@ -206,6 +212,7 @@ static int parse_args(int argc, char **argv, options_t *o)
         else if (!strcmp(a, "--kv-budget-mb")) rc = parse_int(a, v, 0, INT_MAX, &o->kv_budget_mb);
         else if (!strcmp(a, "--max-msg-bytes")) rc = parse_int(a, v, 64, 1 << 28, &o->max_msg_bytes);
         else if (!strcmp(a, "--drain-s")) rc = parse_float(a, v, 0.0f, 1e6f, &o->drain_s);
+        else if (!strcmp(a, "--endpoint-file")) o->endpoint_file = v;
         else if (!strcmp(a, "--lm-head")) {
             o->lm_head = bn_head_type_parse(v);
             if (o->lm_head < 0) {
@@ -280,6 +287,10 @@ static int parse_args(int argc, char **argv, options_t *o)
                 "--tokens, --tokenize or --dump-logits\n");
         return -1;
     }
+    if (o->endpoint_file && !o->serve) {
+        fprintf(stderr, "bitnet-worker: --endpoint-file goes with --serve\n");
+        return -1;
+    }
     if (!o->serve && !o->batch && inputs != 1) {
         fprintf(stderr, "bitnet-worker: give exactly one of --prompt, --prompt-file, --tokens\n");
         return -1;
@@ -315,7 +326,15 @@ typedef struct {
 
 /* Rank 0's part of a command-line run: the tokenizer, then the prompt through
  * the scheduler (coordinator/cli.c). */
-static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n_ctx, char *err, size_t errlen)
+static volatile sig_atomic_t g_batch_stop;
+static void on_batch_signal(int sig)
+{
+    (void)sig;
+    g_batch_stop = g_batch_stop >= 2 ? 2 : g_batch_stop + 1;
+}
+
+static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n_ctx, int *exit_code, char *err,
+                 size_t errlen)
 {
     bn_model_t *m = rk->m;
     bn_tokenizer_t *tok = NULL;
@@ -338,6 +357,7 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
         const bn_config_t *c = &m->cfg;
         uint64_t pos_bytes = 2ull * c->n_layer * c->n_head_kv * c->head_dim * bn_kv_type_size(rk->st->kv_type);
         bn_server_opts_t so = { .bind = o->bind, .curve_secret_file = o->curve_secret_file, .drain_s = o->drain_s,
+                                .endpoint_file = o->endpoint_file,
                                 .max_msg_bytes = (uint32_t)o->max_msg_bytes, .model_path = o->model,
                                 .plan_text = plan ? plan : "", .kernels = bn_kernels_get()->name,
                                 .lm_head = bn_head_type_name(m->w.head.type), .kv_type = bn_kv_type_name(rk->st->kv_type),
@@ -358,12 +378,24 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
         jb.defaults.max_tokens = (uint32_t)o->n_predict;
         jb.defaults.chat = o->chat;
         jb.defaults.ignore_eos = o->ignore_eos;
+        jb.stop = &g_batch_stop;
+        jb.drain_s = o->drain_s;
+        struct sigaction sa = { .sa_handler = on_batch_signal };
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+        sigaction(SIGUSR1, &sa, NULL);
         bn_batch_summary_t sum;
-        rc = bn_batch_job_run(&jb, rk->eng, &rk->plan, m, tok, &sum, err, errlen);
-        fprintf(stderr, "batch: %zu answered, %zu skipped (already in %s), %zu error lines; %llu prompt and %llu "
-                "generated tokens in %.1f s (%.2f generated tokens/s)\n", sum.answered, sum.skipped, o->batch_out,
-                sum.errors, (unsigned long long)sum.prompt_tokens, (unsigned long long)sum.completion_tokens,
-                sum.seconds, sum.seconds > 0 ? sum.completion_tokens / sum.seconds : 0.0);
+        int stopped = 0;
+        rc = bn_batch_job_run(&jb, rk->eng, &rk->plan, m, tok, &sum, &stopped, err, errlen);
+        size_t left = sum.total - sum.answered - sum.skipped - sum.errors;
+        fprintf(stderr, "batch: %zu answered, %zu skipped (already in %s), %zu error lines, %zu left; %llu prompt and "
+                "%llu generated tokens in %.1f s (%.2f generated tokens/s)\n", sum.answered, sum.skipped,
+                o->batch_out, sum.errors, left, (unsigned long long)sum.prompt_tokens,
+                (unsigned long long)sum.completion_tokens, sum.seconds,
+                sum.seconds > 0 ? sum.completion_tokens / sum.seconds : 0.0);
+        if (rc == BN_OK && stopped && left)
+            *exit_code = 3;
         bn_tokenizer_destroy(&tok);
         return rc;
     }
@@ -504,7 +536,7 @@ static int agree(bn_comm_t *comm, int rc, int *quiet, char *err, size_t errlen)
  * failure before the steps start is agreed on by every rank (agree); a failure
  * inside a step leaves the others waiting, so that rank ends the job
  * (MPI_Abort: mpirun then names it). */
-static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_t errlen)
+static int run(bn_comm_t *comm, const options_t *o, int *quiet, int *exit_code, char *err, size_t errlen)
 {
     rank_t rk = { .comm = comm };
     bn_cli_result_t rs = { 0 };
@@ -570,7 +602,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
         if (comm->rank == 0)
             BN_INFO("%s, %d thread%s per rank", bn_kernels_choice(), n_threads, n_threads == 1 ? "" : "s");
         if (comm->rank == 0) {
-            rc = drive(&rk, o, &rs, n_ctx, err, errlen);
+            rc = drive(&rk, o, &rs, n_ctx, exit_code, err, errlen);
             /* the others wait for this whatever happened to the prompt */
             char e2[256];
             int src = bn_engine_stop(rk.eng, e2, sizeof e2);
@@ -579,9 +611,10 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, char *err, size_
                 snprintf(err, errlen, "%s", e2);
             }
         } else {
-            if (o->serve) { /* srun/mpirun signal every rank: rank 0 drains, then stops the others */
+            if (o->serve || o->batch) { /* srun/mpirun signal every rank: rank 0 drains, then stops the others */
                 signal(SIGINT, SIG_IGN);
                 signal(SIGTERM, SIG_IGN);
+                signal(SIGUSR1, SIG_IGN);
             }
             serve_wall = bn_now_s();
             serve_cpu = cpu_s();
@@ -641,7 +674,7 @@ int main(int argc, char **argv)
         return 1;
     }
     bn_log_setup((bn_log_level_t)o.log_level, comm.rank);
-    int quiet = 0;
+    int quiet = 0, exit_code = 0; /* 3: a stopped batch job left lines for the next run */
     int rc = slurm_singleton(&comm, err, sizeof err);
     if (rc == BN_OK) {
         if (!o.seed_given) {
@@ -649,10 +682,10 @@ int main(int argc, char **argv)
             if (comm.rank == 0)
                 BN_INFO("seed %llu", (unsigned long long)o.sp.seed);
         }
-        rc = run(&comm, &o, &quiet, err, sizeof err);
+        rc = run(&comm, &o, &quiet, &exit_code, err, sizeof err);
     }
     if (rc != BN_OK && !quiet)
         BN_ERROR("%s", err);
     bn_comm_finalize(&comm);
-    return rc == BN_OK ? 0 : (rc == BN_EINVAL ? 2 : 1);
+    return rc == BN_OK ? exit_code : (rc == BN_EINVAL ? 2 : 1);
 }

@@ -3,7 +3,7 @@
 
 #include "coordinator/net/wire.h"
 #include "base/status.h"
-#include "worker/log.h"
+#include "base/log.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -133,7 +133,7 @@ static void handle(server_t *sv, const unsigned char *ident, size_t ident_len, c
     switch (rq.kind) {
     case BN_MSG_GENERATE: {
         if (sv->draining) {
-            reply_error(sv, ident, ident_len, rq.id, BN_EBUSY, "the server is shutting down");
+            reply_error(sv, ident, ident_len, rq.id, BN_ESTOPPING, "the server is shutting down");
             break;
         }
         if (find_req(sv, ident, ident_len, rq.id)) {
@@ -241,7 +241,7 @@ static void drain_socket(server_t *sv)
 }
 
 /* CURVE: the secret key file must be the owner's alone */
-static int setup_curve(server_t *sv, const char *path, char *err, size_t errlen)
+static int setup_curve(server_t *sv, const char *path, char pub[41], char *err, size_t errlen)
 {
     struct stat st;
     if (stat(path, &st) != 0)
@@ -258,7 +258,6 @@ static int setup_curve(server_t *sv, const char *path, char *err, size_t errlen)
     }
     fclose(f);
     line[strcspn(line, "\r\n")] = 0;
-    char pub[41];
     if (strlen(line) != 40 || zmq_curve_public(pub, line) != 0)
         return bn_err(err, errlen, BN_EINVAL, "%s: the first line is not a 40-character Z85 CURVE secret key "
                       "(bitnet-client keygen writes one)", path);
@@ -268,6 +267,40 @@ static int setup_curve(server_t *sv, const char *path, char *err, size_t errlen)
         return bn_err(err, errlen, BN_EIO, "CURVE setup failed: %s", zmq_strerror(errno));
     memset(line, 0, sizeof line);
     BN_INFO("CURVE on: clients need the server key %s (--server-key)", pub);
+    return BN_OK;
+}
+
+/* The endpoint file: where clients find this server (serve.sbatch writes it to
+ * a shared folder). A wildcard address becomes this host's name. Written whole
+ * under a temporary name, then renamed, so a reader never sees half of it. */
+static int write_endpoint_file(const char *path, const char *ep, const char *pub, char *err, size_t errlen)
+{
+    char host[256] = "", addr[320];
+    const char *port = strrchr(ep, ':');
+    if (!strncmp(ep, "tcp://", 6) && port &&
+        (!strncmp(ep + 6, "0.0.0.0:", 8) || !strncmp(ep + 6, "[::]:", 5) || !strncmp(ep + 6, "*:", 2))) {
+        if (gethostname(host, sizeof host - 1) != 0)
+            return bn_err(err, errlen, BN_EIO, "gethostname: %s", strerror(errno));
+        snprintf(addr, sizeof addr, "tcp://%s%s", host, port);
+    } else {
+        snprintf(addr, sizeof addr, "%s", ep);
+    }
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
+        return bn_err(err, errlen, BN_EINVAL, "--endpoint-file: path too long");
+    FILE *f = fopen(tmp, "w");
+    if (!f)
+        return bn_err(err, errlen, BN_EIO, "%s: cannot write: %s", tmp, strerror(errno));
+    fprintf(f, "# bitnet-worker --serve, pid %d; read by bitnet-client --endpoint-file\nendpoint=%s\n", (int)getpid(),
+            addr);
+    if (pub)
+        fprintf(f, "server_key=%s\n", pub);
+    if (fclose(f) != 0 || rename(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        return bn_err(err, errlen, BN_EIO, "%s: cannot write: %s", path, strerror(e));
+    }
+    BN_INFO("endpoint %s written to %s", addr, path);
     return BN_OK;
 }
 
@@ -281,6 +314,7 @@ int bn_server_run(const bn_server_opts_t *o, bn_engine_t *eng, const bn_plan_t *
                   const bn_tokenizer_t *tok, char *err, size_t errlen)
 {
     server_t sv = { .o = o, .t_start = bn_now_s() };
+    int wrote_endpoint = 0;
     const bn_config_t *c = &m->cfg;
     sv.info = (bn_wire_info_t){ .model = o->model_path, .arch = c->arch, .plan = o->plan_text, .kernels = o->kernels,
                                 .lm_head = o->lm_head, .kv_type = o->kv_type, .n_layer = c->n_layer,
@@ -308,7 +342,8 @@ int bn_server_run(const bn_server_opts_t *o, bn_engine_t *eng, const bn_plan_t *
     zmq_setsockopt(sv.sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     zmq_setsockopt(sv.sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
     zmq_setsockopt(sv.sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    if (o->curve_secret_file && (rc = setup_curve(&sv, o->curve_secret_file, err, errlen)))
+    char pub[41] = "";
+    if (o->curve_secret_file && (rc = setup_curve(&sv, o->curve_secret_file, pub, err, errlen)))
         goto done;
     if (zmq_bind(sv.sock, o->bind) != 0) {
         rc = bn_err(err, errlen, BN_EIO, "cannot bind %s: %s", o->bind, zmq_strerror(errno));
@@ -320,6 +355,10 @@ int bn_server_run(const bn_server_opts_t *o, bn_engine_t *eng, const bn_plan_t *
     if (!loopback(ep) && !o->curve_secret_file)
         BN_WARN("%s is beyond loopback, without CURVE: anyone who can reach it can submit work "
                 "(see --curve-secret-file)", ep);
+    if (o->endpoint_file &&
+        (rc = write_endpoint_file(o->endpoint_file, ep, o->curve_secret_file ? pub : NULL, err, errlen)))
+        goto done;
+    wrote_endpoint = o->endpoint_file != NULL;
     struct sigaction sa = { .sa_handler = on_signal };
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
@@ -355,16 +394,22 @@ int bn_server_run(const bn_server_opts_t *o, bn_engine_t *eng, const bn_plan_t *
         if ((rc = bn_sched_pump(sv.sched, 0, err, errlen)))
             goto done;
     }
+    drain_socket(&sv); /* requests that came during the last step: refused as shutting down */
     BN_INFO("stopped: every client answered");
 done:
+    if (wrote_endpoint) /* nobody should try a server that is gone */
+        unlink(o->endpoint_file);
     bn_sched_destroy(&sv.sched); /* anything still held gets its final reply */
     while (sv.reqs) {            /* (none: on_final frees each) */
         client_req_t *n = sv.reqs->next;
         free(sv.reqs);
         sv.reqs = n;
     }
-    if (sv.sock)
+    if (sv.sock) { /* the last replies (finals of a drain) still go out, for a second at most */
+        int linger = 1000;
+        zmq_setsockopt(sv.sock, ZMQ_LINGER, &linger, sizeof linger);
         zmq_close(sv.sock);
+    }
     if (sv.ctx)
         zmq_ctx_term(sv.ctx);
     return rc;

@@ -25,6 +25,7 @@ typedef struct {
     const char *bind;              /* endpoint, e.g. tcp://127.0.0.1:5555 (port * = any free one) */
     const char *curve_secret_file; /* NULL: no CURVE */
     double drain_s;                /* after a signal, how long running requests may finish */
+    const char *endpoint_file;     /* NULL, or where to write endpoint= and server_key= once bound */
     uint32_t max_msg_bytes;        /* a request over this gets an error reply */
     bn_sched_opts_t sched;
     /* for info */

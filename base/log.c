@@ -1,5 +1,5 @@
 /* log.c - see log.h. The level and rank are set once at start-up. */
-#include "worker/log.h"
+#include "base/log.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -37,8 +37,12 @@ void bn_log(bn_log_level_t level, const char *fmt, ...)
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
-    fprintf(stderr, "%02d:%02d:%02d.%03ld [rank %d] %-5s %s\n", tm.tm_hour, tm.tm_min, tm.tm_sec,
-            ts.tv_nsec / 1000000, log_rank, names[level], msg);
+    if (log_rank < 0) /* not an MPI rank (bitnet-client) */
+        fprintf(stderr, "%02d:%02d:%02d.%03ld %-5s %s\n", tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
+                names[level], msg);
+    else
+        fprintf(stderr, "%02d:%02d:%02d.%03ld [rank %d] %-5s %s\n", tm.tm_hour, tm.tm_min, tm.tm_sec,
+                ts.tv_nsec / 1000000, log_rank, names[level], msg);
 }
 
 double bn_now_s(void)

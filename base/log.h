@@ -5,7 +5,7 @@
 
 typedef enum { BN_LOG_ERROR = 0, BN_LOG_WARN = 1, BN_LOG_INFO = 2, BN_LOG_DEBUG = 3 } bn_log_level_t;
 
-/* Set the level (messages above it are dropped) and the rank shown. */
+/* Set the level (messages above it are dropped) and the rank shown (< 0: none). */
 void bn_log_setup(bn_log_level_t level, int rank);
 /* Parse "error|warn|info|debug"; returns -1 when unknown. */
 int bn_log_parse_level(const char *s);
