@@ -82,4 +82,5 @@
     X(batch_offline_killed_and_resumed) \
     X(batch_client_answers_and_errors) \
     X(batch_client_killed_and_resumed) \
-    X(batch_fuzz)
+    X(batch_fuzz) \
+    X(slurm_batch_requeue_serve)

@@ -1,10 +1,12 @@
-/* test_batchjob.c - bitnet-worker --batch IN --out OUT as a user runs it: every
- * line answered exactly once, greedy answers equal --prompt run alone (one
- * process and mpirun -n 2), bad lines become error lines and the rest goes on,
- * and a job resumed after a kill or a cut-short output line finishes with every
- * id answered exactly once. */
+/* test_batchjob.c - batch jobs as a user runs them: bitnet-worker --batch IN
+ * --out OUT (one process and mpirun -n 2) and bitnet-client batch against a real
+ * server. Every line answered exactly once, greedy answers equal --prompt run
+ * alone, bad lines become error lines and the rest goes on, and a job resumed
+ * after a kill, a stop signal, a cut-short output line or a stopped server
+ * finishes with every id answered exactly once. Under Slurm: test_slurm.c. */
 #include "test.h"
 
+#include "tests/jobs.h"
 #include "tests/server.h"
 
 #include <fcntl.h>
@@ -14,7 +16,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define I2S "tests/fixtures/tiny-b158-i2_s.gguf"
 #define MPIRUN "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 120 mpirun --oversubscribe " \
                "--bind-to none --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo -n 2"
 
@@ -22,49 +23,6 @@ static const char *bin_dir(void)
 {
     const char *b = getenv("BN_BIN");
     return b ? b : "bin";
-}
-
-#define N_GOOD 12
-
-static void write_input(const char *path, int long_run)
-{
-    FILE *f = fopen(path, "w");
-    CHECK(f != NULL);
-    for (int i = 0; i < N_GOOD; i++) {
-        if (long_run)
-            fprintf(f, "{\"id\": %d, \"prompt\": \"line %d\", \"max_tokens\": 2000, \"temperature\": 0.8, "
-                    "\"seed\": %d}\n", i, i, i);
-        else
-            fprintf(f, "{\"id\": %d, \"prompt\": \"story number %d begins\", \"max_tokens\": %d, \"temperature\": 0}\n",
-                    i, i, 4 + i);
-        if (i == 3 && !long_run) { /* bad lines between good ones */
-            fputs("this is not json\n", f);
-            fputs("{\"prompt\": \"no id here\"}\n", f);
-            fputs("{\"id\": 2, \"prompt\": \"a duplicate id\"}\n", f);
-            fputs("{\"id\": \"bad-temp\", \"prompt\": \"x\", \"temperature\": -1}\n", f);
-            fputs("\n", f);
-        }
-    }
-    fclose(f);
-}
-
-/* how many output lines answer id i ({"id":i, ...}) */
-static int count_id(const char *out, int i)
-{
-    char key[32];
-    snprintf(key, sizeof key, "{\"id\":%d,", i);
-    int n = 0;
-    for (const char *p = out; (p = strstr(p, key)); p++)
-        n++;
-    return n;
-}
-
-static int lines(const char *s)
-{
-    int n = 0;
-    for (; *s; s++)
-        n += *s == '\n';
-    return n;
 }
 
 static void run_job(const char *mpi, const char *in, const char *out, const char *extra)
@@ -79,37 +37,6 @@ static void run_job(const char *mpi, const char *in, const char *out, const char
     const char *sum = strstr(err, "batch: ");
     fprintf(stderr, "  %s", sum ? sum : "(no summary)\n");
     free(err);
-}
-
-/* OUT of the short job: every good id once, its tokens those of the same prompt
- * run alone (greedy), and the 4 error lines */
-static void check_short_job(const char *out, const char *what)
-{
-    char *o = bn_test_read_file(out, NULL);
-    CHECK(o != NULL);
-    CHECK_EQ_INT(lines(o), N_GOOD + 4);
-    for (int i = 0; i < N_GOOD; i++) {
-        CHECK_EQ_INT(count_id(o, i), 1);
-        char args[512], *want = NULL, key[32];
-        snprintf(args, sizeof args, "%s/bitnet-worker --log-level warn --model " I2S
-                 " --prompt 'story number %d begins' -n %d --temp 0 --print-ids", bin_dir(), i, 4 + i);
-        CHECK_EQ_INT(bn_test_run(args, &want, NULL), 0);
-        want[strcspn(want, "\n")] = 0;
-        for (char *c = want; *c; c++)
-            if (*c == ' ')
-                *c = ',';
-        snprintf(key, sizeof key, "{\"id\":%d,", i);
-        const char *t = strstr(strstr(o, key), "\"tokens\":[") + 10;
-        if (strncmp(t, want, strlen(want)) != 0 || t[strlen(want)] != ']')
-            BN_FAIL("%s, id %d: tokens [%.*s] vs alone [%s]", what, i, (int)strcspn(t, "]"), t, want);
-        free(want);
-    }
-    CHECK(strstr(o, "{\"id\":null,\"line\":5,\"error\":\"not JSON\"}") != NULL);
-    CHECK(strstr(o, "{\"id\":null,\"line\":6,\"error\":\"no \\\"id\\\"") != NULL);
-    CHECK(strstr(o, "{\"id\":null,\"line\":7,\"error\":\"duplicate id 2\"}") != NULL);
-    CHECK(strstr(o, "{\"id\":\"bad-temp\",\"line\":8,\"error\":\"\\\"temperature\\\" must be") != NULL);
-    fprintf(stderr, "  %s: %d ids answered once each, equal to --prompt alone; 4 error lines\n", what, N_GOOD);
-    free(o);
 }
 
 BN_TEST(batch_offline_answers_and_errors)
@@ -142,59 +69,6 @@ BN_TEST(batch_offline_answers_and_errors)
     unlink(out);
 }
 
-/* `cmd` in the background, its stderr to errp (NULL: /dev/null) */
-static pid_t start(const char *cmd, const char *errp)
-{
-    fflush(NULL);
-    pid_t p = fork();
-    if (p == 0) {
-        int fd = open(errp ? errp : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        dup2(fd, 2);
-        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-        _exit(127);
-    }
-    return p;
-}
-
-static int out_lines(const char *out)
-{
-    char *o = bn_test_read_file(out, NULL);
-    int n = o ? lines(o) : 0;
-    free(o);
-    return n;
-}
-
-/* wait (up to 60 s) until OUT has at least n lines or p ended; its line count */
-static int wait_lines(const char *out, int n, pid_t p)
-{
-    int have = 0;
-    for (int i = 0; i < 12000 && (have = out_lines(out)) < n; i++) {
-        if (waitpid(p, NULL, WNOHANG) == p)
-            BN_FAIL("the job ended before OUT had %d lines (it has %d)", n, have);
-        usleep(5000);
-    }
-    return have;
-}
-
-static int reap(pid_t p)
-{
-    int st;
-    waitpid(p, &st, 0);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-/* every id of the long job answered exactly once, none refused */
-static void check_long_job(const char *out)
-{
-    char *o = bn_test_read_file(out, NULL);
-    CHECK(o != NULL);
-    CHECK_EQ_INT(lines(o), N_GOOD);
-    for (int i = 0; i < N_GOOD; i++)
-        CHECK_EQ_INT(count_id(o, i), 1);
-    CHECK(strstr(o, "\"error\"") == NULL);
-    free(o);
-}
-
 /* a job killed half way (SIGKILL), then stopped by SIGTERM (its running lines
  * dropped, exit status 3), then run again: every id answered exactly once */
 BN_TEST(batch_offline_killed_and_resumed)
@@ -207,17 +81,17 @@ BN_TEST(batch_offline_killed_and_resumed)
     unlink(out);
     snprintf(cmd, sizeof cmd, "exec %s/bitnet-worker --log-level warn --model " I2S
              " --threads 1 --ctx 4096 --max-seqs 1 --ignore-eos --drain-s 0 --batch %s --out %s", bin_dir(), in, out);
-    pid_t p = start(cmd, NULL);
+    pid_t p = job_start(cmd, NULL);
     int before = wait_lines(out, 1, p);
     kill(p, SIGKILL);
-    reap(p);
+    job_reap(p);
     before = out_lines(out);
     fprintf(stderr, "  killed with %d of %d lines answered\n", before, N_GOOD);
     CHECK(before > 0 && before < N_GOOD - 1);
-    p = start(cmd, errp);
+    p = job_start(cmd, errp);
     wait_lines(out, before + 1, p);
     kill(p, SIGTERM);
-    int st = reap(p);
+    int st = job_reap(p);
     int mid = out_lines(out);
     char *e = bn_test_read_file(errp, NULL);
     fprintf(stderr, "  stopped by SIGTERM with %d lines answered (exit %d): %s", mid, st,
@@ -311,24 +185,24 @@ BN_TEST(batch_client_killed_and_resumed)
     server_start(&s, 1, args);
     snprintf(cmd, sizeof cmd, "exec %s/bitnet-client --timeout 60 --endpoint-file %s --ignore-eos batch %s %s "
              "--concurrency 2", bin_dir(), epf, in, out);
-    pid_t p = start(cmd, NULL);
+    pid_t p = job_start(cmd, NULL);
     wait_lines(out, 1, p);
     kill(p, SIGKILL);
-    reap(p);
+    job_reap(p);
     int n1 = out_lines(out);
-    p = start(cmd, errp);
+    p = job_start(cmd, errp);
     wait_lines(out, n1 + 1, p);
     kill(p, SIGINT);
-    int st = reap(p);
+    int st = job_reap(p);
     int n2 = out_lines(out);
     char *e = bn_test_read_file(errp, NULL);
     CHECK_EQ_INT(st, 130);
     CHECK(e && strstr(e, "interrupted: cancelling"));
     free(e);
-    p = start(cmd, errp);
+    p = job_start(cmd, errp);
     wait_lines(out, n2 + 1, p);
     CHECK_EQ_INT(server_stop(&s), 0); /* --drain-s 0: what runs is cancelled */
-    st = reap(p);
+    st = job_reap(p);
     int n3 = out_lines(out);
     e = bn_test_read_file(errp, NULL);
     fprintf(stderr, "  killed at %d lines, interrupted at %d, server stopped at %d (client exit %d) of %d\n", n1, n2, n3,
@@ -339,8 +213,8 @@ BN_TEST(batch_client_killed_and_resumed)
     CHECK(n1 > 0 && n1 < n2 && n2 < n3 && n3 < N_GOOD);
     unlink(s.errp);
     server_start(&s, 1, args);
-    p = start(cmd, errp);
-    CHECK_EQ_INT(reap(p), 0);
+    p = job_start(cmd, errp);
+    CHECK_EQ_INT(job_reap(p), 0);
     check_long_job(out);
     CHECK_EQ_INT(server_stop(&s), 0);
     unlink(s.errp);

@@ -363,6 +363,7 @@ int bn_server_run(const bn_server_opts_t *o, bn_engine_t *eng, const bn_plan_t *
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL); /* what mpirun and srun pass on to the ranks (serve.sbatch) */
     g_stop = 0;
     BN_INFO("serving on %s (pid %d): %d sequences per replica, queue %d, %d tokens a step, messages up to %u bytes",
             ep, (int)getpid(), o->sched.max_seqs, o->sched.max_queue, o->sched.step_tokens, o->max_msg_bytes);

@@ -7,8 +7,8 @@
  * over the limit gets an error reply), optionally with CURVE, and runs rank 0's
  * loop: read what clients sent, pump the scheduler, sleep in zmq_poll only when
  * no step is in flight or ready. Every request frame is decoded by wire.c; a bad
- * one gets an error reply and nothing else changes. SIGINT/SIGTERM: stop
- * accepting (new requests get BN_EBUSY "shutting down"), let running requests
+ * one gets an error reply and nothing else changes. SIGINT/SIGTERM/SIGUSR1: stop
+ * accepting (new requests get BN_ESTOPPING "shutting down"), let running requests
  * finish for drain_s seconds, cancel the rest, answer everyone, return.
  * MPI stays on this (the main) thread: the engine is driven from the loop.
  * Not thread safe: rank 0's main thread. */
