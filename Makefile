@@ -152,6 +152,7 @@ bench:
 	@sh bench/run.sh
 	@sh bench/mpi.sh
 	@sh bench/serve.sh
+	@sh bench/batch.sh
 
 clean:
 	rm -rf build build-san bin bin-san build-aarch64 bin-aarch64
