@@ -250,14 +250,7 @@ static int read_frames(job_t *j)
 /* The server's limits, and whether it answers at all: 0 or exit status 1. */
 static int ask_info(job_t *j)
 {
-    Bitnet__Request req = BITNET__REQUEST__INIT;
-    Bitnet__InfoRequest info = BITNET__INFO_REQUEST__INIT;
-    req.has_version = 1;
-    req.version = PROTOCOL_VERSION;
-    req.request_id = "batch-info";
-    req.body_case = BITNET__REQUEST__BODY_INFO;
-    req.info = &info;
-    if (send_request(j->sock, &req))
+    if (send_empty(j->sock, "batch-info", BITNET__REQUEST__BODY_INFO))
         return 1;
     double end = now_ms() + j->o->timeout_s * 1e3;
     while (!g_signals && now_ms() < end) {
@@ -338,7 +331,7 @@ static int pump(job_t *j)
                 nx = fl->next;
                 if (fl->resend_at)
                     drop_flight(j, fl);
-                else if (send_cancel(j->sock, fl->id))
+                else if (send_empty(j->sock, fl->id, BITNET__REQUEST__BODY_CANCEL))
                     return 1;
             }
             grace_end = now_ms() + CANCEL_GRACE_MS;

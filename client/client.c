@@ -330,11 +330,13 @@ static int parse_gen_flag(const char *a, char *v, options_t *o)
 static int parse_net_flag(const char *a, char *v, options_t *o)
 {
     int rc = 0;
-    if (!strcmp(a, "--server")) o->server = v;
+    if ((!strcmp(a, "--server") || !strcmp(a, "--endpoint-file")) && o->server_set)
+        return fail("give one of --server and --endpoint-file, once");
+    if (!strcmp(a, "--server")) o->server = v, o->server_set = 1;
     else if (!strcmp(a, "--server-key")) rc = parse_server_key(v, o->server_key);
     else if (!strcmp(a, "--id")) o->id = v;
     else if (!strcmp(a, "--timeout")) rc = parse_number(a, v, 0, 1e7, &o->timeout_s);
-    else if (!strcmp(a, "--endpoint-file")) rc = parse_endpoint_file(v, o);
+    else if (!strcmp(a, "--endpoint-file")) rc = parse_endpoint_file(v, o), o->server_set = 1;
     else if (!strcmp(a, "--concurrency")) rc = parse_int(a, v, 1, 4096, &o->concurrency);
     else return 1;
     return rc;
@@ -467,7 +469,8 @@ static Bitnet__Request request_for(const char *id)
     return req;
 }
 
-int send_request(void *sock, const Bitnet__Request *req)
+/* Pack and queue one request; 0 or exit status 1. */
+static int send_request(void *sock, const Bitnet__Request *req)
 {
     size_t len = bitnet__request__get_packed_size(req);
     uint8_t *buf = malloc(len ? len : 1);
@@ -557,8 +560,7 @@ size_t generate_size(const char *id, const bn_gen_params_t *g)
     return bitnet__request__get_packed_size(&req);
 }
 
-/* info, health, stats or cancel: requests without fields. */
-static int send_empty(void *sock, const char *id, Bitnet__Request__BodyCase body)
+int send_empty(void *sock, const char *id, Bitnet__Request__BodyCase body)
 {
     Bitnet__Request req = request_for(id);
     Bitnet__InfoRequest info = BITNET__INFO_REQUEST__INIT;
@@ -571,11 +573,6 @@ static int send_empty(void *sock, const char *id, Bitnet__Request__BodyCase body
     else if (body == BITNET__REQUEST__BODY_STATS) req.stats = &stats;
     else req.cancel = &cancel;
     return send_request(sock, &req);
-}
-
-int send_cancel(void *sock, const char *id)
-{
-    return send_empty(sock, id, BITNET__REQUEST__BODY_CANCEL);
 }
 
 /* ---- replies ---- */
@@ -800,7 +797,7 @@ static int wait_replies(void *sock, const options_t *o, stream_t *st)
         if (g_signals && !st->interrupted) {
             debug("interrupted: cancelling request '%s'", o->id);
             st->interrupted = 1;
-            if (send_cancel(sock, o->id))
+            if (send_empty(sock, o->id, BITNET__REQUEST__BODY_CANCEL))
                 return EXIT_INTERRUPTED;
             grace_end = now_ms() + CANCEL_GRACE_MS;
         }

@@ -36,6 +36,7 @@ typedef struct {
     const char *batch_in, *batch_out;      /* batch IN OUT */
     long long concurrency;                 /* batch: requests in flight */
     char *endpoint_buf;                    /* --endpoint-file's endpoint (owned) */
+    int server_set;                        /* --server or --endpoint-file given */
 } options_t;
 
 extern volatile sig_atomic_t g_signals;    /* SIGINT and SIGTERM seen */
@@ -54,14 +55,13 @@ void catch_signals(void);
 /* The command line's generation flags as a request's defaults; strings point
  * into argv (never bn_gen_params_free this). */
 void gen_defaults(const options_t *o, bn_gen_params_t *g);
-/* Pack and queue one request; 0 or exit status 1. */
-int send_request(void *sock, const Bitnet__Request *req);
 /* A generate request for g under request id `id`: 0 or exit status 1. */
 int send_generate(void *sock, const char *id, const bn_gen_params_t *g);
 /* The packed size of that request (to check against the server's limit). */
 size_t generate_size(const char *id, const bn_gen_params_t *g);
-/* A Cancel for request `id`: 0 or exit status 1. */
-int send_cancel(void *sock, const char *id);
+/* info, health, stats or cancel (requests without fields) for request `id`:
+ * 0 or exit status 1. */
+int send_empty(void *sock, const char *id, Bitnet__Request__BodyCase body);
 /* A DEALER (in *sock_out, even on failure) connected to o->server; 0, or an exit
  * status after a message. */
 int open_socket(const options_t *o, void *ctx, void **sock_out);

@@ -26,8 +26,6 @@
 #include <zmq.h>
 
 #define I2S "tests/fixtures/tiny-b158-i2_s.gguf"
-#define MPIENV "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
-#define MPIRUN "mpirun --oversubscribe --bind-to none --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo"
 
 static const char *bin_dir(void)
 {
