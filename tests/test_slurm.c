@@ -117,7 +117,7 @@ BN_TEST(slurm_batch_requeue_serve)
     CHECK(getcwd(g_cwd, sizeof g_cwd) != NULL);
     snprintf(g_dir, sizeof g_dir, "/tmp/bn-slurm-%d", (int)getpid());
     char cmd[8192], *err = NULL;
-    snprintf(cmd, sizeof cmd, "%s/tests/slurm/cluster.sh start %s", g_cwd, g_dir);
+    snprintf(cmd, sizeof cmd, "WATCH_PID=%d %s/tests/slurm/cluster.sh start %s", (int)getpid(), g_cwd, g_dir);
     int rc = bn_test_run(cmd, NULL, &err);
     if (rc == BN_SKIP_STATUS)
         BN_SKIP("no Slurm here: %s", err && strstr(err, "skip: ") ? strstr(err, "skip: ") + 6 : err);

@@ -5,7 +5,11 @@
 #include "base/status.h"
 #include "base/log.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -270,8 +274,31 @@ static int setup_curve(server_t *sv, const char *path, char pub[41], char *err, 
     return BN_OK;
 }
 
+/* A name other hosts can reach this one by: the host name when it resolves
+ * here, else the first IPv4 address of an interface that is up and not
+ * loopback, else 127.0.0.1. */
+static void reachable_host(char *out, size_t n)
+{
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM }, *ai = NULL;
+    if (gethostname(out, n - 1) == 0 && (out[n - 1] = 0, getaddrinfo(out, NULL, &hints, &ai) == 0)) {
+        freeaddrinfo(ai);
+        return;
+    }
+    snprintf(out, n, "127.0.0.1");
+    struct ifaddrs *ifs = NULL;
+    if (getifaddrs(&ifs) != 0)
+        return;
+    for (struct ifaddrs *i = ifs; i; i = i->ifa_next)
+        if (i->ifa_addr && i->ifa_addr->sa_family == AF_INET && (i->ifa_flags & IFF_UP) &&
+            !(i->ifa_flags & IFF_LOOPBACK)) {
+            inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, out, (socklen_t)n);
+            break;
+        }
+    freeifaddrs(ifs);
+}
+
 /* The endpoint file: where clients find this server (serve.sbatch writes it to
- * a shared folder). A wildcard address becomes this host's name. Written whole
+ * a shared folder). A wildcard address becomes reachable_host(). Written whole
  * under a temporary name, then renamed, so a reader never sees half of it. */
 static int write_endpoint_file(const char *path, const char *ep, const char *pub, char *err, size_t errlen)
 {
@@ -279,8 +306,7 @@ static int write_endpoint_file(const char *path, const char *ep, const char *pub
     const char *port = strrchr(ep, ':');
     if (!strncmp(ep, "tcp://", 6) && port &&
         (!strncmp(ep + 6, "0.0.0.0:", 8) || !strncmp(ep + 6, "[::]:", 5) || !strncmp(ep + 6, "*:", 2))) {
-        if (gethostname(host, sizeof host - 1) != 0)
-            return bn_err(err, errlen, BN_EIO, "gethostname: %s", strerror(errno));
+        reachable_host(host, sizeof host);
         snprintf(addr, sizeof addr, "tcp://%s%s", host, port);
     } else {
         snprintf(addr, sizeof addr, "%s", ep);

@@ -9,7 +9,9 @@
 #                                      be installed or started here (a skip)
 #   tests/slurm/cluster.sh stop DIR    cancel every job, stop every daemon
 #                                      started from DIR
-# The clients then need SLURM_CONF=DIR/slurm.conf.
+# The clients then need SLURM_CONF=DIR/slurm.conf. With WATCH_PID set, start
+# also leaves a watcher (in its own session) that stops the cluster once that
+# process is gone: a test killed at its timeout leaves no daemons behind.
 #
 # Facts behind the choices (Slurm 22.05 and munge 0.5 on Debian 12): PID 1 is
 # not systemd, so the packages' services never start; Slurm 22.05 needs munge,
@@ -111,7 +113,13 @@ start() {
     while [ $i -lt 300 ]; do
         st=$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n 1)
         case "$st" in
-        idle|mixed|allocated) say "node $NODE is $st"; return 0 ;;
+        idle|mixed|allocated)
+            say "node $NODE is $st"
+            if [ -n "${WATCH_PID:-}" ]; then
+                setsid sh -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" stop "$3"' \
+                    watch "$WATCH_PID" "$0" "$DIR" </dev/null >/dev/null 2>&1 &
+            fi
+            return 0 ;;
         drain*|down*|inval*) scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 ;;
         esac
         sleep 0.2
