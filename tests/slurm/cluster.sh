@@ -58,7 +58,7 @@ install() {
 }
 
 configure() {
-    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/munge/key" "$DIR/munge/run"
+    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/munge/key" "$DIR/munge/run" "$DIR/cgroup"
     chmod 755 "$DIR" "$DIR/munge" "$DIR/munge/run"
     chmod 700 "$DIR/munge/key"
     [ -s "$DIR/munge/key/munge.key" ] ||
@@ -95,6 +95,14 @@ KillWait=5
 MinJobAge=300
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+CONF
+    # slurmd 22.05 starts its cgroup plugin even when no plugin uses it, and
+    # fails where /sys/fs/cgroup is not mounted (a chroot); the v1 plugin
+    # pointed at an empty folder of our own starts and is never used.
+    cat > "$DIR/cgroup.conf" <<CONF
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=$DIR/cgroup
+CgroupAutomount=no
 CONF
 }
 
@@ -141,8 +149,10 @@ stop() {
         wait_gone "$c"
     fi
     [ -n "$d" ] && { kill -TERM "$d" 2>/dev/null; wait_gone "$d"; }
-    for p in $(pgrep -x slurmstepd); do # steps of this cluster left behind
-        grep -qz "SLURM_CONF=$SLURM_CONF" "/proc/$p/environ" 2>/dev/null && kill -KILL "$p" 2>/dev/null
+    for e in /proc/[0-9]*/environ; do # steps of this cluster left behind (no pgrep in minbase)
+        p=${e#/proc/}; p=${p%/environ}
+        [ "$(cat "/proc/$p/comm" 2>/dev/null)" = slurmstepd ] &&
+            grep -qz "SLURM_CONF=$SLURM_CONF" "$e" 2>/dev/null && kill -KILL "$p" 2>/dev/null
     done
     [ -n "$m" ] && { kill -TERM "$m" 2>/dev/null; wait_gone "$m"; }
     rm -f "$DIR/slurmctld.pid" "$DIR/slurmd.pid"
