@@ -49,9 +49,9 @@ install() {
     for b in munged slurmctld slurmd sbatch; do command -v $b >/dev/null 2>&1 || missing=1; done
     [ -z "$missing" ] && return 0
     [ "$(id -u)" = 0 ] || skip "Slurm is not installed and installing it needs root"
-    say "installing slurmctld slurmd slurm-client munge (Debian packages)"
+    pk="slurmctld slurmd slurm-client munge libpmix2" # libpmix2: srun --mpi=pmix
+    say "installing $pk (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
-    pk="slurmctld slurmd slurm-client munge"
     apt-get install -y --no-install-recommends $pk >/dev/null 2>&1 ||
         { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends $pk >/dev/null 2>&1; } ||
         skip "apt-get could not install $pk"
