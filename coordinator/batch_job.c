@@ -81,7 +81,10 @@ int bn_batch_job_run(const bn_batch_job_t *jb, bn_engine_t *eng, const bn_plan_t
                     j.failed = nrc;
             }
         }
-        if (eof && !bn_sched_pending(s))
+        /* done when no line is left and no step is out: with several replicas, a
+         * step giving back a finished line's KV memory may still be in flight
+         * when the last line ends, and the engine stops only idle replicas */
+        if (eof && !bn_sched_pending(s) && !bn_sched_inflight(s))
             break;
         if ((rc = bn_sched_pump(s, 0.5, err, errlen)))
             goto out;

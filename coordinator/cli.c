@@ -182,7 +182,9 @@ int bn_cli_run(const bn_cli_opts_t *o, bn_engine_t *eng, const bn_plan_t *plan, 
     uint64_t id;
     if ((rc = bn_sched_submit(s, &g, NULL, &id, err, errlen)))
         goto done;
-    while (rc == BN_OK && bn_sched_pending(s))
+    /* until the request is done and no step is in flight (the engine stops
+     * only an idle replica: a step still out would leave the others waiting) */
+    while (rc == BN_OK && (bn_sched_pending(s) || bn_sched_inflight(s)))
         rc = bn_sched_pump(s, 1e9, err, errlen);
     if (rc)
         goto done;

@@ -540,6 +540,7 @@ static int build(bn_sched_t *s, int k, bn_step_t *st, rec_t *rec)
     st->phase = BN_PHASE_PROMPT;
     st->logits = NULL;
     st->n_release = 0;
+    st->n_copy = 0;
     int n = 0, kk = 0;
     /* with several pipeline stages, the decoding sequences are spread over the
      * steps in flight, so every stage has work */

@@ -21,6 +21,7 @@ static const bn_kernels_t ref_table = {
     .rope_neox = bn_ref_rope_neox,
     .attention = bn_ref_attention,
     .attention_heads_f16 = bn_ref_attention_heads_f16,
+    .attention_heads_q = bn_ref_attention_heads_q,
     .ffn_act = bn_ref_ffn_act,
     .quantize_scaled = bn_ref_quantize_scaled,
     .to_f16 = bn_ref_to_f16,

@@ -209,6 +209,12 @@ typedef struct {
      * each head's result independent of nq. Required in every table. */
     void (*attention_heads_f16)(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
                                 size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
+    /* `attention_heads_f16` with a block-quantized cache (--kv-type q8, q4;
+     * bits 8 or 4): row t of k at k + t*row_stride bytes, v alike, in the
+     * layout of BN_KVQ_BLOCK below, each value widened exactly; the same maths,
+     * each head's result independent of nq. Required in every table. */
+    void (*attention_heads_q)(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride);
     /* out[i] = act(g[i]) * u[i], act = relu(x)^2 (relu2 != 0) or silu (out may equal g) */
     void (*ffn_act)(const float *g, const float *u, int n, int relu2, float *out);
     /* q[i] = x[i] * r * g[i] * s (multiplied in that order), rounded half to even
@@ -220,6 +226,31 @@ typedef struct {
      * nearest even, a NaN as the quiet NaN 0x7e00 with its sign (the KV cache) */
     void (*to_f16)(const float *x, int n, bn_fp16_t *out);
 } bn_kernels_t;
+
+/* The block-quantized KV cache (--kv-type q8, q4). A cached row of head_dim
+ * values (a multiple of BN_KVQ_BLOCK, at most BN_KVQ_MAX_DIM) is head_dim/32
+ * blocks one after another, each as quants.h draws Q8_0 (34 B: fp16 d, int8
+ * q[32]; x = d * q) or Q4_0 (18 B: fp16 d, then element j of the block in the
+ * low nibble of byte j and element 16 + j in its high nibble; x = d * (nib - 8)).
+ * d * q is exact in float (an 11-bit significand times an integer of at most 8
+ * bits), so every ISA widens a row to the same floats. Rows are stored by the
+ * reference quantizer on every ISA (bn_ref_kvq_quantize). */
+#define BN_KVQ_BLOCK 32
+#define BN_KVQ_MAX_DIM 512
+static inline size_t bn_kvq_row_bytes(int bits, int head_dim)
+{
+    return (size_t)(head_dim / BN_KVQ_BLOCK) * (bits == 8 ? sizeof(bn_block_q8_0) : sizeof(bn_block_q4_0));
+}
+/* x (n values, a multiple of 32) into a row: Q8_0 d = max|x|/127; Q4_0 d = m/-8
+ * with m the value of largest magnitude; d rounded to fp16 first, then each
+ * quant round(x/d) (half away from zero), clamped to the type's range */
+void bn_ref_kvq_quantize(const float *x, int n, int bits, uint8_t *row);
+void bn_ref_kvq_dequant(const uint8_t *row, int n, int bits, float *out);
+void bn_ref_attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride);
+/* one score d of the online softmax (ref/ops.c): on a new maximum *m, out (n
+ * values) and the sum of weights *l are rescaled; returns d's weight */
+float bn_ref_online_weight(float d, float *m, float *l, float *out, int n);
 
 /* --- the reference (kernels/ref/), also the fallback of every table --- */
 void bn_ref_quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qsum);

@@ -12,7 +12,7 @@
     X(forward_batch_contract) \
     X(formats_same_logits) \
     X(lm_head_formats) \
-    X(kv_type_f16) \
+    X(kv_types_accuracy) \
     X(shapes_vs_naive) \
     X(sampler_filters) \
     X(sampler_bad_params) \
@@ -48,6 +48,8 @@
     X(kernels_no_int16_overflow) \
     X(kernels_head) \
     X(kernels_float_ops) \
+    X(kernels_kv_quantize) \
+    X(kernels_attention_q_ref) \
     X(pool_runs_every_thread) \
     X(pool_split) \
     X(pool_idle_no_cpu) \

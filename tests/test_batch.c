@@ -249,7 +249,7 @@ static void check_table(const char *table, uint64_t seed)
 {
     static const char *const models[2] = { "tiny-b158-i2_s", "tiny-bitnet-tq2_0" };
     static const int heads[2] = { -1, BN_HEAD_F16 }; /* the default (q6) and the exact head */
-    static const int kvs[2] = { BN_KV_F16, BN_KV_F32 };
+    static const int kvs[4] = { BN_KV_F16, BN_KV_F32, BN_KV_Q8, BN_KV_Q4 };
     setenv("BN_KERNELS", table, 1);
     fprintf(stderr, "  %s\n", bn_kernels_choice());
     CHECK_STR_EQ(bn_kernels_get()->name, table);
@@ -267,7 +267,7 @@ static void check_table(const char *table, uint64_t seed)
             if (bn_model_load(path, &o, &m, err, sizeof err) != BN_OK)
                 BN_FAIL("%s", err);
             snprintf(label, sizeof label, "%s %s head %s", table, models[f], bn_head_type_name(m->w.head.type));
-            for (int k = 0; k < 2; k++)
+            for (int k = 0; k < 4; k++)
                 for (int p = 0; p < 2; p++)
                     diff += check_config(m, label, kvs[k], p ? pool2 : NULL, seed + 1000003ull * cfg++);
             bn_model_destroy(&m);

@@ -79,8 +79,8 @@ BN_TEST(model_neon_qemu)
     need_cross_build();
     char *err = run_cross("BN_KERNELS=neon " QEMU " -cpu max",
                           "bitlinear_golden logits_golden scale_tensor_applied greedy_golden forward_batch_contract "
-                          "formats_same_logits lm_head_formats shapes_vs_naive",
-                          8);
-    fprintf(stderr, "  8 whole-model tests passed on aarch64 with BN_KERNELS=neon\n");
+                          "formats_same_logits lm_head_formats shapes_vs_naive kv_types_accuracy",
+                          9);
+    fprintf(stderr, "  9 whole-model tests passed on aarch64 with BN_KERNELS=neon\n");
     free(err);
 }

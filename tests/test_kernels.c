@@ -265,15 +265,23 @@ static void check_no_overflow(const bn_kernels_t *K)
         }
 }
 
-static void check_floats(const char *what, const char *name, const float *a, const float *b, int n, double rel)
+/* b against the reference a: each element within rel * scale, scale at least
+ * max|a| (min_scale: the terms' size, where a sum of them cancels) */
+static void check_floats_at(const char *what, const char *name, const float *a, const float *b, int n, double rel,
+                            double min_scale)
 {
-    double scale = 0;
+    double scale = min_scale;
     for (int i = 0; i < n; i++)
         scale = fmax(scale, fabs(a[i]));
     for (int i = 0; i < n; i++)
         if (!(fabs((double)a[i] - b[i]) <= rel * scale + 1e-30))
             BN_FAIL("%s %s: element %d of %d: %.9g vs ref %.9g (scale %.3g)", name, what, i, n, (double)b[i],
                     (double)a[i], scale);
+}
+
+static void check_floats(const char *what, const char *name, const float *a, const float *b, int n, double rel)
+{
+    check_floats_at(what, name, a, b, n, rel, 0);
 }
 
 static void check_head(const bn_kernels_t *K)
@@ -403,6 +411,102 @@ static void check_attention_f16(const bn_kernels_t *K)
     check_attention_f16_case(K, 0, 128, 33, 17);
 }
 
+/* Cached rows of a block-quantized cache: random values (mode 0), a block of
+ * zeros and a block with one outlier 1000x the rest (mode 1: a zero scale, and
+ * levels crushed to 0 beside the outlier), keys growing along a direction
+ * (mode 2: a sharp softmax that moves its maximum; scores stay below ~30, as
+ * the keys are not exact integers here and a sum's rounding is multiplied by
+ * the score), values at the largest and
+ * smallest fp16 scales (mode 3). Rows are row_stride bytes apart, the head at
+ * an odd byte offset, the bytes between filled with 0xff. */
+static void fill_att_q(int mode, int bits, uint8_t *k, uint8_t *v, size_t row_stride, int n_pos, int d, float *q,
+                       int nq, size_t q_stride)
+{
+    float x[BN_KVQ_MAX_DIM], y[BN_KVQ_MAX_DIM];
+    int b[BN_KVQ_MAX_DIM];
+    for (int i = 0; i < d; i++)
+        b[i] = (int)(rnd() % 3) - 1;
+    for (int t = 0; t < n_pos; t++) {
+        const int trend = t % 3 == 2 ? -t / 2 : t / 2;
+        for (int i = 0; i < d; i++) {
+            x[i] = mode == 2 ? (float)(b[i] * trend) + frand() * 4.0f : gauss();
+            y[i] = gauss();
+        }
+        if (mode == 1 && d >= 64) {
+            memset(x, 0, 32 * sizeof(float));
+            y[40] = 1000.0f; /* (one sign: a sum that cancels would be checked against the wrong scale) */
+        }
+        if (mode == 3)
+            for (int i = 0; i < d; i++)
+                y[i] *= i < 32 ? 60000.0f / 4.0f : 1e-6f;
+        bn_ref_kvq_quantize(x, d, bits, k + (size_t)t * row_stride);
+        bn_ref_kvq_quantize(y, d, bits, v + (size_t)t * row_stride);
+    }
+    for (int h = 0; h < nq; h++)
+        for (int i = 0; i < d; i++)
+            q[h * q_stride + i] = mode == 2 ? ((float)(2 * b[i]) + frand()) * 0.12f / sqrtf((float)d) /* scores to ~30 */
+                                            : gauss() * (n_pos >= 64 ? 4.0f : 1.0f);
+}
+
+/* attention_heads_q against the reference, and each head of a group against
+ * the same table on that head alone (bit-identical); outputs out_stride apart
+ * with the gaps between them untouched */
+static void check_attention_q_case(const bn_kernels_t *K, int bits, int mode, int d, int n_pos, int nq)
+{
+    const size_t rb = bn_kvq_row_bytes(bits, d), row_stride = rb * 2 + 7, off = rb + 3;
+    const size_t q_stride = (size_t)d + 3, o_stride = (size_t)d + 5;
+    const float gap = -12345.0f;
+    uint8_t *k = malloc((size_t)n_pos * row_stride + off), *v = malloc((size_t)n_pos * row_stride + off);
+    float *q = malloc(nq * q_stride * sizeof(float)), *o = malloc(nq * o_stride * sizeof(float));
+    float a[BN_KVQ_MAX_DIM], c[BN_KVQ_MAX_DIM];
+    memset(k, 0xff, (size_t)n_pos * row_stride + off);
+    memset(v, 0xff, (size_t)n_pos * row_stride + off);
+    fill_att_q(mode, bits, k + off, v + off, row_stride, n_pos, d, q, nq, q_stride);
+    /* an output is a weighted mean of the values: where their signs cancel, the
+     * weights' rounding is checked against the values' size, not the mean's */
+    double vmax = 0;
+    for (int t = 0; t < n_pos; t++) {
+        bn_ref_kvq_dequant(v + off + (size_t)t * row_stride, d, bits, a);
+        for (int i = 0; i < d; i++)
+            vmax = fmax(vmax, fabs(a[i]));
+    }
+    for (size_t i = 0; i < nq * o_stride; i++)
+        o[i] = gap;
+    K->attention_heads_q(q, nq, q_stride, k + off, v + off, row_stride, bits, n_pos, d, o, o_stride);
+    for (int h = 0; h < nq; h++) {
+        char what[112];
+        snprintf(what, sizeof what, "attention_heads_q q%d mode %d head_dim %d n_pos %d nq %d head %d", bits, mode, d,
+                 n_pos, nq, h);
+        bn_ref_attention_heads_q(q + h * q_stride, 1, 0, k + off, v + off, row_stride, bits, n_pos, d, a, 0);
+        check_floats_at(what, K->name, a, o + h * o_stride, d, 1e-5, vmax);
+        K->attention_heads_q(q + h * q_stride, 1, 0, k + off, v + off, row_stride, bits, n_pos, d, c, 0);
+        if (memcmp(c, o + h * o_stride, (size_t)d * sizeof(float)) != 0)
+            BN_FAIL("%s %s: differs from the same head alone (nq = 1)", K->name, what);
+        for (size_t i = (size_t)d; i < o_stride; i++)
+            if (o[h * o_stride + i] != gap)
+                BN_FAIL("%s %s: wrote element %zu of a row of head_dim %d", K->name, what, i, d);
+    }
+    free(k); free(v); free(q); free(o);
+}
+
+static void check_attention_q(const bn_kernels_t *K)
+{
+    if (!K->attention_heads_q)
+        BN_FAIL("%s: attention_heads_q is NULL (kernels.h: required in every table)", K->name);
+    static const int hd[] = { 32, 64, 96, 128, 256 };
+    static const int npos[] = { 64, 255, 700 };
+    for (int bits = 4; bits <= 8; bits += 4)
+        for (int mode = 0; mode < 4; mode++)
+            for (size_t i = 0; i < sizeof hd / sizeof hd[0]; i++) {
+                for (int np = 1; np <= 17; np += 4)
+                    check_attention_q_case(K, bits, mode, hd[i], np, 1 + np % 5);
+                for (int j = 0; j < 3; j++)
+                    check_attention_q_case(K, bits, mode, hd[i], npos[j], 3 + j);
+            }
+    check_attention_q_case(K, 8, 0, 128, 33, 17);
+    check_attention_q_case(K, 4, 0, 128, 33, 17);
+}
+
 static void check_float_ops(const bn_kernels_t *K)
 {
     static const int ns[] = { 32, 256, 640, 2560, 6912 };
@@ -479,6 +583,7 @@ static void check_float_ops(const bn_kernels_t *K)
             free(v);
         }
     check_attention_f16(K);
+    check_attention_q(K);
 }
 
 BN_TEST(kernels_quantize_act)
@@ -510,4 +615,86 @@ BN_TEST(kernels_float_ops)
 {
     rng_state = bn_test_seed();
     fprintf(stderr, "  %d SIMD table(s) tested\n", for_each_table(check_float_ops));
+}
+
+/* The KV quantizer (one for every ISA): each value comes back within half a
+ * level of its block's stored scale (a quarter of a level more for the fp16
+ * rounding of the scale, on the largest level), the largest magnitude of a
+ * block exactly at level 127 (Q8_0) or -8 (Q4_0), zeros as zeros, and a NaN
+ * stored without an undefined conversion. */
+BN_TEST(kernels_kv_quantize)
+{
+    rng_state = bn_test_seed();
+    float x[256], y[256];
+    uint8_t row[256 / 32 * 34];
+    for (int bits = 4; bits <= 8; bits += 4)
+        for (int iter = 0; iter < 2000; iter++) {
+            const int n = 32 * (1 + (int)(rnd() % 8)), mode = iter % 5;
+            for (int i = 0; i < n; i++)
+                x[i] = mode == 0 ? gauss() : mode == 1 ? 0.0f : mode == 2 ? gauss() * 1e-6f
+                     : mode == 3 ? (i % 32 == 5 ? 3000.0f : frand()) : gauss() * 100.0f;
+            bn_ref_kvq_quantize(x, n, bits, row);
+            CHECK(bn_kvq_row_bytes(bits, n) == (size_t)n / 32 * (bits == 8 ? 34 : 18));
+            bn_ref_kvq_dequant(row, n, bits, y);
+            for (int b = 0; b < n / 32; b++) {
+                float amax = 0.0f;
+                for (int i = 0; i < 32; i++)
+                    amax = fmaxf(amax, fabsf(x[32 * b + i]));
+                bn_fp16_t dh;
+                memcpy(&dh, row + (size_t)b * (bits == 8 ? 34 : 18), 2);
+                const float ds = bn_fp16_to_f32(dh), d = fabsf(ds);
+                for (int i = 0; i < 32; i++) {
+                    /* Q4_0 has one level fewer on the side away from the block's
+                     * largest magnitude: a value there may clamp a level short */
+                    const float e = fabsf(x[32 * b + i] - y[32 * b + i]);
+                    const float lim = bits == 4 && y[32 * b + i] == 7.0f * ds ? d : 0.5f * d;
+                    /* and the scale's own fp16 rounding, which is coarse for a
+                     * subnormal scale (blocks of values near 1e-6) */
+                    if (!(e <= lim + amax * 1e-3f + (bits == 8 ? 127.0f : 8.0f) * 0x1p-25f))
+                        BN_FAIL("q%d n=%d mode=%d block %d element %d: %.9g stored as %.9g (d %.6g)", bits, n, mode, b,
+                                i, (double)x[32 * b + i], (double)y[32 * b + i], (double)d);
+                    if (x[32 * b + i] == 0.0f && amax == 0.0f && y[32 * b + i] != 0.0f)
+                        BN_FAIL("q%d: a zero block does not come back as zeros", bits);
+                }
+            }
+        }
+    /* a NaN and an infinity: no undefined conversion (the sanitizer run checks),
+     * and a NaN does not spoil its block's other values */
+    for (int i = 0; i < 64; i++)
+        x[i] = gauss();
+    x[3] = NAN;
+    x[40] = INFINITY;
+    for (int bits = 4; bits <= 8; bits += 4) {
+        bn_ref_kvq_quantize(x, 64, bits, row);
+        bn_ref_kvq_dequant(row, 64, bits, y);
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++)
+            amax = i == 3 ? amax : fmaxf(amax, fabsf(x[i]));
+        for (int i = 0; i < 32; i++)
+            if (i != 3 && !(fabsf(x[i] - y[i]) <= amax / (bits == 8 ? 127.0f : 7.0f)))
+                BN_FAIL("q%d: element %d of a block holding a NaN: %.9g stored as %.9g", bits, i, (double)x[i],
+                        (double)y[i]);
+    }
+}
+
+BN_TEST(kernels_attention_q_ref)
+{
+    /* the reference itself against f32 attention over the widened rows */
+    rng_state = bn_test_seed();
+    const int d = 64, n_pos = 50;
+    const size_t rb = bn_kvq_row_bytes(8, d);
+    uint8_t *k = malloc(n_pos * rb), *v = malloc(n_pos * rb);
+    float *kf = malloc(n_pos * d * sizeof(float)), *vf = malloc(n_pos * d * sizeof(float)), q[64], a[64], b[64];
+    for (int bits = 4; bits <= 8; bits += 4) {
+        const size_t rbb = bn_kvq_row_bytes(bits, d);
+        fill_att_q(0, bits, k, v, rbb, n_pos, d, q, 1, d);
+        for (int t = 0; t < n_pos; t++) {
+            bn_ref_kvq_dequant(k + t * rbb, d, bits, kf + t * d);
+            bn_ref_kvq_dequant(v + t * rbb, d, bits, vf + t * d);
+        }
+        bn_ref_attention(q, kf, vf, (size_t)d, n_pos, d, a);
+        bn_ref_attention_heads_q(q, 1, 0, k, v, rbb, bits, n_pos, d, b, 0);
+        CHECK(memcmp(a, b, sizeof a) == 0);
+    }
+    free(k); free(v); free(kf); free(vf);
 }

@@ -23,10 +23,11 @@ typedef struct {
  * 2.3 KB: under Open MPI's eager limits (4 KB shared memory, 64 KB TCP), so a
  * send to a busy replica's leader never waits for it. */
 typedef struct {
-    int32_t op, n, want, replica, phase, n_release, tails, pad;
+    int32_t op, n, want, replica, phase, n_release, tails, n_copy;
     bn_batch_entry_t e[BN_STEP_MAX];
     samp_t sp[BN_STEP_MAX];
     int32_t release[BN_STEP_MAX];
+    bn_kv_copy_t copy[BN_STEP_COPY_MAX];
 } step_t;
 
 /* A tail draw asked of one vocabulary slice (sampler.h) */
@@ -233,6 +234,8 @@ static int run_step(bn_engine_t *e, const step_t *s, char *err, size_t errlen)
     BN_DEBUG("step: %d entries from position %d, want %d", s->n, s->n ? s->e[0].pos : -1, s->want);
     for (int i = 0; i < s->n_release; i++)
         bn_kvcache_release(e->st->kv, s->release[i]);
+    for (int i = 0; i < s->n_copy; i++)
+        bn_kvcache_copy(e->st->kv, s->copy[i].src, s->copy[i].dst, s->copy[i].n);
     int rc = bn_forward(e->m, e->st, s->e, s->n, e->last_stage ? e->logits : NULL, err, errlen);
     BN_DEBUG("step done");
     e->cur = *s;
@@ -278,7 +281,8 @@ int bn_engine_serve(bn_engine_t *e, char *err, size_t errlen)
         snap_t a = snap(e->c);
         if (s.op == OP_STOP)
             return BN_OK;
-        if (s.op != OP_FORWARD || s.n < 0 || s.n > BN_STEP_MAX || s.n_release < 0 || s.n_release > BN_STEP_MAX)
+        if (s.op != OP_FORWARD || s.n < 0 || s.n > BN_STEP_MAX || s.n_release < 0 || s.n_release > BN_STEP_MAX ||
+            s.n_copy < 0 || s.n_copy > BN_STEP_COPY_MAX)
             return bn_err(err, errlen, BN_EINTERNAL, "rank %d: bad step descriptor (op %d, %d entries)",
                           e->c->rank, s.op, s.n);
         if ((rc = run_step(e, &s, err, errlen)))
@@ -323,13 +327,15 @@ int bn_engine_submit(bn_engine_t *e, int replica, const bn_step_t *in, uint64_t 
 {
     const bn_plan_t *p = e->plan;
     if (in->n < 0 || in->n > BN_STEP_MAX || replica < 0 || replica >= p->R || in->n_release < 0 ||
-        in->n_release > BN_STEP_MAX)
-        return bn_err(err, errlen, BN_EINVAL, "a step of %d entries for replica %d (at most %d entries, %d replicas)",
-                      in->n, replica, BN_STEP_MAX, p->R);
+        in->n_release > BN_STEP_MAX || in->n_copy < 0 || in->n_copy > BN_STEP_COPY_MAX)
+        return bn_err(err, errlen, BN_EINVAL, "a step of %d entries, %d releases and %d copies for replica %d (at "
+                      "most %d, %d and %d; %d replicas)", in->n, in->n_release, in->n_copy, replica, BN_STEP_MAX,
+                      BN_STEP_MAX, BN_STEP_COPY_MAX, p->R);
     step_t s = { .op = OP_FORWARD, .n = in->n, .want = in->want, .replica = replica, .phase = in->phase,
-                 .n_release = in->n_release };
+                 .n_release = in->n_release, .n_copy = in->n_copy };
     memcpy(s.e, in->e, (size_t)in->n * sizeof *in->e);
     memcpy(s.release, in->release, (size_t)in->n_release * sizeof *in->release);
+    memcpy(s.copy, in->copy, (size_t)in->n_copy * sizeof *in->copy);
     const int k = count_wanted(&s);
     if (k == 0)
         s.want = BN_WANT_NONE;

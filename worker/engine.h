@@ -30,6 +30,15 @@
 
 enum { BN_WANT_NONE = 0, BN_WANT_SAMPLE = 1, BN_WANT_LOGITS = 2 };
 
+/* Positions 0..n-1 of slot src into slot dst, on every rank of the replica
+ * (each for its own layers and KV heads: bn_kvcache_copy), before the step's
+ * entries: a prompt prefix computed once and reused (coordinator/sched.c) */
+#define BN_STEP_COPY_MAX 16
+typedef struct {
+    int32_t src, dst;
+    uint32_t n;
+} bn_kv_copy_t;
+
 typedef struct bn_engine bn_engine_t;
 
 /* What the steps of one phase cost this rank (--stats): steps with only prompt
@@ -53,6 +62,8 @@ typedef struct {
     float *logits;                        /* BN_WANT_LOGITS: (k, n_vocab), the caller's, until done */
     int n_release;
     int32_t release[BN_STEP_MAX];         /* sequence slots whose KV memory goes back first */
+    int n_copy;
+    bn_kv_copy_t copy[BN_STEP_COPY_MAX];  /* then prompt prefixes copied between slots */
 } bn_step_t;
 
 /* A finished step (rank 0). */

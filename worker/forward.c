@@ -164,8 +164,10 @@ static void cache_put(const bn_state_t *s, const bn_kernels_t *K, void *cache, c
         const float *xh = x + (size_t)kh * hd;
         if (s->kv_type == BN_KV_F16)
             K->to_f16(xh, (int)hd, row);
-        else
+        else if (s->kv_type == BN_KV_F32)
             memcpy(row, xh, (size_t)hd * sizeof(float));
+        else /* the one quantizer for every ISA: the stored bytes never depend on the CPU */
+            bn_ref_kvq_quantize(xh, (int)hd, bn_kv_type_bits(s->kv_type), row);
     }
 }
 
@@ -356,19 +358,21 @@ static void job_attention(void *arg, int ith, int nth)
             continue;
         const float *q = s->q + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
         float *out = s->att + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
-        if (s->kv_type == BN_KV_F16) {
-            const bn_fp16_t *kc = cache_at(s, s->kv->k, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
-            const bn_fp16_t *vc = cache_at(s, s->kv->v, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
-            cx->K->attention_heads_f16(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, cx->b[t].pos + 1, HD, out, (size_t)HD);
-            continue;
-        }
-        const float *kc = cache_at(s, s->kv->k, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
-        const float *vc = cache_at(s, s->kv->v, cx->m, cx->b[t].seq, (int)cx->layer, kh, 0);
-        if (cx->K->attention_heads)
-            cx->K->attention_heads(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, cx->b[t].pos + 1, HD, out, (size_t)HD);
+        /* positions p0..pos: all of them, or the last `window` */
+        const int pos = cx->b[t].pos, p0 = s->window && pos + 1 > (int)s->window ? pos + 1 - (int)s->window : 0;
+        const int np = pos + 1 - p0, seq = cx->b[t].seq;
+        const void *kc = cache_at(s, s->kv->k, cx->m, seq, (int)cx->layer, kh, p0);
+        const void *vc = cache_at(s, s->kv->v, cx->m, seq, (int)cx->layer, kh, p0);
+        if (bn_kv_type_bits(s->kv_type))
+            cx->K->attention_heads_q(q, h1 - h0, (size_t)HD, kc, vc, s->kv->row_bytes, bn_kv_type_bits(s->kv_type), np,
+                                     HD, out, (size_t)HD);
+        else if (s->kv_type == BN_KV_F16)
+            cx->K->attention_heads_f16(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, np, HD, out, (size_t)HD);
+        else if (cx->K->attention_heads)
+            cx->K->attention_heads(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, np, HD, out, (size_t)HD);
         else
             for (int h = 0; h < h1 - h0; h++)
-                cx->K->attention(q + h * HD, kc, vc, (size_t)HD, cx->b[t].pos + 1, HD, out + h * HD);
+                cx->K->attention(q + h * HD, kc, vc, (size_t)HD, np, HD, out + h * HD);
     }
 }
 
@@ -690,5 +694,10 @@ int bn_forward(const bn_model_t *m, bn_state_t *st, const bn_batch_entry_t *batc
         if (logits)
             logits += (size_t)n_logits * m->w.head.n_out;
     }
+    /* a sliding window: position pos + 1 reads from pos + 2 - window on, so
+     * what lies below will never be read again */
+    for (int i = 0; st->window && i < n; i++)
+        if ((uint32_t)batch[i].pos + 2 > st->window)
+            bn_kvcache_forget(st->kv, batch[i].seq, (uint32_t)batch[i].pos + 2 - st->window);
     return BN_OK;
 }

@@ -2,25 +2,35 @@
 #include "worker/kvcache.h"
 
 #include "base/status.h"
+#include "kernels/kernels.h"
 
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+static const char *const kv_names[] = { "f32", "f16", "q8", "q4" };
+
 const char *bn_kv_type_name(int t)
 {
-    return t == BN_KV_F32 ? "f32" : t == BN_KV_F16 ? "f16" : "?";
+    return t >= 0 && t < 4 ? kv_names[t] : "?";
 }
 
 int bn_kv_type_parse(const char *s)
 {
-    return strcmp(s, "f32") == 0 ? BN_KV_F32 : strcmp(s, "f16") == 0 ? BN_KV_F16 : -1;
+    for (int t = 0; t < 4; t++)
+        if (strcmp(s, kv_names[t]) == 0)
+            return t;
+    return -1;
 }
 
-size_t bn_kv_type_size(int t)
+size_t bn_kv_row_bytes(int t, uint32_t head_dim)
 {
-    return t == BN_KV_F16 ? 2 : 4;
+    if (t == BN_KV_F32 || t == BN_KV_F16)
+        return (size_t)head_dim * (t == BN_KV_F16 ? 2 : 4);
+    if ((t == BN_KV_Q8 || t == BN_KV_Q4) && head_dim % BN_KVQ_BLOCK == 0 && head_dim <= BN_KVQ_MAX_DIM)
+        return bn_kvq_row_bytes(bn_kv_type_bits(t), (int)head_dim);
+    return 0;
 }
 
 /* Zero pages mapped lazily. No transparent huge pages: each layer's first
@@ -42,15 +52,23 @@ int bn_kvcache_new(uint32_t n_seq, uint32_t n_ctx, uint32_t n_layer, uint32_t n_
     if (n_ctx == 0 || n_seq == 0 || n_ctx > (1u << 24) || n_seq > 4096)
         return bn_err(err, errlen, BN_EINVAL, "context %u and sequences %u must be in 1..%u and 1..4096", n_ctx,
                       n_seq, 1u << 24);
-    if (type != BN_KV_F32 && type != BN_KV_F16)
-        return bn_err(err, errlen, BN_EINVAL, "KV cache type %d is not f32 or f16", type);
+    if (type < BN_KV_F32 || type > BN_KV_Q4)
+        return bn_err(err, errlen, BN_EINVAL, "KV cache type %d is not f32, f16, q8 or q4", type);
+    if (!bn_kv_row_bytes(type, head_dim))
+        return bn_err(err, errlen, BN_EINVAL,
+                      "KV cache type %s needs a head size that is a multiple of %d (at most %d); this model's is %u",
+                      bn_kv_type_name(type), BN_KVQ_BLOCK, BN_KVQ_MAX_DIM, head_dim);
     bn_kvcache_t *kv = calloc(1, sizeof *kv);
     if (!kv)
         return bn_err(err, errlen, BN_ENOMEM, "out of memory for the KV cache");
     *kv = (bn_kvcache_t){ .type = type, .n_seq = n_seq, .n_ctx = n_ctx, .n_layer = n_layer, .n_kv = n_kv,
-                          .head_dim = head_dim };
-    kv->seq_bytes = (size_t)n_layer * n_kv * n_ctx * head_dim * bn_kv_type_size(type);
+                          .head_dim = head_dim, .row_bytes = bn_kv_row_bytes(type, head_dim) };
+    kv->seq_bytes = (size_t)n_layer * n_kv * n_ctx * kv->row_bytes;
     kv->bytes = kv->seq_bytes * n_seq;
+    if (!(kv->forgot = calloc(n_seq, sizeof *kv->forgot))) {
+        free(kv);
+        return bn_err(err, errlen, BN_ENOMEM, "out of memory for the KV cache");
+    }
     if (kv->bytes && (!(kv->k = map(kv->bytes)) || !(kv->v = map(kv->bytes)))) {
         size_t mb = kv->bytes * 2 >> 20;
         bn_kvcache_destroy(&kv);
@@ -69,19 +87,15 @@ void bn_kvcache_destroy(bn_kvcache_t **pkv)
         munmap(kv->k, kv->bytes);
     if (kv->v)
         munmap(kv->v, kv->bytes);
+    free(kv->forgot);
     free(kv);
     *pkv = NULL;
 }
 
-void bn_kvcache_release(bn_kvcache_t *kv, int seq)
+/* madvise(DONTNEED) the whole pages inside [a, b) of both mappings */
+static void drop(bn_kvcache_t *kv, size_t a, size_t b)
 {
-    if (!kv || !kv->bytes || seq < 0 || (uint32_t)seq >= kv->n_seq)
-        return;
-    /* seq_bytes is a whole number of pages when n_ctx * head_dim * size is (a
-     * 4 KB page holds 16 positions of a 128-wide f16 head); otherwise the shared
-     * edge pages stay, and only whole pages inside the slot go */
     const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
-    size_t a = (size_t)seq * kv->seq_bytes, b = a + kv->seq_bytes;
     a = (a + pg - 1) / pg * pg;
     b = b / pg * pg;
     if (b > a) {
@@ -90,9 +104,53 @@ void bn_kvcache_release(bn_kvcache_t *kv, int seq)
     }
 }
 
+void bn_kvcache_copy(bn_kvcache_t *kv, int src, int dst, uint32_t n)
+{
+    if (!kv || !kv->bytes || src == dst || src < 0 || dst < 0 || (uint32_t)src >= kv->n_seq ||
+        (uint32_t)dst >= kv->n_seq)
+        return;
+    n = n < kv->n_ctx ? n : kv->n_ctx;
+    for (uint32_t l = 0; l < kv->n_layer; l++)
+        for (uint32_t h = 0; h < kv->n_kv; h++) {
+            memcpy(bn_kvcache_row(kv, kv->k, dst, (int)l, (int)h, 0), bn_kvcache_row(kv, kv->k, src, (int)l, (int)h, 0),
+                   (size_t)n * kv->row_bytes);
+            memcpy(bn_kvcache_row(kv, kv->v, dst, (int)l, (int)h, 0), bn_kvcache_row(kv, kv->v, src, (int)l, (int)h, 0),
+                   (size_t)n * kv->row_bytes);
+        }
+}
+
+void bn_kvcache_forget(bn_kvcache_t *kv, int seq, uint32_t below)
+{
+    if (!kv || !kv->bytes || seq < 0 || (uint32_t)seq >= kv->n_seq)
+        return;
+    const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    below = below < kv->n_ctx ? below : kv->n_ctx;
+    /* act when at least two pages' worth of positions have fallen out since
+     * the last time, so a (layer, head) run always has a whole page to give */
+    if ((size_t)(below - (below < kv->forgot[seq] ? below : kv->forgot[seq])) * kv->row_bytes < 2 * pg)
+        return;
+    for (uint32_t l = 0; l < kv->n_layer; l++)
+        for (uint32_t h = 0; h < kv->n_kv; h++) {
+            const size_t a = (size_t)((uint8_t *)bn_kvcache_row(kv, kv->k, seq, (int)l, (int)h, 0) - (uint8_t *)kv->k);
+            drop(kv, a, a + (size_t)below * kv->row_bytes); /* (pages dropped before cost nothing) */
+        }
+    kv->forgot[seq] = below;
+}
+
+void bn_kvcache_release(bn_kvcache_t *kv, int seq)
+{
+    if (!kv || !kv->bytes || seq < 0 || (uint32_t)seq >= kv->n_seq)
+        return;
+    kv->forgot[seq] = 0;
+    /* seq_bytes is a whole number of pages when n_ctx * head_dim * size is (a
+     * 4 KB page holds 16 positions of a 128-wide f16 head); otherwise the shared
+     * edge pages stay, and only whole pages inside the slot go */
+    drop(kv, (size_t)seq * kv->seq_bytes, (size_t)(seq + 1) * kv->seq_bytes);
+}
+
 size_t bn_kvcache_pos_bytes(const bn_kvcache_t *kv)
 {
-    return 2 * (size_t)kv->n_layer * kv->n_kv * kv->head_dim * bn_kv_type_size(kv->type);
+    return 2 * (size_t)kv->n_layer * kv->n_kv * kv->row_bytes;
 }
 
 static size_t resident(const void *p, size_t bytes)

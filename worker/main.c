@@ -80,7 +80,9 @@ static void usage(FILE *f)
         "                       exact, and an F16 embedding is then used in place)\n"
         "  --ctx N              context length (default: the model's, at most 4096)\n"
         "  --kv-type T          KV cache values: f16 (default: half the memory and the\n"
-        "                       bytes attention reads) or f32\n"
+        "                       bytes attention reads of f32), f32 (exact), q8 or q4\n"
+        "                       (blocks of 32 with one scale: about 1/1.9 and 1/3.6 of\n"
+        "                       f16; bench/RESULTS.md has their logit differences)\n"
         "\n"
         "ranks (under mpirun or srun --mpi=pmix; the plan is printed at start):\n"
         "  --tp N               tensor ranks per stage (default: chosen, see below)\n"
@@ -224,7 +226,7 @@ static int parse_args(int argc, char **argv, options_t *o)
         else if (!strcmp(a, "--kv-type")) {
             o->kv_type = bn_kv_type_parse(v);
             if (o->kv_type < 0) {
-                fprintf(stderr, "bitnet-worker: --kv-type: '%s' is not f16 or f32\n", v);
+                fprintf(stderr, "bitnet-worker: --kv-type: '%s' is not f32, f16, q8 or q4\n", v);
                 rc = -1;
             }
         }
@@ -356,7 +358,7 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
         }
         /* KV bytes one position costs a replica: every layer's KV heads once */
         const bn_config_t *c = &m->cfg;
-        uint64_t pos_bytes = 2ull * c->n_layer * c->n_head_kv * c->head_dim * bn_kv_type_size(rk->st->kv_type);
+        uint64_t pos_bytes = 2ull * c->n_layer * c->n_head_kv * bn_kv_row_bytes(rk->st->kv_type, c->head_dim);
         bn_server_opts_t so = { .bind = o->bind, .curve_secret_file = o->curve_secret_file, .drain_s = o->drain_s,
                                 .endpoint_file = o->endpoint_file,
                                 .max_msg_bytes = (uint32_t)o->max_msg_bytes, .model_path = o->model,
@@ -555,7 +557,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, int *exit_code, 
         bn_plan_model_t pm = { .n_layer = cfg.n_layer, .n_embd = cfg.n_embd, .n_ff = cfg.n_ff,
                                .n_head = cfg.n_head, .n_head_kv = cfg.n_head_kv, .head_dim = cfg.head_dim,
                                .n_vocab = cfg.n_vocab, .head_row_bytes = bn_head_row_bytes(head, cfg.n_embd),
-                               .kv_bytes_per_pos = 2ull * cfg.n_head_kv * cfg.head_dim * bn_kv_type_size(o->kv_type) };
+                               .kv_bytes_per_pos = 2ull * cfg.n_head_kv * bn_kv_row_bytes(o->kv_type, cfg.head_dim) };
         bn_plan_in_t in = { .world = comm->size, .ranks_per_node = comm->node_ranks,
                             .mem_per_rank = o->mem_mb || comm->size > 1 ? mem : 0, /* one rank has no other plan */
                             .n_ctx = n_ctx, .n_seq = o->serve || o->batch ? (uint32_t)o->max_seqs : 1, .tp = o->tp, .pp = o->pp, .replicas = o->replicas };
@@ -607,9 +609,13 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, int *exit_code, 
             /* the others wait for this whatever happened to the prompt */
             char e2[256];
             int src = bn_engine_stop(rk.eng, e2, sizeof e2);
-            if (src && rc == BN_OK) {
-                rc = src;
-                snprintf(err, errlen, "%s", e2);
+            if (src) { /* the others were not told to stop: they would wait forever */
+                BN_ERROR("%s", e2);
+                bn_comm_abort(comm, 1);
+                if (rc == BN_OK) { /* (no MPI: nobody waits) */
+                    rc = src;
+                    snprintf(err, errlen, "%s", e2);
+                }
             }
         } else {
             if (o->serve || o->batch) { /* srun/mpirun signal every rank: rank 0 drains, then stops the others */

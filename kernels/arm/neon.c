@@ -561,6 +561,106 @@ static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *
     }
 }
 
+/* A row of a block-quantized cache (bits 8: Q8_0, 4: Q4_0; kernels.h has the
+ * layout) widened exactly into out (head_dim floats) */
+static inline void widen_q(const uint8_t *row, int head_dim, int bits, float *out)
+{
+    const size_t bb = bits == 8 ? sizeof(bn_block_q8_0) : sizeof(bn_block_q4_0);
+    for (int b = 0; b < head_dim / BN_KVQ_BLOCK; b++, row += bb, out += BN_KVQ_BLOCK) {
+        bn_fp16_t dh;
+        memcpy(&dh, row, sizeof dh);
+        const float d = vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(dh))), 0);
+        int8x16_t lo, hi;
+        if (bits == 8) {
+            lo = vld1q_s8((const int8_t *)row + 2);
+            hi = vld1q_s8((const int8_t *)row + 18);
+        } else {
+            const uint8x16_t n = vld1q_u8(row + 2), eight = vdupq_n_u8(8);
+            lo = vreinterpretq_s8_u8(vsubq_u8(vandq_u8(n, vdupq_n_u8(15)), eight));
+            hi = vreinterpretq_s8_u8(vsubq_u8(vshrq_n_u8(n, 4), eight));
+        }
+        const int8x16_t h[2] = { lo, hi };
+        for (int j = 0; j < 2; j++) {
+            const int16x8_t a = vmovl_s8(vget_low_s8(h[j])), c = vmovl_s8(vget_high_s8(h[j]));
+            vst1q_f32(out + 16 * j, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(a))), d));
+            vst1q_f32(out + 16 * j + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(a))), d));
+            vst1q_f32(out + 16 * j + 8, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(c))), d));
+            vst1q_f32(out + 16 * j + 12, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(c))), d));
+        }
+    }
+}
+
+/* One position for one head on widened rows: head_step_f16's update */
+static inline void head_step_f32(const float *q, const float *kt, const float *vt, int nv, float scale, float *acc,
+                                 float *m, float *l)
+{
+    float32x4_t d0 = vdupq_n_f32(0.0f), d1 = d0;
+    int i = 0;
+    for (; i + 2 <= nv; i += 2) {
+        d0 = vfmaq_f32(d0, vld1q_f32(q + 4 * i), vld1q_f32(kt + 4 * i));
+        d1 = vfmaq_f32(d1, vld1q_f32(q + 4 * i + 4), vld1q_f32(kt + 4 * i + 4));
+    }
+    if (i < nv)
+        d0 = vfmaq_f32(d0, vld1q_f32(q + 4 * i), vld1q_f32(kt + 4 * i));
+    const float sc = vaddvq_f32(vaddq_f32(d0, d1)) * scale;
+    float mh = *m, lh = *l;
+    if (sc > mh) { /* a new maximum: rescale what was summed so far */
+        const float alpha = expf(mh - sc);
+        const float32x4_t va = vdupq_n_f32(alpha);
+        for (i = 0; i < nv; i++)
+            vst1q_f32(acc + 4 * i, vmulq_f32(vld1q_f32(acc + 4 * i), va));
+        lh *= alpha;
+        mh = sc;
+    }
+    const float p = expf(sc - mh);
+    const float32x4_t vp = vdupq_n_f32(p);
+    for (i = 0; i < nv; i++)
+        vst1q_f32(acc + 4 * i, vfmaq_f32(vld1q_f32(acc + 4 * i), vp, vld1q_f32(vt + 4 * i)));
+    *m = mh;
+    *l = lh + p;
+}
+
+/* heads_f16 for a block-quantized cache: each position's rows widened once
+ * (exactly) for all the heads */
+static void heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v, size_t row_stride,
+                    int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    const int nv = head_dim / 4;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    float acc[ATT_MAX_HEADS][ATT_MAX_DIM], kt[ATT_MAX_DIM], vt[ATT_MAX_DIM];
+    float m[ATT_MAX_HEADS], l[ATT_MAX_HEADS];
+    for (int h = 0; h < nq; h++) {
+        for (int i = 0; i < nv; i++)
+            vst1q_f32(acc[h] + 4 * i, vdupq_n_f32(0.0f));
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+    }
+    for (int t = 0; t < n_pos; t++) {
+        widen_q(k + (size_t)t * row_stride, head_dim, bits, kt);
+        widen_q(v + (size_t)t * row_stride, head_dim, bits, vt);
+        for (int h = 0; h < nq; h++)
+            head_step_f32(q + (size_t)h * q_stride, kt, vt, nv, scale, acc[h], &m[h], &l[h]);
+    }
+    for (int h = 0; h < nq; h++) {
+        const float32x4_t inv = vdupq_n_f32(1.0f / l[h]);
+        float *o = out + (size_t)h * out_stride;
+        for (int i = 0; i < nv; i++)
+            vst1q_f32(o + 4 * i, vmulq_f32(vld1q_f32(acc[h] + 4 * i), inv));
+    }
+}
+
+static void attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    if (head_dim % BN_KVQ_BLOCK || head_dim > ATT_MAX_DIM) {
+        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride);
+        return;
+    }
+    for (int h = 0; h < nq; h += ATT_MAX_HEADS)
+        heads_q(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, row_stride,
+                bits, n_pos, head_dim, out + (size_t)h * out_stride, out_stride);
+}
+
 /* The heads of a GQA group with an fp16 cache. A head's arithmetic never looks at
  * nq or at the other heads (groups larger than the stack holds go in parts, not
  * to the reference): each head's result is bit-identical to a call with that
@@ -646,6 +746,7 @@ const bn_kernels_t bn_kernels_neon = {
     .rope_neox = rope_neox,
     .attention = attention,
     .attention_heads_f16 = attention_heads_f16,
+    .attention_heads_q = attention_heads_q,
     .ffn_act = ffn_act,
     .quantize_scaled = quantize_scaled,
     .to_f16 = to_f16,

@@ -41,7 +41,7 @@ void bn_ref_rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const f
 /* One score d of the online softmax: on a new maximum *m, what was summed so far
  * (out, n values, and the sum of weights *l) is rescaled; returns d's weight,
  * already added to *l, for the caller to add weight * v_t to out. */
-static float online_weight(float d, float *m, float *l, float *out, int n)
+float bn_ref_online_weight(float d, float *m, float *l, float *out, int n)
 {
     if (d > *m) { /* a new maximum: rescale what was summed so far */
         float alpha = expf(*m - d);
@@ -67,7 +67,7 @@ void bn_ref_attention(const float *q, const float *k, const float *v, size_t str
         float d = 0.0f;
         for (int i = 0; i < head_dim; i++)
             d += q[i] * kt[i];
-        float p = online_weight(d * scale, &m, &l, out, head_dim);
+        float p = bn_ref_online_weight(d * scale, &m, &l, out, head_dim);
         for (int i = 0; i < head_dim; i++)
             out[i] += p * vt[i];
     }
@@ -92,7 +92,7 @@ void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const b
             float d = 0.0f;
             for (int i = 0; i < head_dim; i++)
                 d += qh[i] * bn_fp16_to_f32(kt[i]);
-            float p = online_weight(d * scale, &m, &l, o, head_dim);
+            float p = bn_ref_online_weight(d * scale, &m, &l, o, head_dim);
             for (int i = 0; i < head_dim; i++)
                 o[i] += p * bn_fp16_to_f32(vt[i]);
         }

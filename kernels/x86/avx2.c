@@ -673,13 +673,39 @@ static inline void head_block8(const float *q, const float *kb, const float *vb,
                                                           _mm256_load_ps(acc + 8 * c0)));
 }
 
+/* Values 8i..8i+7 of a row of a block-quantized cache (bits 8: Q8_0, 4: Q4_0;
+ * kernels.h has the layout), widened exactly */
+static inline __attribute__((always_inline)) __m256 load8_q(const uint8_t *row, int i, const int bits)
+{
+    const uint8_t *b = row + (size_t)(i >> 2) * (bits == 8 ? sizeof(bn_block_q8_0) : sizeof(bn_block_q4_0));
+    uint16_t dh;
+    memcpy(&dh, b, sizeof dh);
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
+    if (bits == 8)
+        return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * (i & 3))))));
+    /* elements 0-7 and 8-15 in the low nibbles of bytes 0-7 and 8-15, 16-31 in the high ones */
+    __m256i n = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * (i & 1))));
+    n = (i & 2) ? _mm256_srli_epi32(n, 4) : _mm256_and_si256(n, _mm256_set1_epi32(15));
+    return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(n, _mm256_set1_epi32(8))));
+}
+
+/* Values 8i..8i+7 of cached row t of a cache of type ty (1: fp16, 8: Q8_0,
+ * 4: Q4_0; stride in halves for fp16, in bytes for the others), as floats */
+static inline __attribute__((always_inline)) __m256 load8_kv(const void *base, size_t stride, int t, int i, const int ty)
+{
+    if (ty == 1)
+        return load8_f16((const bn_fp16_t *)base + (size_t)t * stride + 8 * (size_t)i);
+    return load8_q((const uint8_t *)base + (size_t)t * stride, i, ty);
+}
+
 /* Up to ATT_MAX_HEADS heads: blocks of 8 positions outer, heads inner, so each
  * block's key and value rows come from memory and are widened once for all the
  * heads (exactly: the same values as widening per head); the last n_pos % 8
  * positions one by one. A head's state (running max, sum, accumulators) waits on
- * the stack between blocks. */
-static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v, size_t stride,
-                      int n_pos, int head_dim, float *out, size_t out_stride)
+ * the stack between blocks. ty is the cache's type, as load8_kv takes it. */
+static inline __attribute__((always_inline)) void heads_kv(const float *q, int nq, size_t q_stride, const void *k,
+                                                           const void *v, size_t stride, int n_pos, int head_dim,
+                                                           float *out, size_t out_stride, const int ty)
 {
     const int nv = head_dim / 8;
     const float scale = 1.0f / sqrtf((float)head_dim);
@@ -694,23 +720,20 @@ static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *
     _Alignas(32) float kb[8 * ATT_MAX_DIM], vb[8 * ATT_MAX_DIM];
     int t = 0;
     for (; t + 8 <= n_pos; t += 8) {
-        for (int j = 0; j < 8; j++) {
-            const bn_fp16_t *kt = k + (size_t)(t + j) * stride, *vt = v + (size_t)(t + j) * stride;
+        for (int j = 0; j < 8; j++)
             for (int i = 0; i < nv; i++) {
-                _mm256_store_ps(kb + (size_t)j * head_dim + 8 * i, load8_f16(kt + 8 * i));
-                _mm256_store_ps(vb + (size_t)j * head_dim + 8 * i, load8_f16(vt + 8 * i));
+                _mm256_store_ps(kb + (size_t)j * head_dim + 8 * i, load8_kv(k, stride, t + j, i, ty));
+                _mm256_store_ps(vb + (size_t)j * head_dim + 8 * i, load8_kv(v, stride, t + j, i, ty));
             }
-        }
         for (int h = 0; h < nq; h++)
             head_block8(q + (size_t)h * q_stride, kb, vb, nv, scale, acc[h], &m[h], &l[h]);
     }
     /* the last few positions one at a time */
     _Alignas(32) float kf[ATT_MAX_DIM], vf[ATT_MAX_DIM];
     for (; t < n_pos; t++) {
-        const bn_fp16_t *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
         for (int i = 0; i < nv; i++) {
-            _mm256_store_ps(kf + 8 * i, load8_f16(kt + 8 * i));
-            _mm256_store_ps(vf + 8 * i, load8_f16(vt + 8 * i));
+            _mm256_store_ps(kf + 8 * i, load8_kv(k, stride, t, i, ty));
+            _mm256_store_ps(vf + 8 * i, load8_kv(v, stride, t, i, ty));
         }
         for (int h = 0; h < nq; h++)
             head_step(q + (size_t)h * q_stride, kf, vf, nv, scale, acc[h], &m[h], &l[h]);
@@ -735,8 +758,28 @@ static void attention_heads_f16(const float *q, int nq, size_t q_stride, const b
         return;
     }
     for (int h = 0; h < nq; h += ATT_MAX_HEADS)
-        heads_f16(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, stride,
-                  n_pos, head_dim, out + (size_t)h * out_stride, out_stride);
+        heads_kv(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, stride,
+                 n_pos, head_dim, out + (size_t)h * out_stride, out_stride, 1);
+}
+
+/* The heads of a GQA group with a block-quantized cache: as attention_heads_f16,
+ * the rows widened from Q8_0 or Q4_0 blocks */
+static void attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    if (head_dim % BN_KVQ_BLOCK || head_dim > ATT_MAX_DIM) {
+        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride);
+        return;
+    }
+    for (int h = 0; h < nq; h += ATT_MAX_HEADS) {
+        const int n = nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS;
+        if (bits == 8)
+            heads_kv(q + (size_t)h * q_stride, n, q_stride, k, v, row_stride, n_pos, head_dim, out + (size_t)h * out_stride,
+                     out_stride, 8);
+        else
+            heads_kv(q + (size_t)h * q_stride, n, q_stride, k, v, row_stride, n_pos, head_dim, out + (size_t)h * out_stride,
+                     out_stride, 4);
+    }
 }
 
 static void ffn_act(const float *g, const float *u, int n, int relu2, float *out)
@@ -806,6 +849,7 @@ const bn_kernels_t bn_kernels_avx2 = {
     .rope_neox = rope_neox,
     .attention = attention,
     .attention_heads_f16 = attention_heads_f16,
+    .attention_heads_q = attention_heads_q,
     .ffn_act = ffn_act,
     .quantize_scaled = quantize_scaled,
     .to_f16 = to_f16,

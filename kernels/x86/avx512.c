@@ -684,6 +684,30 @@ INLINE __m512 kv16(const void *base, size_t e, const int f16)
     return _mm512_loadu_ps((const float *)base + e);
 }
 
+/* Vector i (values 16i..16i+15) of a row of a block-quantized cache, widened
+ * exactly (kernels.h: the layout) */
+INLINE __m512 kvq16(const uint8_t *row, int i, const int bits)
+{
+    const uint8_t *b = row + (size_t)(i >> 1) * (bits == 8 ? sizeof(bn_block_q8_0) : sizeof(bn_block_q4_0));
+    uint16_t dh;
+    memcpy(&dh, b, sizeof dh);
+    const __m512 d = _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(dh))));
+    if (bits == 8)
+        return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * (i & 1))))));
+    __m512i n = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)));
+    n = (i & 1) ? _mm512_srli_epi32(n, 4) : _mm512_and_si512(n, _mm512_set1_epi32(15));
+    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(n, _mm512_set1_epi32(8))));
+}
+
+/* Vector i of cached row t of a cache of type ty (1: fp16, 8: Q8_0, 4: Q4_0;
+ * stride in elements for fp16, in bytes for the quantized types), as floats */
+INLINE __m512 kvrow16(const void *base, size_t stride, int t, int i, const int ty)
+{
+    if (ty == 1)
+        return kv16(base, (size_t)t * stride + 16 * (size_t)i, 1);
+    return kvq16((const uint8_t *)base + (size_t)t * stride, i, ty);
+}
+
 /* One whole block of 16 positions of an fp16 cache, for nh heads at once (nh and
  * nv compile-time constants): each key and value row is widened once into
  * registers and used by every head, rather than stored widened and read back per
@@ -763,10 +787,11 @@ INLINE void f16_block(const float *q, size_t q_stride, const bn_fp16_t *k, const
     }
 }
 
-/* nv = head_dim / 16 and the cache's element type, compile-time constants after
- * inlining, so the accumulators stay in registers */
+/* nv = head_dim / 16 and the cache's element type ty (0: f32, 1: fp16, 8:
+ * Q8_0, 4: Q4_0; stride in bytes for the last two), compile-time constants
+ * after inlining, so the accumulators stay in registers */
 INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const void *k, const void *v, size_t stride,
-                               int n_pos, int head_dim, float *out, size_t out_stride, const int nv, const int f16)
+                               int n_pos, int head_dim, float *out, size_t out_stride, const int nv, const int ty)
 {
     const float scale = 1.0f / sqrtf((float)head_dim);
     _Alignas(64) float accs[ATT_MAX_HEADS][16 * ATT_MAX_VEC];
@@ -781,8 +806,8 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
         const int cnt = n_pos - t0 < 16 ? n_pos - t0 : 16;
         const __mmask16 live = lanes16(cnt);
         /* the block's keys and values as floats, rows bst apart: in place, or
-         * widened from fp16 once for all the heads (exactly: the same values) */
-        if (f16 && cnt == 16) { /* a whole block: all heads at once, four at a time */
+         * widened once for all the heads (exactly: the same values) */
+        if (ty == 1 && cnt == 16) { /* a whole block: all heads at once, four at a time */
             for (int h = 0; h < nq; h += 4) {
                 const float *qh = q + h * q_stride;
                 switch (nq - h < 4 ? nq - h : 4) {
@@ -796,12 +821,12 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
         }
         const float *kb, *vb;
         size_t bst;
-        if (f16) {
+        if (ty) {
             for (int j = 0; j < cnt; j++)
 #pragma GCC unroll 16
                 for (int i = 0; i < nv; i++) {
-                    _mm512_store_ps(kbuf + (size_t)j * 16 * nv + 16 * i, kv16(k, (size_t)(t0 + j) * stride + 16 * i, 1));
-                    _mm512_store_ps(vbuf + (size_t)j * 16 * nv + 16 * i, kv16(v, (size_t)(t0 + j) * stride + 16 * i, 1));
+                    _mm512_store_ps(kbuf + (size_t)j * 16 * nv + 16 * i, kvrow16(k, stride, t0 + j, i, ty));
+                    _mm512_store_ps(vbuf + (size_t)j * 16 * nv + 16 * i, kvrow16(v, stride, t0 + j, i, ty));
                 }
             kb = kbuf;
             vb = vbuf;
@@ -918,6 +943,31 @@ static void attention_heads_f16(const float *q, int nq, size_t q_stride, const b
     }
 }
 
+static void attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+{
+    if (head_dim % BN_KVQ_BLOCK || head_dim > 16 * ATT_MAX_VEC) {
+        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride);
+        return;
+    }
+    if (nq > ATT_MAX_HEADS) { /* in parts, as attention_heads */
+        for (int h = 0; h < nq; h += ATT_MAX_HEADS)
+            attention_heads_q(q + h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v,
+                              row_stride, bits, n_pos, head_dim, out + h * out_stride, out_stride);
+        return;
+    }
+#define ATT_Q(NV)                                                                                                  \
+    (bits == 8 ? attention_heads_nv(q, nq, q_stride, k, v, row_stride, n_pos, head_dim, out, out_stride, NV, 8)    \
+               : attention_heads_nv(q, nq, q_stride, k, v, row_stride, n_pos, head_dim, out, out_stride, NV, 4))
+    switch (head_dim / 16) {
+    case 2: ATT_Q(2); break;
+    case 4: ATT_Q(4); break;
+    case 8: ATT_Q(8); break;
+    default: ATT_Q(head_dim / 16);
+    }
+#undef ATT_Q
+}
+
 static void attention(const float *q, const float *k, const float *v, size_t stride, int n_pos, int head_dim,
                       float *out)
 {
@@ -984,6 +1034,7 @@ const bn_kernels_t bn_kernels_avx512 = {
     .rope_neox = rope_neox,
     .attention = attention,
     .attention_heads_f16 = attention_heads_f16,
+    .attention_heads_q = attention_heads_q,
     .attention_heads = attention_heads,
     .ffn_act = ffn_act,
     .quantize_scaled = quantize_scaled,
