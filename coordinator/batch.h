@@ -94,6 +94,7 @@ typedef struct {
     size_t total;            /* non-blank lines of IN */
     size_t answered, skipped, errors;
     uint64_t prompt_tokens, completion_tokens;
+    uint64_t reused_tokens;  /* prompt tokens not computed: prefix reuse (offline job only) */
     double seconds;          /* since open */
 } bn_batch_summary_t;
 /* The counts so far. */

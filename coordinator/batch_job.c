@@ -46,7 +46,8 @@ int bn_batch_job_run(const bn_batch_job_t *jb, bn_engine_t *eng, const bn_plan_t
         return rc;
     bn_sched_sink_t sink = { .ctx = &j, .on_text = on_text, .on_final = on_final };
     bn_sched_opts_t so = { .max_seqs = jb->max_seqs, .max_queue = jb->max_seqs, .step_tokens = BN_STEP_MAX,
-                           .n_ctx = jb->n_ctx };
+                           .n_ctx = jb->n_ctx, .prefix_cache = jb->prefix_cache,
+                           .kv_pos_bytes = jb->kv_pos_bytes };
     if ((rc = bn_sched_new(eng, plan, m, tok, &so, &sink, &s, err, errlen)))
         goto out;
     int eof = 0;
@@ -93,8 +94,12 @@ int bn_batch_job_run(const bn_batch_job_t *jb, bn_engine_t *eng, const bn_plan_t
         rc = bn_err(err, errlen, j.failed, "%s", j.err);
 out:
     j.dropping = 1; /* what a failed step leaves running is not answered: the next run does it */
+    bn_sched_stats_t ss = { 0 };
+    if (s)
+        bn_sched_stats(s, &ss);
     bn_sched_destroy(&s);
     bn_batch_file_summary(j.f, sum);
+    sum->reused_tokens = ss.prefix_tokens;
     if (j.dropped)
         BN_INFO("%zu lines were running when the job stopped; the next run does them", j.dropped);
     char e2[256];

@@ -15,6 +15,8 @@ typedef struct {
     const char *in, *out;
     bn_gen_params_t defaults;   /* the command line's sampling flags and -n */
     int max_seqs;               /* sequences at once (the engine state's slots) */
+    uint64_t prefix_cache;      /* bn_sched_opts_t's (0: no prefix reuse) */
+    uint64_t kv_pos_bytes;      /* bn_sched_opts_t's */
     uint32_t n_ctx;
     /* set (by a signal handler) to stop: no new lines; the running ones get
      * drain_s seconds to finish, then they are dropped (not written: the next

@@ -34,6 +34,9 @@ typedef struct req {
     double t_arrive, t_admit, t_first, t_last, deadline;
     uint64_t reserved;       /* KV bytes admitted for */
     uint64_t seed;
+    int wait_slot;           /* >= 0: its first wait_len tokens are the start of the prompt */
+    uint32_t wait_len;       /*   that slot's request (wait_id, admitted earlier: no cycles) */
+    uint64_t wait_id;        /*   is being given: copied once it has been */
 } req_t;
 
 /* a step in flight: which request each entry and each sample belongs to */
@@ -44,10 +47,25 @@ typedef struct {
     req_t *want[BN_STEP_MAX];
 } rec_t;
 
+/* What a slot's KV memory holds: the keys and values of toks[0..n-1], given to
+ * steps already submitted (so computed before any later step runs) */
+typedef struct {
+    int32_t *toks;           /* (n_ctx); NULL without prefix reuse */
+    uint32_t n;
+    int cached;              /* no request: kept for a later one that starts the same way */
+    double used;             /* when it became cached (the least recently used goes first) */
+} slotkv_t;
+
+enum { PREFIX_MIN = 4 };     /* shorter common starts are computed, not copied */
+
 typedef struct {
     req_t **slot;            /* (max_seqs) */
+    slotkv_t *kv;            /* (max_seqs) */
     int running;
     uint64_t reserved;
+    uint64_t cached;         /* KV bytes of cached slots */
+    bn_kv_copy_t copy[BN_STEP_COPY_MAX]; /* prefixes to copy with the next step */
+    int n_copy;
     int32_t *release;        /* slots whose KV memory goes back with the next step */
     int n_release;
     rec_t rec[REC_CAP];
@@ -142,7 +160,10 @@ int bn_sched_new(bn_engine_t *eng, const bn_plan_t *plan, const bn_model_t *m, c
     for (int r = 0; ok && r < plan->R; r++) {
         s->rep[r].slot = calloc((size_t)o->max_seqs, sizeof *s->rep[r].slot);
         s->rep[r].release = calloc((size_t)o->max_seqs, sizeof *s->rep[r].release);
-        ok = s->rep[r].slot && s->rep[r].release;
+        s->rep[r].kv = calloc((size_t)o->max_seqs, sizeof *s->rep[r].kv);
+        ok = s->rep[r].slot && s->rep[r].release && s->rep[r].kv;
+        for (int i = 0; ok && o->prefix_cache && i < o->max_seqs; i++)
+            ok = (s->rep[r].kv[i].toks = malloc((size_t)o->n_ctx * sizeof(int32_t))) != NULL;
     }
     if (!ok) {
         bn_sched_destroy(&s);
@@ -213,6 +234,57 @@ static int emit(bn_sched_t *s, req_t *r, const char *text, size_t len, const int
     return stopped;
 }
 
+/* slot's KV memory goes back with the next step */
+static void give_back(replica_t *rp, int slot)
+{
+    rp->kv[slot].n = 0;
+    rp->kv[slot].cached = 0;
+    rp->release[rp->n_release++] = slot;
+}
+
+/* the least recently used cached slot of rp (-1: none) */
+static int lru(const bn_sched_t *s, const replica_t *rp)
+{
+    int best = -1;
+    for (int i = 0; i < s->o.max_seqs; i++)
+        if (rp->kv[i].cached && (best < 0 || rp->kv[i].used < rp->kv[best].used))
+            best = i;
+    return best;
+}
+
+static void uncache(const bn_sched_t *s, replica_t *rp, int slot)
+{
+    rp->cached -= (uint64_t)rp->kv[slot].n * s->o.kv_pos_bytes;
+    rp->kv[slot].cached = 0;
+}
+
+/* cached prefixes out, least recently used first, until they fit prefix_cache
+ * and, with the running sequences' reservations, the KV budget */
+static void trim(bn_sched_t *s, replica_t *rp)
+{
+    while (rp->cached > s->o.prefix_cache || (s->o.kv_budget && rp->reserved + rp->cached > s->o.kv_budget)) {
+        int i = lru(s, rp);
+        if (i < 0)
+            return;
+        uncache(s, rp, i);
+        give_back(rp, i);
+    }
+}
+
+/* a slot whose request ended: kept as a cached prefix, or given back */
+static void retire(bn_sched_t *s, replica_t *rp, int slot)
+{
+    slotkv_t *kv = &rp->kv[slot];
+    if (!s->o.prefix_cache || !kv->toks || !kv->n) {
+        give_back(rp, slot);
+        return;
+    }
+    kv->cached = 1;
+    kv->used = bn_now_s();
+    rp->cached += (uint64_t)kv->n * s->o.kv_pos_bytes;
+    trim(s, rp);
+}
+
 /* The request's last event; it leaves the scheduler (nothing of it may be in flight). */
 static void finish(bn_sched_t *s, req_t *r, int reason, const char *detail)
 {
@@ -248,7 +320,7 @@ static void finish(bn_sched_t *s, req_t *r, int reason, const char *detail)
         rp->slot[r->slot] = NULL;
         rp->running--;
         rp->reserved -= r->reserved;
-        rp->release[rp->n_release++] = r->slot;
+        retire(s, rp, r->slot);
         s->st.running--;
         if (s->st.running == 0)
             s->st.busy_s += t - s->busy_since;
@@ -270,6 +342,9 @@ void bn_sched_destroy(bn_sched_t **ps)
                 finish(s, s->rep[r].slot[i], BN_FINISH_CANCELLED, "server stopped");
         free(s->rep[r].slot);
         free(s->rep[r].release);
+        for (int i = 0; s->rep[r].kv && i < s->o.max_seqs; i++)
+            free(s->rep[r].kv[i].toks);
+        free(s->rep[r].kv);
     }
     free(s->rep);
     free(s->queue);
@@ -494,36 +569,161 @@ static void reap(bn_sched_t *s)
         }
 }
 
-/* queued requests into free slots, first come first served */
+/* The tokens slot i of rp holds or will hold: those given to steps (toks,
+ * kv->n of them), then, while its request is still being given its prompt,
+ * the rest of that prompt */
+static uint32_t common_start(const replica_t *rp, int i, const req_t *r, uint32_t lim)
+{
+    const slotkv_t *kv = &rp->kv[i];
+    uint32_t l = 0;
+    while (l < lim && l < kv->n && kv->toks[l] == r->ids[l])
+        l++;
+    const req_t *o = rp->slot[i];
+    if (l == kv->n && o && o->state == ST_PREFILL && !o->p.dump_logits)
+        while (l < lim && l < o->n_prompt && o->ids[l] == r->ids[l])
+            l++;
+    return l;
+}
+
+/* The slot of rp whose keys and values share the longest start with r's
+ * prompt (-1: none of at least PREFIX_MIN tokens), and that length in *len;
+ * at most n_prompt - 1, so the last prompt token is computed. A cached slot
+ * wins a tie (it is taken over, not copied). A running slot may match with
+ * tokens it has not been given yet (a request arriving with others that share
+ * its system prompt): the copy then waits for them. */
+static int match(const bn_sched_t *s, const replica_t *rp, const req_t *r, uint32_t *len)
+{
+    int best = -1;
+    *len = 0;
+    if (!s->o.prefix_cache || r->p.dump_logits || r->n_prompt < 2)
+        return -1;
+    for (int i = 0; i < s->o.max_seqs; i++) {
+        const slotkv_t *kv = &rp->kv[i];
+        if (!kv->toks || (!kv->cached && !rp->slot[i]))
+            continue;
+        const uint32_t l = common_start(rp, i, r, r->n_prompt - 1);
+        if (l >= PREFIX_MIN && (l > *len || (l == *len && kv->cached && !rp->kv[best].cached))) {
+            best = i;
+            *len = l;
+        }
+    }
+    return best;
+}
+
+/* request r's slot starts from positions 0..len-1 of slot src: a copy with the next step */
+static void take_prefix(bn_sched_t *s, replica_t *rp, req_t *r, int src, uint32_t len)
+{
+    const int dst = r->slot;
+    rp->copy[rp->n_copy++] = (bn_kv_copy_t){ .src = src, .dst = dst, .n = len };
+    memcpy(rp->kv[dst].toks, rp->kv[src].toks, len * sizeof(int32_t));
+    rp->kv[dst].n = len;
+    /* a release still to be sent would come after the copy: not needed, the copy overwrites */
+    for (int i = 0; i < rp->n_release; i++)
+        if (rp->release[i] == dst) {
+            memmove(rp->release + i, rp->release + i + 1, (size_t)(rp->n_release - i - 1) * sizeof *rp->release);
+            rp->n_release--;
+            break;
+        }
+    r->fed = r->pos = len;
+    s->st.prefix_hits++;
+    s->st.prefix_tokens += len;
+    BN_DEBUG("request %llu: %u prompt tokens copied from slot %d", (unsigned long long)r->id, len, src);
+}
+
+/* A request waiting for another's prompt start (wait_slot): 1 when that start
+ * has been given to steps already sent (it is copied now), -1 when the wait is
+ * over without it (the other ended, or its slot now holds something else: the
+ * request computes its prompt), 0 to go on waiting */
+static int wait_state(const bn_sched_t *s, const replica_t *rp, const req_t *r)
+{
+    const slotkv_t *kv = &rp->kv[r->wait_slot];
+    const uint32_t have = kv->n < r->wait_len ? kv->n : r->wait_len;
+    for (uint32_t i = 0; i < have; i++)
+        if (kv->toks[i] != r->ids[i])
+            return -1;
+    if (kv->n >= r->wait_len)
+        return rp->n_copy < BN_STEP_COPY_MAX ? 1 : 0;
+    const req_t *o = rp->slot[r->wait_slot];
+    return o && o->id == r->wait_id && o->state == ST_PREFILL && !o->cancel ? 0 : -1;
+}
+
+/* queued requests into free slots, first come first served; each to the
+ * replica holding the longest start of its prompt, else the least loaded */
 static void admit(bn_sched_t *s)
 {
     while (s->q_count) {
         req_t *r = s->queue[s->q_head];
-        int best = -1;
+        int best = -1, from = -1;
+        uint32_t blen = 0;
         for (int k = 0; k < s->plan->R; k++) {
             replica_t *rp = &s->rep[k];
             if ((r->p.replica >= 0 && k != r->p.replica) || rp->running >= s->o.max_seqs || (s->o.kv_budget && rp->reserved + r->reserved > s->o.kv_budget))
                 continue;
-            if (best < 0 || rp->running < s->rep[best].running)
+            uint32_t len;
+            int m = match(s, rp, r, &len);
+            if (best < 0 || len > blen || (len == blen && rp->running < s->rep[best].running)) {
                 best = k;
+                from = m;
+                blen = len;
+            }
         }
         if (best < 0)
             return;
         replica_t *rp = &s->rep[best];
-        int slot = 0;
-        while (rp->slot[slot])
-            slot++;
+        int slot = -1;
+        if (from >= 0 && rp->kv[from].cached) { /* a cached prefix: taken over as it is */
+            slot = from;
+            uncache(s, rp, slot);
+        } else {
+            for (int i = 0; i < s->o.max_seqs && slot < 0; i++)
+                if (!rp->slot[i] && !rp->kv[i].cached)
+                    slot = i;
+            if (slot < 0) { /* every free slot holds a cached prefix: the oldest goes */
+                slot = lru(s, rp);
+                uncache(s, rp, slot);
+                give_back(rp, slot);
+            }
+        }
         rp->slot[slot] = r;
         rp->running++;
         rp->reserved += r->reserved;
         r->replica = best;
         r->slot = slot;
         r->state = ST_PREFILL;
+        r->wait_slot = -1;
+        r->fed = r->pos = 0;
+        rp->kv[slot].n = 0;
+        if (slot == from) { /* a cached prefix: taken over as it is */
+            rp->kv[slot].n = blen;
+            r->fed = r->pos = blen;
+            s->st.prefix_hits++;
+            s->st.prefix_tokens += blen;
+            BN_DEBUG("request %llu: %u prompt tokens of cached slot %d", (unsigned long long)r->id, blen, slot);
+        } else if (from >= 0) { /* a running sequence's start: copied once it has been given it */
+            r->wait_slot = from;
+            r->wait_len = blen;
+            r->wait_id = rp->slot[from]->id;
+            if (wait_state(s, rp, r) == 1) {
+                take_prefix(s, rp, r, from, blen);
+                r->wait_slot = -1;
+            }
+        }
         r->t_admit = bn_now_s();
         if (s->st.running++ == 0)
             s->busy_since = r->t_admit;
         s->q_head = (s->q_head + 1) % s->o.max_queue;
         s->q_count--;
+        trim(s, rp); /* the budget now holds one more reservation */
+    }
+}
+
+/* the slot's memory gets token tok at position pos with the step being built */
+static void note(replica_t *rp, int slot, uint32_t pos, int32_t tok)
+{
+    slotkv_t *kv = &rp->kv[slot];
+    if (kv->toks) {
+        kv->toks[pos] = tok;
+        kv->n = pos + 1;
     }
 }
 
@@ -542,6 +742,18 @@ static int build(bn_sched_t *s, int k, bn_step_t *st, rec_t *rec)
     st->n_release = 0;
     st->n_copy = 0;
     int n = 0, kk = 0;
+    /* requests waiting for another's prompt start: copied now if it has been
+     * given to steps already sent (the copy runs before this step's entries) */
+    for (int i = 0; i < s->o.max_seqs; i++) {
+        req_t *r = rp->slot[i];
+        if (!r || r->wait_slot < 0)
+            continue;
+        const int w = wait_state(s, rp, r);
+        if (w == 1)
+            take_prefix(s, rp, r, r->wait_slot, r->wait_len);
+        if (w != 0)
+            r->wait_slot = -1;
+    }
     /* with several pipeline stages, the decoding sequences are spread over the
      * steps in flight, so every stage has work */
     int decoding = 0;
@@ -555,6 +767,7 @@ static int build(bn_sched_t *s, int k, bn_step_t *st, rec_t *rec)
         if (!r || r->state != ST_DECODE || r->waiting || r->cancel || (has_tail(r) && !idle))
             continue;
         st->e[n] = (bn_batch_entry_t){ .seq = r->slot, .pos = (int32_t)r->pos, .token = r->next, .want_logits = 1 };
+        note(rp, r->slot, r->pos, r->next);
         rec->ent[n++] = r;
         st->smp[kk] = r->smp;
         rec->want[kk++] = r;
@@ -566,7 +779,7 @@ static int build(bn_sched_t *s, int k, bn_step_t *st, rec_t *rec)
     }
     for (int i = 0; i < s->o.max_seqs && n < budget; i++) {
         req_t *r = rp->slot[i];
-        if (!r || r->state != ST_PREFILL || r->fed >= r->n_prompt || r->cancel)
+        if (!r || r->state != ST_PREFILL || r->fed >= r->n_prompt || r->cancel || r->wait_slot >= 0)
             continue;
         uint32_t c = r->n_prompt - r->fed;
         if (c > (uint32_t)(budget - n))
@@ -587,6 +800,7 @@ static int build(bn_sched_t *s, int k, bn_step_t *st, rec_t *rec)
             const int want = r->p.dump_logits || pos + 1 == r->n_prompt;
             st->e[n] = (bn_batch_entry_t){ .seq = r->slot, .pos = (int32_t)pos, .token = r->ids[pos],
                                            .want_logits = want };
+            note(rp, r->slot, pos, r->ids[pos]);
             rec->ent[n++] = r;
             if (want && !r->p.dump_logits) {
                 st->smp[kk] = r->smp;
@@ -607,7 +821,9 @@ static int build(bn_sched_t *s, int k, bn_step_t *st, rec_t *rec)
     st->n = n;
     rec->n = n;
     rec->k = kk;
-    /* the KV memory of ended sequences goes back first */
+    /* prefixes are copied, then the KV memory of ended sequences goes back, first */
+    st->n_copy = rp->n_copy;
+    memcpy(st->copy, rp->copy, (size_t)rp->n_copy * sizeof *rp->copy);
     for (int i = 0; i < rp->n_release && st->n_release < BN_STEP_MAX; i++)
         st->release[st->n_release++] = rp->release[i];
     return n;
@@ -629,7 +845,7 @@ static int submit_ready(bn_sched_t *s, int *submitted, char *err, size_t errlen)
             bn_step_t st;
             rec_t *rec = &rp->rec[(rp->rec_head + rp->rec_count) % REC_CAP];
             int n = build(s, k, &st, rec);
-            if (n == 0 && (st.n_release == 0 || bn_engine_inflight(s->eng, k))) {
+            if (n == 0 && ((st.n_release == 0 && st.n_copy == 0) || bn_engine_inflight(s->eng, k))) {
                 unmark_inflight(rec);
                 break;
             }
@@ -638,6 +854,7 @@ static int submit_ready(bn_sched_t *s, int *submitted, char *err, size_t errlen)
                 return rc;
             memmove(rp->release, rp->release + st.n_release, (size_t)(rp->n_release - st.n_release) * sizeof *rp->release);
             rp->n_release -= st.n_release;
+            rp->n_copy = 0;
             rp->rec_count++;
             s->st.steps++;
             (*submitted)++;
@@ -757,13 +974,14 @@ int bn_sched_ready(const bn_sched_t *s)
         if (bn_engine_room(s->eng, k) <= 0)
             continue;
         const replica_t *rp = &s->rep[k];
-        if (rp->n_release && !bn_engine_inflight(s->eng, k))
+        if ((rp->n_release || rp->n_copy) && !bn_engine_inflight(s->eng, k))
             return 1;
         for (int i = 0; i < s->o.max_seqs; i++) {
             const req_t *r = rp->slot[i];
             if (r && (r->cancel ? !r->inflight
                                 : (r->state == ST_DECODE && !r->waiting) ||
-                                  (r->state == ST_PREFILL && r->fed < r->n_prompt)))
+                                  (r->state == ST_PREFILL && r->fed < r->n_prompt &&
+                                   (r->wait_slot < 0 || wait_state(s, rp, r) != 0))))
                 return 1;
         }
     }
@@ -779,8 +997,10 @@ void bn_sched_stats(const bn_sched_t *s, bn_sched_stats_t *st)
     lat_pct(&s->ttft, &st->ttft_p50_ms, &st->ttft_p99_ms);
     lat_pct(&s->itl, &st->itl_p50_ms, &st->itl_p99_ms);
     uint64_t used = 0, reserved = 0;
+    st->kv_bytes_cached = 0;
     for (int k = 0; k < s->plan->R; k++) {
         reserved += s->rep[k].reserved;
+        st->kv_bytes_cached += s->rep[k].cached;
         for (int i = 0; i < s->o.max_seqs; i++)
             if (s->rep[k].slot[i])
                 used += (uint64_t)s->rep[k].slot[i]->pos * s->o.kv_pos_bytes;

@@ -15,6 +15,15 @@
  * never sent), and handed to the sink. Cancel, a deadline and a vanished client
  * end a sequence at the next step boundary; its slot's KV memory goes back to the
  * system with the next step to its replica.
+ * Prefix reuse: every slot remembers the tokens whose keys and values it holds.
+ * A request starting with tokens that a running sequence has already been given
+ * gets that prefix copied into its slot (bn_step_t.copy) instead of computing
+ * it; a sequence that ends keeps its slot's memory as a cached prefix (within
+ * prefix_cache bytes, and within kv_budget with the running ones; the least
+ * recently used goes first when room or a slot is needed), and a later request
+ * that starts the same way takes the slot over as it is. At least one prompt
+ * token is always computed (its logits give the first token); the logits are
+ * the same bits as without reuse, as the keys and values are.
  * What it is not: a socket (net/server.c, or main.c's command line, are sinks).
  * A sequence's tokens do not depend on which others share its steps: the forward
  * pass is batch-invariant (tests/test_batch.c).
@@ -38,6 +47,8 @@ typedef struct {
     uint32_t n_ctx;
     uint64_t kv_budget;    /* KV bytes the sequences of one replica may hold; 0 = slots alone bound it */
     uint64_t kv_pos_bytes; /* KV bytes one position costs a replica (over its ranks) */
+    uint64_t prefix_cache; /* KV bytes of ended sequences a replica keeps for later requests that
+                              start with the same tokens (within kv_budget too); 0: none */
 } bn_sched_opts_t;
 
 /* Where a request's events go. `user` is what bn_sched_submit was given. The
@@ -58,6 +69,9 @@ typedef struct {
     double ttft_p50_ms, ttft_p99_ms, itl_p50_ms, itl_p99_ms;
     uint64_t kv_bytes_in_use;   /* positions written by running sequences, every replica */
     uint64_t kv_bytes_reserved; /* their admitted lengths */
+    uint64_t kv_bytes_cached;   /* kept by ended sequences for prefix reuse */
+    uint64_t prefix_hits;       /* requests that started from another sequence's keys and values */
+    uint64_t prefix_tokens;     /* prompt tokens so not computed */
 } bn_sched_stats_t;
 
 /* The ids of a prompt text as the model reads it: the chat form when chat is set,

@@ -13,7 +13,9 @@
     X(formats_same_logits) \
     X(lm_head_formats) \
     X(kv_types_accuracy) \
+    X(kv_copy_same_logits) \
     X(shapes_vs_naive) \
+    X(window_vs_naive) \
     X(sampler_filters) \
     X(sampler_bad_params) \
     X(sampler_slices) \
@@ -82,6 +84,7 @@
     X(wire_fuzz) \
     X(batch_offline_answers_and_errors) \
     X(batch_offline_killed_and_resumed) \
+    X(batch_prefix_reuse) \
     X(batch_client_answers_and_errors) \
     X(batch_client_killed_and_resumed) \
     X(batch_fuzz) \

@@ -252,3 +252,77 @@ BN_TEST(batch_fuzz)
     free(out);
     free(err);
 }
+
+/* Prefix reuse end to end: lines sharing a 200-token start (and a few that do
+ * not), greedy, through the offline scheduler with the prefix cache on (the
+ * default) and off, in one process and over MPI (2 tensor ranks; 2 replicas):
+ * the same tokens for every id, and the summary counts reused tokens only
+ * when on. */
+static long reused(const char *err)
+{
+    const char *p = err ? strstr(err, "prompt (") : NULL;
+    return p ? atol(p + 8) : -1;
+}
+
+BN_TEST(batch_prefix_reuse)
+{
+    char in[64], out[2][64];
+    snprintf(in, sizeof in, "/tmp/bn-pfx-%d.in", (int)getpid());
+    FILE *f = fopen(in, "w");
+    CHECK(f != NULL);
+    uint64_t r = 12345;
+    int pre[200];
+    for (int i = 0; i < 200; i++)
+        pre[i] = (int)((r = r * 6364136223846793005ull + 1442695040888963407ull) >> 33) % 500 + 1;
+    for (int l = 0; l < 10; l++) {
+        fprintf(f, "{\"id\": %d, \"max_tokens\": 8, \"temperature\": 0, \"tokens\": [", l);
+        const int own = l % 5 == 4 ? 0 : 200; /* every fifth line shares nothing */
+        for (int i = 0; i < own; i++)
+            fprintf(f, "%d, ", pre[i]);
+        for (int i = 0; i < 3 + l; i++)
+            fprintf(f, "%s%d", i ? ", " : "", (int)((r = r * 6364136223846793005ull + 1) >> 33) % 500 + 1);
+        fprintf(f, "]}\n");
+    }
+    fclose(f);
+    static const char *const mpi[3] = { "", MPIRUN, MPIRUN };
+    static const char *const plan[3] = { "", "--tp 2", "--replicas 2" };
+    for (int w = 0; w < 3; w++) {
+        char *tok[2] = { 0 };
+        for (int on = 0; on < 2; on++) {
+            snprintf(out[on], sizeof out[on], "/tmp/bn-pfx-%d-%d.out", (int)getpid(), on);
+            unlink(out[on]);
+            char cmd[1024], *err = NULL;
+            snprintf(cmd, sizeof cmd, "%s %s/bitnet-worker --log-level warn --model " I2S " --threads 1 --batch %s "
+                     "--out %s --max-seqs 4 --kv-type q8 %s %s", mpi[w], bin_dir(), in, out[on], plan[w],
+                     on ? "" : "--prefix-cache-mb 0");
+            int rc = bn_test_run(cmd, NULL, &err);
+            if (rc)
+                fprintf(stderr, "%s", err);
+            CHECK_EQ_INT(rc, 0);
+            const long n = reused(err);
+            fprintf(stderr, "  %s%s prefix cache %s: %ld prompt tokens reused\n", w ? "mpirun -n 2 " : "one process",
+                    plan[w], on ? "on " : "off", n);
+            CHECK(on ? n >= 200 * 4 : n == 0);
+            free(err);
+            /* each id's tokens, in id order */
+            char *txt = bn_test_read_file(out[on], NULL);
+            CHECK(txt != NULL);
+            size_t cap = 1 << 16, len = 0;
+            tok[on] = calloc(cap, 1);
+            for (int id = 0; id < 10; id++) {
+                char key[32];
+                snprintf(key, sizeof key, "{\"id\":%d,", id);
+                const char *ln = strstr(txt, key), *t = ln ? strstr(ln, "\"tokens\":[") : NULL;
+                CHECK(t != NULL);
+                const char *e = strchr(t, ']');
+                len += (size_t)snprintf(tok[on] + len, cap - len, "%d:%.*s;", id, (int)(e - t), t);
+            }
+            free(txt);
+            unlink(out[on]);
+        }
+        CHECK_STR_EQ(tok[1], tok[0]);
+        free(tok[0]);
+        free(tok[1]);
+    }
+    unlink(in);
+}

@@ -293,3 +293,48 @@ BN_TEST(kv_types_accuracy)
         bn_model_destroy(&m);
     }
 }
+
+/* A prefix's keys and values copied from one slot to another (prefix reuse)
+ * give the same logits, bit for bit, as computing the prefix in that slot:
+ * every KV type, the prefix computed in one step or position by position. */
+BN_TEST(kv_copy_same_logits)
+{
+    char err[512];
+    bn_model_t *m = NULL;
+    CHECK(bn_model_load(FIX "tiny-b158-i2_s.gguf", &(bn_model_opts_t){ .head_type = -1 }, &m, err, sizeof err) == BN_OK);
+    enum { N = 48, P = 31 };
+    const size_t V = m->cfg.n_vocab;
+    bn_batch_entry_t b[N];
+    for (int i = 0; i < N; i++)
+        b[i] = (bn_batch_entry_t){ 0, i, (int32_t)((i * 53 + 7) % V), 1 };
+    float *a = malloc(N * V * sizeof(float)), *c = malloc(N * V * sizeof(float));
+    for (int kv = 0; kv < 4; kv++) {
+        bn_state_t *st = NULL;
+        CHECK(bn_state_new(m, 64, 3, kv, NULL, &st, err, sizeof err) == BN_OK);
+        CHECK(bn_forward(m, st, b, N, a, err, sizeof err) == BN_OK); /* slot 0: all of it */
+        for (int i = 0; i < P; i++) { /* slot 2: the prefix token by token (another schedule) */
+            bn_batch_entry_t e = b[i];
+            e.seq = 2;
+            e.want_logits = 0;
+            CHECK(bn_forward(m, st, &e, 1, NULL, err, sizeof err) == BN_OK);
+        }
+        for (int src = 0; src <= 2; src += 2) {
+            bn_kvcache_release(st->kv, 1);
+            bn_kvcache_copy(st->kv, src, 1, P);
+            bn_batch_entry_t rest[N];
+            for (int i = P; i < N; i++) {
+                rest[i - P] = b[i];
+                rest[i - P].seq = 1;
+            }
+            CHECK(bn_forward(m, st, rest, N - P, c + (size_t)P * V, err, sizeof err) == BN_OK);
+            const int same = memcmp(a + (size_t)P * V, c + (size_t)P * V, (size_t)(N - P) * V * sizeof(float)) == 0;
+            fprintf(stderr, "  kv %s: %d positions after a %d-token prefix copied from slot %d: %s\n",
+                    bn_kv_type_name(kv), N - P, P, src, same ? "the same logits" : "DIFFERENT logits");
+            CHECK(same);
+        }
+        bn_state_destroy(&st);
+    }
+    free(a);
+    free(c);
+    bn_model_destroy(&m);
+}

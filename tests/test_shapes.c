@@ -66,8 +66,9 @@ static void rope_d(double *v, int rope_dim, int pos, double base)
     }
 }
 
-/* Logits of every position of ids (n), recomputing the whole prefix per layer. */
-static void naive_forward(const bn_model_t *m, const int32_t *ids, int n, double *logits)
+/* Logits of every position of ids (n), recomputing the whole prefix per layer;
+ * window > 0: each position attends to the last `window` positions only. */
+static void naive_forward(const bn_model_t *m, const int32_t *ids, int n, int window, double *logits)
 {
     const bn_config_t *c = &m->cfg;
     int D = (int)c->n_embd, F = (int)c->n_ff, HD = (int)c->head_dim, H = (int)c->n_head, KVH = (int)c->n_head_kv;
@@ -100,7 +101,10 @@ static void naive_forward(const bn_model_t *m, const int32_t *ids, int n, double
                 int kh = h * KVH / H; /* the group of query head h */
                 const double *q = Q + ((size_t)p * H + h) * HD;
                 double *sc = malloc((p + 1) * sizeof(double)), mx = -INFINITY, sum = 0;
-                for (int t = 0; t <= p; t++) {
+                const int t0 = window && p + 1 > window ? p + 1 - window : 0;
+                for (int t = 0; t < t0; t++)
+                    sc[t] = 0; /* (weight 0 below) */
+                for (int t = t0; t <= p; t++) {
                     const double *k = K + ((size_t)t * KVH + kh) * HD;
                     double d = 0;
                     for (int i = 0; i < HD; i++)
@@ -108,11 +112,11 @@ static void naive_forward(const bn_model_t *m, const int32_t *ids, int n, double
                     sc[t] = d / sqrt((double)HD);
                     mx = fmax(mx, sc[t]);
                 }
-                for (int t = 0; t <= p; t++)
+                for (int t = t0; t <= p; t++)
                     sum += (sc[t] = exp(sc[t] - mx));
                 for (int i = 0; i < HD; i++) {
                     double a = 0;
-                    for (int t = 0; t <= p; t++)
+                    for (int t = t0; t <= p; t++)
                         a += sc[t] / sum * V[((size_t)t * KVH + kh) * HD + i];
                     att[h * HD + i] = a;
                 }
@@ -186,7 +190,7 @@ static void check_shape(const char *name, const char *flags, const char *expect_
     for (int i = 0; i < N; i++)
         b[i] = (bn_batch_entry_t){ 0, i, ids[i], 1 };
     CHECK(bn_forward(m, st, b, N, got_l, err, sizeof err) == BN_OK);
-    naive_forward(m, ids, N, want);
+    naive_forward(m, ids, N, 0, want);
     double md = 0, scale = 0;
     for (size_t i = 0; i < (size_t)N * V; i++) {
         md = fmax(md, fabs(got_l[i] - want[i]));
@@ -222,4 +226,62 @@ BN_TEST(shapes_vs_naive)
                 "bitnet embd=256 ff=512 heads=4/2 hd=64 rope=64 eps=1e-05 base=500000 wq=TQ2_0 embd=F16");
     check_shape("b25", SMALL "--arch bitnet-25 --n-embd 256 --n-ff 512 --n-head 4 --n-head-kv 1",
                 "bitnet-25 embd=256 ff=512 heads=4/1 hd=64 rope=64 eps=1e-05 base=500000 wq=I2_S embd=F16");
+}
+
+/* --window N against the naive forward pass with the same window (f32 cache:
+ * only int8 flips differ), unlike the one without it; and a long run with a
+ * window keeps only about a window's worth of KV pages in memory. */
+BN_TEST(window_vs_naive)
+{
+    char err[512];
+    bn_model_t *m = NULL;
+    CHECK(bn_model_load("tests/fixtures/tiny-b158-i2_s.gguf", &exact_head, &m, err, sizeof err) == BN_OK);
+    enum { N = 40, W = 8 };
+    const uint32_t V = m->cfg.n_vocab;
+    int32_t ids[N];
+    for (int i = 0; i < N; i++)
+        ids[i] = (int32_t)((i * 37 + 11) % V);
+    float *got = malloc((size_t)N * V * sizeof(float));
+    double *want = malloc((size_t)N * V * sizeof(double)), *full = malloc((size_t)N * V * sizeof(double));
+    bn_state_t *st = NULL;
+    CHECK(bn_state_new(m, 64, 1, BN_KV_F32, NULL, &st, err, sizeof err) == BN_OK);
+    st->window = W;
+    bn_batch_entry_t b[N];
+    for (int i = 0; i < N; i++)
+        b[i] = (bn_batch_entry_t){ 0, i, ids[i], 1 };
+    CHECK(bn_forward(m, st, b, 20, got, err, sizeof err) == BN_OK); /* in two steps: the window spans them */
+    CHECK(bn_forward(m, st, b + 20, N - 20, got + (size_t)20 * V, err, sizeof err) == BN_OK);
+    bn_state_destroy(&st);
+    naive_forward(m, ids, N, W, want);
+    naive_forward(m, ids, N, 0, full);
+    double md = 0, mfull = 0;
+    for (size_t i = 0; i < (size_t)N * V; i++)
+        md = fmax(md, fabs(got[i] - want[i]));
+    for (size_t i = (size_t)W * V; i < (size_t)N * V; i++)
+        mfull = fmax(mfull, fabs(want[i] - full[i]));
+    fprintf(stderr, "  window %d, %d positions: max |diff| %.3g against the naive windowed pass, %.3g between "
+            "windowed and full attention\n", W, N, md, mfull);
+    CHECK(md < 0.2);
+    CHECK(mfull > 1.0); /* the window changes the output */
+    free(got); free(want); free(full);
+
+    /* memory: 3000 positions, window 64, f16 rows of 64 bytes (64 per page) */
+    const uint32_t n_ctx = 4096, w = 64;
+    CHECK(bn_state_new(m, n_ctx, 1, BN_KV_F16, NULL, &st, err, sizeof err) == BN_OK);
+    st->window = w;
+    float *l = malloc((size_t)V * sizeof(float));
+    for (int p = 0; p < 3000; p++) {
+        bn_batch_entry_t e = { 0, p, (int32_t)((p * 7) % V), p == 2999 };
+        CHECK(bn_forward(m, st, &e, 1, l, err, sizeof err) == BN_OK);
+    }
+    const size_t runs = (size_t)st->kv->n_layer * st->kv->n_kv * 2, pg = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t res = bn_kvcache_resident(st->kv), bound = runs * ((size_t)w * st->kv->row_bytes + 4 * pg);
+    fprintf(stderr, "  window %u after 3000 positions: %zu KV bytes resident (bound %zu; %zu without a window)\n", w,
+            res, bound, runs * 3000 * st->kv->row_bytes);
+    CHECK(res > 0 && res <= bound);
+    bn_kvcache_release(st->kv, 0);
+    CHECK(bn_kvcache_resident(st->kv) == 0);
+    bn_state_destroy(&st);
+    free(l);
+    bn_model_destroy(&m);
 }

@@ -232,10 +232,11 @@ static void answer_tails(bn_engine_t *e, const step_t *s, int k, const tail_req_
 static int run_step(bn_engine_t *e, const step_t *s, char *err, size_t errlen)
 {
     BN_DEBUG("step: %d entries from position %d, want %d", s->n, s->n ? s->e[0].pos : -1, s->want);
-    for (int i = 0; i < s->n_release; i++)
-        bn_kvcache_release(e->st->kv, s->release[i]);
+    /* copies first: a slot copied from may be given back in the same step */
     for (int i = 0; i < s->n_copy; i++)
         bn_kvcache_copy(e->st->kv, s->copy[i].src, s->copy[i].dst, s->copy[i].n);
+    for (int i = 0; i < s->n_release; i++)
+        bn_kvcache_release(e->st->kv, s->release[i]);
     int rc = bn_forward(e->m, e->st, s->e, s->n, e->last_stage ? e->logits : NULL, err, errlen);
     BN_DEBUG("step done");
     e->cur = *s;

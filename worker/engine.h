@@ -32,7 +32,8 @@ enum { BN_WANT_NONE = 0, BN_WANT_SAMPLE = 1, BN_WANT_LOGITS = 2 };
 
 /* Positions 0..n-1 of slot src into slot dst, on every rank of the replica
  * (each for its own layers and KV heads: bn_kvcache_copy), before the step's
- * entries: a prompt prefix computed once and reused (coordinator/sched.c) */
+ * releases and entries: a prompt prefix computed once and reused
+ * (coordinator/sched.c) */
 #define BN_STEP_COPY_MAX 16
 typedef struct {
     int32_t src, dst;
@@ -61,9 +62,9 @@ typedef struct {
                                              (the picker's); alive until the step is done */
     float *logits;                        /* BN_WANT_LOGITS: (k, n_vocab), the caller's, until done */
     int n_release;
-    int32_t release[BN_STEP_MAX];         /* sequence slots whose KV memory goes back first */
     int n_copy;
-    bn_kv_copy_t copy[BN_STEP_COPY_MAX];  /* then prompt prefixes copied between slots */
+    bn_kv_copy_t copy[BN_STEP_COPY_MAX];  /* prompt prefixes copied between slots first */
+    int32_t release[BN_STEP_MAX];         /* then the sequence slots whose KV memory goes back */
 } bn_step_t;
 
 /* A finished step (rank 0). */

@@ -38,7 +38,7 @@ typedef struct {
     int log_level;
     int seed_given;
     /* --serve */
-    int serve, max_seqs, max_queue, step_tokens, kv_budget_mb, max_msg_bytes;
+    int serve, max_seqs, max_queue, step_tokens, kv_budget_mb, max_msg_bytes, prefix_cache_mb, window;
     float drain_s;
     const char *endpoint_file;
     const char *bind, *curve_secret_file;
@@ -83,6 +83,10 @@ static void usage(FILE *f)
         "                       bytes attention reads of f32), f32 (exact), q8 or q4\n"
         "                       (blocks of 32 with one scale: about 1/1.9 and 1/3.6 of\n"
         "                       f16; bench/RESULTS.md has their logit differences)\n"
+        "  --window N           sliding-window attention: each position attends to the\n"
+        "                       last N only. CHANGES THE MODEL'S OUTPUT (BitNet was\n"
+        "                       trained with full attention); the memory of positions\n"
+        "                       that fall out of the window is given back\n"
         "\n"
         "ranks (under mpirun or srun --mpi=pmix; the plan is printed at start):\n"
         "  --tp N               tensor ranks per stage (default: chosen, see below)\n"
@@ -114,6 +118,11 @@ static void usage(FILE *f)
         "  --max-queue N        requests waiting for a slot; more get 'busy' (default 64)\n"
         "  --kv-budget-mb MB    KV memory the sequences of one replica may reserve\n"
         "                       (prompt + max_tokens each; default 0: the slots bound it)\n"
+        "  --prefix-cache-mb MB KV memory that ended requests keep per replica so later\n"
+        "                       ones starting with the same tokens (a system prompt)\n"
+        "                       skip computing them (default: up to the KV budget, or\n"
+        "                       the free slots; 0: off; off with --window). Requests\n"
+        "                       running at once share a prefix by copying it\n"
         "  --step-tokens N      token budget of one step, 1..64 (default 64)\n"
         "  --max-msg-bytes N    largest request accepted (default 1048576)\n"
         "  --drain-s S          after a signal, time for running requests (default 30)\n"
@@ -127,6 +136,15 @@ static void usage(FILE *f)
         "  --log-level L        error, warn, info or debug (default info)\n"
         "  -h, --help           this text\n",
         f);
+}
+
+/* the scheduler's prefix_cache bytes: off with a sliding window (a window's
+ * early positions are given back, so a prefix would not be whole) */
+static uint64_t prefix_cache(const options_t *o)
+{
+    if (o->window || o->prefix_cache_mb == 0)
+        return 0;
+    return o->prefix_cache_mb < 0 ? UINT64_MAX : (uint64_t)o->prefix_cache_mb * 1000000u;
 }
 
 static int parse_int(const char *flag, const char *s, long lo, long hi, int *out)
@@ -163,6 +181,7 @@ static int parse_args(int argc, char **argv, options_t *o)
     o->kv_type = BN_KV_DEFAULT;
     o->log_level = BN_LOG_INFO;
     o->max_seqs = 16;
+    o->prefix_cache_mb = -1;
     o->max_queue = 64;
     o->step_tokens = 64;
     o->max_msg_bytes = 1 << 20;
@@ -213,6 +232,8 @@ static int parse_args(int argc, char **argv, options_t *o)
         else if (!strcmp(a, "--max-queue")) rc = parse_int(a, v, 1, 1 << 20, &o->max_queue);
         else if (!strcmp(a, "--step-tokens")) rc = parse_int(a, v, 1, 64, &o->step_tokens);
         else if (!strcmp(a, "--kv-budget-mb")) rc = parse_int(a, v, 0, INT_MAX, &o->kv_budget_mb);
+        else if (!strcmp(a, "--prefix-cache-mb")) rc = parse_int(a, v, 0, INT_MAX, &o->prefix_cache_mb);
+        else if (!strcmp(a, "--window")) rc = parse_int(a, v, 1, 1 << 24, &o->window);
         else if (!strcmp(a, "--max-msg-bytes")) rc = parse_int(a, v, 64, 1 << 28, &o->max_msg_bytes);
         else if (!strcmp(a, "--drain-s")) rc = parse_float(a, v, 0.0f, 1e6f, &o->drain_s);
         else if (!strcmp(a, "--endpoint-file")) o->endpoint_file = v;
@@ -348,6 +369,9 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
         BN_WARN("%s: %s", o->model, bn_tokenizer_warning(tok));
     m->cfg.eot_id = m->cfg.eot_id >= 0 ? m->cfg.eot_id : bn_tokenizer_find(tok, "<|eot_id|>");
     BN_INFO("stop tokens: eos %d, eot %d", m->cfg.eos_id, m->cfg.eot_id);
+    /* KV bytes one position costs a replica: every layer's KV heads once */
+    const bn_config_t *c = &m->cfg;
+    const uint64_t pos_bytes = 2ull * c->n_layer * c->n_head_kv * bn_kv_row_bytes(rk->st->kv_type, c->head_dim);
     if (o->serve) {
         char *plan = NULL;
         size_t len = 0;
@@ -356,9 +380,6 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
             bn_plan_print(&rk->plan, f, "");
             fclose(f);
         }
-        /* KV bytes one position costs a replica: every layer's KV heads once */
-        const bn_config_t *c = &m->cfg;
-        uint64_t pos_bytes = 2ull * c->n_layer * c->n_head_kv * bn_kv_row_bytes(rk->st->kv_type, c->head_dim);
         bn_server_opts_t so = { .bind = o->bind, .curve_secret_file = o->curve_secret_file, .drain_s = o->drain_s,
                                 .endpoint_file = o->endpoint_file,
                                 .max_msg_bytes = (uint32_t)o->max_msg_bytes, .model_path = o->model,
@@ -367,14 +388,16 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
                                 .threads = bn_pool_size(rk->pool), .kv = rk->st->kv,
                                 .sched = { .max_seqs = o->max_seqs, .max_queue = o->max_queue,
                                            .step_tokens = o->step_tokens, .n_ctx = n_ctx,
-                                           .kv_budget = (uint64_t)o->kv_budget_mb * 1000000u, .kv_pos_bytes = pos_bytes } };
+                                           .kv_budget = (uint64_t)o->kv_budget_mb * 1000000u, .kv_pos_bytes = pos_bytes,
+                                           .prefix_cache = prefix_cache(o) } };
         rc = bn_server_run(&so, rk->eng, &rk->plan, m, tok, err, errlen);
         free(plan);
         bn_tokenizer_destroy(&tok);
         return rc;
     }
     if (o->batch) {
-        bn_batch_job_t jb = { .in = o->batch, .out = o->batch_out, .max_seqs = o->max_seqs, .n_ctx = n_ctx };
+        bn_batch_job_t jb = { .in = o->batch, .out = o->batch_out, .max_seqs = o->max_seqs, .n_ctx = n_ctx,
+                              .prefix_cache = prefix_cache(o), .kv_pos_bytes = pos_bytes };
         bn_gen_params_init(&jb.defaults);
         jb.defaults.sp = o->sp;
         jb.defaults.seed_given = o->seed_given;
@@ -392,10 +415,10 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
         int stopped = 0;
         rc = bn_batch_job_run(&jb, rk->eng, &rk->plan, m, tok, &sum, &stopped, err, errlen);
         size_t left = sum.total - sum.answered - sum.skipped - sum.errors;
-        fprintf(stderr, "batch: %zu answered, %zu skipped (already in %s), %zu error lines, %zu left; %llu prompt and "
-                "%llu generated tokens in %.1f s (%.2f generated tokens/s)\n", sum.answered, sum.skipped,
-                o->batch_out, sum.errors, left, (unsigned long long)sum.prompt_tokens,
-                (unsigned long long)sum.completion_tokens, sum.seconds,
+        fprintf(stderr, "batch: %zu answered, %zu skipped (already in %s), %zu error lines, %zu left; %llu prompt "
+                "(%llu reused) and %llu generated tokens in %.1f s (%.2f generated tokens/s)\n", sum.answered,
+                sum.skipped, o->batch_out, sum.errors, left, (unsigned long long)sum.prompt_tokens,
+                (unsigned long long)sum.reused_tokens, (unsigned long long)sum.completion_tokens, sum.seconds,
                 sum.seconds > 0 ? sum.completion_tokens / sum.seconds : 0.0);
         if (rc == BN_OK && stopped && left)
             *exit_code = 3;
@@ -589,6 +612,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, int *exit_code, 
         (rc = bn_pool_new(n_threads, &rk.pool, err, errlen)) == BN_OK &&
         (mo.pool = rk.pool, rc = bn_model_load(o->model, &mo, &rk.m, err, errlen)) == BN_OK &&
         (rc = bn_state_new(rk.m, n_ctx, o->serve || o->batch ? (uint32_t)o->max_seqs : 1, o->kv_type, rk.pool, &rk.st, err, errlen)) == BN_OK) {
+        rk.st->window = (uint32_t)o->window;
         bn_comm_dist(comm, &rk.dist);
         if ((rc = bn_state_set_dist(rk.st, &rk.dist, err, errlen)) == BN_OK)
             rc = bn_engine_new(comm, &rk.plan, rk.m, rk.st, &rk.eng, err, errlen);

@@ -274,6 +274,9 @@ int bn_wire_stats(const char *id, const bn_sched_stats_t *st, double uptime_s, u
     S(uptime_s, uptime_s);
     S(bad_messages, bad_messages);
     S(kv_bytes_resident, kv_resident);
+    S(kv_bytes_cached, st->kv_bytes_cached);
+    S(prefix_hits, st->prefix_hits);
+    S(prefix_tokens, st->prefix_tokens);
 #undef S
     r.body_case = BITNET__REPLY__BODY_STATS;
     r.stats = &s;
