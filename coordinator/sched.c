@@ -541,10 +541,17 @@ void bn_sched_cancel_all(bn_sched_t *s, const char *why)
                 mark(s->rep[k].slot[i], why);
 }
 
-/* deadlines, and cancelled requests that nothing in flight still refers to */
+/* deadlines, cancelled requests that nothing in flight still refers to, and
+ * cached prefixes unused for prefix_ttl_s */
 static void reap(bn_sched_t *s)
 {
     double t = bn_now_s();
+    for (int k = 0; s->o.prefix_ttl_s > 0 && k < s->plan->R; k++)
+        for (int i = 0; i < s->o.max_seqs; i++)
+            if (s->rep[k].kv[i].cached && t - s->rep[k].kv[i].used > s->o.prefix_ttl_s) {
+                uncache(s, &s->rep[k], i);
+                give_back(&s->rep[k], i);
+            }
     int kept = 0;
     const int Q = s->o.max_queue;
     for (int i = 0; i < s->q_count; i++) {

@@ -20,7 +20,8 @@
  * gets that prefix copied into its slot (bn_step_t.copy) instead of computing
  * it; a sequence that ends keeps its slot's memory as a cached prefix (within
  * prefix_cache bytes, and within kv_budget with the running ones; the least
- * recently used goes first when room or a slot is needed), and a later request
+ * recently used goes first when room or a slot is needed; one unused for
+ * prefix_ttl_s goes back to the system), and a later request
  * that starts the same way takes the slot over as it is. At least one prompt
  * token is always computed (its logits give the first token); the logits are
  * the same bits as without reuse, as the keys and values are.
@@ -49,6 +50,7 @@ typedef struct {
     uint64_t kv_pos_bytes; /* KV bytes one position costs a replica (over its ranks) */
     uint64_t prefix_cache; /* KV bytes of ended sequences a replica keeps for later requests that
                               start with the same tokens (within kv_budget too); 0: none */
+    double prefix_ttl_s;   /* a cached prefix unused this long goes back to the system (0: never) */
 } bn_sched_opts_t;
 
 /* Where a request's events go. `user` is what bn_sched_submit was given. The

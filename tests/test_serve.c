@@ -542,7 +542,7 @@ static double proc_cpu_s(int pid)
 BN_TEST(serve_idle_cpu_and_kv_memory)
 {
     server_t s;
-    server_start(&s, 2, "--model " I2S " --tp 2 --ctx 65536");
+    server_start(&s, 2, "--model " I2S " --tp 2 --ctx 65536 --prefix-cache-s 2");
     char *log = server_log(&s);
     int pids[2] = { 0, 0 }, n = 0;
     for (const char *p = log; n < 2 && (p = strstr(p, "part loaded in ")); p++) {
@@ -580,15 +580,22 @@ BN_TEST(serve_idle_cpu_and_kv_memory)
     kill(p, SIGINT);
     waitpid(p, NULL, 0);
     wait_idle(&s);
+    /* kept a while as a cached prefix (--prefix-cache-s 2), then given back */
+    CHECK_EQ_INT(client(&s, "stats", &out, NULL), 0);
+    const char *c = strstr(out, "kv_bytes_cached: ");
+    const long long cached = c ? atoll(c + 17) : -1;
+    free(out);
     long long after = -1;
-    for (int i = 0; i < 100 && after != 0; i++) { /* the release travels with the next step */
+    for (int i = 0; i < 200 && after != 0; i++) { /* the TTL, then the release travels with the next step */
         usleep(50000);
         CHECK_EQ_INT(client(&s, "stats", &out, NULL), 0);
         after = atoll(strstr(out, "kv_bytes_resident: ") + 19);
         free(out);
     }
-    fprintf(stderr, "  rank 0's resident KV: %lld bytes while a request ran, %lld after it ended\n", busy, after);
+    fprintf(stderr, "  rank 0's resident KV: %lld bytes while a request ran, %lld cached as its prefix after it "
+            "ended, %lld resident after the prefix cache's 2 s\n", busy, cached, after);
     CHECK(busy > 0);
+    CHECK(cached > 0);
     CHECK_EQ_INT(after, 0);
     CHECK_EQ_INT(server_stop(&s), 0);
     unlink(s.errp);

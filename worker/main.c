@@ -39,6 +39,7 @@ typedef struct {
     int seed_given;
     /* --serve */
     int serve, max_seqs, max_queue, step_tokens, kv_budget_mb, max_msg_bytes, prefix_cache_mb, window;
+    float prefix_cache_s;
     float drain_s;
     const char *endpoint_file;
     const char *bind, *curve_secret_file;
@@ -123,6 +124,8 @@ static void usage(FILE *f)
         "                       skip computing them (default: up to the KV budget, or\n"
         "                       the free slots; 0: off; off with --window). Requests\n"
         "                       running at once share a prefix by copying it\n"
+        "  --prefix-cache-s S   a cached prefix unused for S seconds goes back to the\n"
+        "                       system (default 300; 0: kept until room is needed)\n"
         "  --step-tokens N      token budget of one step, 1..64 (default 64)\n"
         "  --max-msg-bytes N    largest request accepted (default 1048576)\n"
         "  --drain-s S          after a signal, time for running requests (default 30)\n"
@@ -182,6 +185,7 @@ static int parse_args(int argc, char **argv, options_t *o)
     o->log_level = BN_LOG_INFO;
     o->max_seqs = 16;
     o->prefix_cache_mb = -1;
+    o->prefix_cache_s = 300;
     o->max_queue = 64;
     o->step_tokens = 64;
     o->max_msg_bytes = 1 << 20;
@@ -234,6 +238,7 @@ static int parse_args(int argc, char **argv, options_t *o)
         else if (!strcmp(a, "--kv-budget-mb")) rc = parse_int(a, v, 0, INT_MAX, &o->kv_budget_mb);
         else if (!strcmp(a, "--prefix-cache-mb")) rc = parse_int(a, v, 0, INT_MAX, &o->prefix_cache_mb);
         else if (!strcmp(a, "--window")) rc = parse_int(a, v, 1, 1 << 24, &o->window);
+        else if (!strcmp(a, "--prefix-cache-s")) rc = parse_float(a, v, 0.0f, 1e9f, &o->prefix_cache_s);
         else if (!strcmp(a, "--max-msg-bytes")) rc = parse_int(a, v, 64, 1 << 28, &o->max_msg_bytes);
         else if (!strcmp(a, "--drain-s")) rc = parse_float(a, v, 0.0f, 1e6f, &o->drain_s);
         else if (!strcmp(a, "--endpoint-file")) o->endpoint_file = v;
@@ -389,7 +394,7 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
                                 .sched = { .max_seqs = o->max_seqs, .max_queue = o->max_queue,
                                            .step_tokens = o->step_tokens, .n_ctx = n_ctx,
                                            .kv_budget = (uint64_t)o->kv_budget_mb * 1000000u, .kv_pos_bytes = pos_bytes,
-                                           .prefix_cache = prefix_cache(o) } };
+                                           .prefix_cache = prefix_cache(o), .prefix_ttl_s = o->prefix_cache_s } };
         rc = bn_server_run(&so, rk->eng, &rk->plan, m, tok, err, errlen);
         free(plan);
         bn_tokenizer_destroy(&tok);
