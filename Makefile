@@ -97,6 +97,11 @@ $(BIN)/bitnet-client: $(CLIENT_OBJ)
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(ZMQ_LIBS) $(JSON_LIBS) $(LDLIBS)
 
+# bench/kv.sh's measuring tool (not part of `all`)
+$(BIN)/bitnet-kvbench: $(O)/bench/kvbench.o $(O)/libbn.a
+	@mkdir -p $(BIN)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
 $(BIN)/bitnet-mkmodel: $(O)/tools/mkmodel.o $(O)/libbn.a
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
@@ -153,6 +158,7 @@ bench:
 	@sh bench/mpi.sh
 	@sh bench/serve.sh
 	@sh bench/batch.sh
+	@sh bench/kv.sh
 
 clean:
 	rm -rf build build-san bin bin-san build-aarch64 bin-aarch64

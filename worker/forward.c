@@ -7,6 +7,7 @@
  * tokens; attention by (token, head). All arithmetic is in the kernels. */
 #include "worker/forward.h"
 
+#include "base/log.h"
 #include "base/status.h"
 
 #include <math.h>
@@ -628,7 +629,9 @@ static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entr
         /* q, k = rope_neox(q, k) */
         run(&cx, job_rope_cache);
         /* a = causal_gqa_attention(q, k, v) */
+        const double t_att = bn_now_s();
         run(&cx, job_attention);
+        s->t_attention += bn_now_s() - t_att;
         /* a = rmsnorm(a) * attn_sub_norm  (over all heads of every tensor rank) */
         if ((rc = sub_norm(&cx, s->att, (int)s->q_dim, (int)s->q_pad, (int)(c->n_head * c->head_dim),
                            (int)(sh->head0 * c->head_dim), (int)c->head_dim, L->attn_sub_norm + sh->head0 * c->head_dim,

@@ -53,6 +53,7 @@ typedef struct {
     int8_t *hq;           /* (max_batch, n_embd) LM head input blocks */
     float *hd;            /* (max_batch, n_embd/32) their scales */
     int kv_type;          /* bn_kv_type_t, of kv */
+    double t_attention;   /* seconds spent in attention so far (for benchmarks) */
     uint32_t window;      /* 0: attend to every earlier position; N: to the last N
                              only (--window; changes the model's output), the
                              pages of positions that fall out returned */
