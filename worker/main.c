@@ -483,6 +483,7 @@ typedef struct {
     double peak_rss_mb;
     double weight_mb;
     double serve_s, serve_cpu_s;  /* wall and CPU time (all threads) in bn_engine_serve */
+    double kv_mb;                 /* KV cache pages resident at the end */
 } rank_stats_t;
 
 static double cpu_s(void)
@@ -529,13 +530,18 @@ static void print_stats(const rank_t *rk, const bn_cli_result_t *rs, const rank_
     double tot = comp + comm + wait > 0 ? comp + comm + wait : 1;
     fprintf(stderr, "weights read per generated token: %.1f MB over %d rank%s (%.2f GB/s at this speed)\n", wmb,
             p->world, p->world == 1 ? "" : "s", wmb * gtps / 1e3);
+    double kv_mb = 0;
+    for (int r = 0; r < p->world; r++)
+        kv_mb += all[r].kv_mb;
+    fprintf(stderr, "KV cache (%s): %.2f MB in use over %d rank%s for %d positions\n", bn_kv_type_name(rk->st->kv_type),
+            kv_mb, p->world, p->world == 1 ? "" : "s", rs->n_prompt + (rs->n_gen > 0 ? rs->n_gen - 1 : 0));
     fprintf(stderr, "stats: prompt_tokens=%d prompt_tps=%.3f gen_tokens=%d gen_tps=%.3f peak_rss_mb=%.1f "
             "threads=%d kernels=%s lm_head=%s kv_type=%s weight_mb_per_token=%.1f ranks=%d plan=%dx%dx%d "
             "peak_rss_mb_max=%.1f bytes_per_token=%.0f collectives_per_token=%.1f compute_pct=%.1f comm_pct=%.1f "
-            "wait_pct=%.1f gen_steps=%llu\n",
+            "wait_pct=%.1f gen_steps=%llu kv_mb=%.2f\n",
             rs->n_prompt, ptps, rs->n_gen, gtps, all[0].peak_rss_mb, bn_pool_size(rk->pool), bn_kernels_get()->name,
             bn_head_type_name(m->w.head.type), bn_kv_type_name(rk->st->kv_type), wmb, p->world, p->R, p->P, p->T, rss_max, bytes, coll,
-            100 * comp / tot, 100 * comm / tot, 100 * wait / tot, (unsigned long long)steps);
+            100 * comp / tot, 100 * comm / tot, 100 * wait / tot, (unsigned long long)steps, kv_mb);
 }
 
 /* Every rank learns whether every rank got this far: a failure of one rank
@@ -607,6 +613,14 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, int *exit_code, 
             free(buf);
         }
     }
+    if (comm->rank == 0 && rc == BN_OK) { /* what a position of context costs, for the chosen KV type */
+        const uint64_t row = bn_kv_row_bytes(o->kv_type, cfg.head_dim), pos = 2ull * cfg.n_layer * cfg.n_head_kv * row;
+        const uint32_t slots = o->serve || o->batch ? (uint32_t)o->max_seqs : 1;
+        BN_INFO("kv: %s, %llu bytes per position of context per replica (%llu per layer and KV head for K and V), "
+                "%.1f MB per %u-position sequence; %u slot%s of %u positions", bn_kv_type_name(o->kv_type),
+                (unsigned long long)pos, (unsigned long long)(2 * row), pos * n_ctx / 1e6, n_ctx, slots,
+                slots == 1 ? "" : "s", n_ctx);
+    }
     const bn_shard_t *me = &rk.plan.rank[comm->rank];
     /* this rank's part: errors here may be one rank's own (memory), so every rank
      * says how it went before any goes on */
@@ -663,7 +677,8 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, int *exit_code, 
             bn_comm_abort(comm, 1);
         }
         rank_stats_t mine = { .peak_rss_mb = peak_rss_mb(), .weight_mb = bn_model_bytes_per_token(rk.m) / 1e6,
-                              .serve_s = serve_wall, .serve_cpu_s = serve_cpu };
+                              .serve_s = serve_wall, .serve_cpu_s = serve_cpu,
+                              .kv_mb = bn_kvcache_resident(rk.st->kv) / 1e6 };
         for (int ph = 0; ph < BN_PHASES; ph++)
             mine.ps[ph] = *bn_engine_stats(rk.eng, ph);
         rank_stats_t *all = comm->rank == 0 ? calloc((size_t)comm->size, sizeof *all) : NULL;
