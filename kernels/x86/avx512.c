@@ -708,23 +708,22 @@ INLINE __m512 kvrow16(const void *base, size_t stride, int t, int i, const int t
     return kvq16((const uint8_t *)base + (size_t)t * stride, i, ty);
 }
 
-/* One whole block of 16 positions of an fp16 cache, for nh heads at once (nh and
- * nv compile-time constants): each key and value row is widened once into
- * registers and used by every head, rather than stored widened and read back per
- * head. Per head, the same operations in the same order as the one-head path
+/* One whole block of 16 positions of an fp16 or block-quantized cache (ty, as
+ * kvrow16 takes it), for nh heads at once (nh, nv and ty compile-time
+ * constants): each key and value row is widened once into registers and used
+ * by every head, rather than stored widened and read back per head. Per head, the same operations in the same order as the one-head path
  * below (the dot products as there, the same transpose-sum, exp and accumulation
  * order), so the same bits. */
-INLINE void f16_block(const float *q, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v, size_t stride,
+INLINE void kv_block(const float *q, size_t q_stride, const void *k, const void *v, size_t stride,
                       int t0, float scale, float (*accs)[16 * ATT_MAX_VEC], float *ms, float *ls, const int nv,
-                      const int nh)
+                      const int nh, const int ty)
 {
     _Alignas(64) float dots[4][16 * 16], p[4][16];
     for (int j = 0; j < 16; j++) {
-        const bn_fp16_t *kt = k + (size_t)(t0 + j) * stride;
         __m512 kc[ATT_MAX_VEC];
 #pragma GCC unroll 16
         for (int i = 0; i < ATT_MAX_VEC; i++) /* (all set: quiets a false maybe-uninitialized) */
-            kc[i] = i < nv ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kt + 16 * i))) : _mm512_setzero_ps();
+            kc[i] = i < nv ? kvrow16(k, stride, t0 + j, i, ty) : _mm512_setzero_ps();
 #pragma GCC unroll 4
         for (int h = 0; h < nh; h++) {
             const float *qh = q + h * q_stride;
@@ -766,11 +765,10 @@ INLINE void f16_block(const float *q, size_t q_stride, const bn_fp16_t *k, const
             for (int c = 0; c < 4; c++)
                 acc[h][c] = c < nc ? _mm512_load_ps(accs[h] + 16 * (c0 + c)) : _mm512_setzero_ps();
         for (int j = 0; j < 16; j++) {
-            const bn_fp16_t *vt = v + (size_t)(t0 + j) * stride + 16 * c0;
             __m512 vc[4];
 #pragma GCC unroll 4
             for (int c = 0; c < nc; c++)
-                vc[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vt + 16 * c)));
+                vc[c] = kvrow16(v, stride, t0 + j, c0 + c, ty);
 #pragma GCC unroll 4
             for (int h = 0; h < nh; h++) {
                 const __m512 pj = _mm512_set1_ps(p[h][j]);
@@ -807,14 +805,14 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
         const __mmask16 live = lanes16(cnt);
         /* the block's keys and values as floats, rows bst apart: in place, or
          * widened once for all the heads (exactly: the same values) */
-        if (ty == 1 && cnt == 16) { /* a whole block: all heads at once, four at a time */
+        if (ty && cnt == 16) { /* a whole block: all heads at once, four at a time */
             for (int h = 0; h < nq; h += 4) {
                 const float *qh = q + h * q_stride;
                 switch (nq - h < 4 ? nq - h : 4) {
-                case 4: f16_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 4); break;
-                case 3: f16_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 3); break;
-                case 2: f16_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 2); break;
-                default: f16_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 1);
+                case 4: kv_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 4, ty); break;
+                case 3: kv_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 3, ty); break;
+                case 2: kv_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 2, ty); break;
+                default: kv_block(qh, q_stride, k, v, stride, t0, scale, accs + h, ms + h, ls + h, nv, 1, ty);
                 }
             }
             continue;
