@@ -206,15 +206,19 @@ typedef struct {
                             size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
     /* `attention_heads` with the cache in fp16 (--kv-type f16): k_t = k + t*stride
      * halves, v alike, each value widened to float exactly; the same maths, and
-     * each head's result independent of nq. Required in every table. */
+     * each head's result independent of nq. Required in every table. ml (may
+     * be NULL): each head's softmax state, ml[2h] the largest scaled score and
+     * ml[2h + 1] the sum of exp(score - that), so that the results of several
+     * runs of positions can be merged (worker/forward.c, long contexts). */
     void (*attention_heads_f16)(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
-                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride, float *ml);
     /* `attention_heads_f16` with a block-quantized cache (--kv-type q8, q4;
      * bits 8 or 4): row t of k at k + t*row_stride bytes, v alike, in the
      * layout of BN_KVQ_BLOCK below, each value widened exactly; the same maths,
      * each head's result independent of nq. Required in every table. */
     void (*attention_heads_q)(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
-                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride);
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride,
+                              float *ml);
     /* out[i] = act(g[i]) * u[i], act = relu(x)^2 (relu2 != 0) or silu (out may equal g) */
     void (*ffn_act)(const float *g, const float *u, int n, int relu2, float *out);
     /* q[i] = x[i] * r * g[i] * s (multiplied in that order), rounded half to even
@@ -247,7 +251,8 @@ static inline size_t bn_kvq_row_bytes(int bits, int head_dim)
 void bn_ref_kvq_quantize(const float *x, int n, int bits, uint8_t *row);
 void bn_ref_kvq_dequant(const uint8_t *row, int n, int bits, float *out);
 void bn_ref_attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
-                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride);
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride,
+                              float *ml);
 /* one score d of the online softmax (ref/ops.c): on a new maximum *m, out (n
  * values) and the sum of weights *l are rescaled; returns d's weight */
 float bn_ref_online_weight(float d, float *m, float *l, float *out, int n);
@@ -263,7 +268,7 @@ void bn_ref_rope_neox(float *x, int n_heads, int head_dim, int rope_dim, const f
 void bn_ref_attention(const float *q, const float *k, const float *v, size_t stride, int n_pos,
                       int head_dim, float *out);
 void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
-                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride);
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride, float *ml);
 void bn_ref_ffn_act(const float *g, const float *u, int n, int relu2, float *out);
 void bn_ref_quantize_scaled(const float *x, const float *g, float r, float s, int n, int8_t *q, int32_t *qsum);
 void bn_ref_to_f16(const float *x, int n, bn_fp16_t *out);

@@ -14,6 +14,7 @@
     X(lm_head_formats) \
     X(kv_types_accuracy) \
     X(kv_copy_same_logits) \
+    X(attention_runs_merge) \
     X(shapes_vs_naive) \
     X(window_vs_naive) \
     X(sampler_filters) \

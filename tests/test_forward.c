@@ -338,3 +338,67 @@ BN_TEST(kv_copy_same_logits)
     free(c);
     bn_model_destroy(&m);
 }
+
+/* Long contexts are cut into runs of att_run positions whose attention is done
+ * apart and merged: the merged logits are those of one run to float rounding
+ * (which may flip an int8 rounding downstream, as the fixtures' tolerance
+ * allows), with the same top-1, and are the same bits with another thread count and
+ * beside another sequence (every KV type that is cut: f16, q8, q4). */
+BN_TEST(attention_runs_merge)
+{
+    char err[512];
+    bn_model_t *m = NULL;
+    CHECK(bn_model_load(FIX "tiny-b158-i2_s.gguf", &(bn_model_opts_t){ .head_type = -1 }, &m, err, sizeof err) == BN_OK);
+    bn_pool_t *pool = NULL;
+    CHECK(bn_pool_new(2, &pool, err, sizeof err) == BN_OK);
+    enum { N = 2200, TAIL = 12 };
+    const size_t V = m->w.head.n_out;
+    float *l[4];
+    for (int i = 0; i < 4; i++)
+        l[i] = malloc(TAIL * V * sizeof(float));
+    for (int kv = BN_KV_F16; kv <= BN_KV_Q4; kv++) {
+        for (int variant = 0; variant < 4; variant++) { /* cut; one run; cut on 2 threads; cut beside another */
+            bn_state_t *st = NULL;
+            CHECK(bn_state_new(m, 4096, 2, kv, variant == 2 ? pool : NULL, &st, err, sizeof err) == BN_OK);
+            CHECK(st->att_run == 1024 && st->att_runs == 4);
+            if (variant == 1)
+                st->att_run = 1u << 30;
+            for (int p = 0; p < N; p += 64) {
+                bn_batch_entry_t b[128];
+                int n = 0;
+                for (int j = p; j < p + 64 && j < N - TAIL; j++) {
+                    b[n++] = (bn_batch_entry_t){ 0, j, (int32_t)((j * 31 + 5) % V), 0 };
+                    if (variant == 3)
+                        b[n++] = (bn_batch_entry_t){ 1, j, (int32_t)((j * 17 + 3) % V), 0 };
+                }
+                if (n)
+                    CHECK(bn_forward(m, st, b, n, NULL, err, sizeof err) == BN_OK);
+            }
+            for (int j = N - TAIL; j < N; j++) {
+                bn_batch_entry_t b[2] = { { 0, j, (int32_t)((j * 31 + 5) % V), 1 },
+                                          { 1, j, (int32_t)((j * 17 + 3) % V), 0 } };
+                CHECK(bn_forward(m, st, b, variant == 3 ? 2 : 1, l[variant] + (size_t)(j - (N - TAIL)) * V, err,
+                                 sizeof err) == BN_OK);
+            }
+            bn_state_destroy(&st);
+        }
+        double md = 0;
+        int agree = 0;
+        for (size_t i = 0; i < TAIL * V; i++)
+            md = fmax(md, fabs(l[0][i] - l[1][i]));
+        for (int r = 0; r < TAIL; r++)
+            agree += bn_argmax(l[0] + r * V, (int)V) == bn_argmax(l[1] + r * V, (int)V);
+        const int same2 = memcmp(l[0], l[2], TAIL * V * sizeof(float)) == 0;
+        const int same3 = memcmp(l[0], l[3], TAIL * V * sizeof(float)) == 0;
+        fprintf(stderr, "  kv %s, positions %d-%d in 3 runs of 1024: max |diff| %.2g against one run, top-1 %d/%d; "
+                "2 threads %s, beside another sequence %s\n", bn_kv_type_name(kv), N - TAIL, N - 1, md, agree, TAIL,
+                same2 ? "the same bits" : "DIFFERENT", same3 ? "the same bits" : "DIFFERENT");
+        CHECK(md < 0.2); /* float rounding in attention, then an int8 rounding flip downstream (~0.06 each) */
+        CHECK(agree >= TAIL - 1);
+        CHECK(same2 && same3);
+    }
+    for (int i = 0; i < 4; i++)
+        free(l[i]);
+    bn_pool_destroy(&pool);
+    bn_model_destroy(&m);
+}

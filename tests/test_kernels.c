@@ -284,6 +284,15 @@ static void check_floats(const char *what, const char *name, const float *a, con
     check_floats_at(what, name, a, b, n, rel, 0);
 }
 
+/* a head's softmax state (largest scaled score, sum of weights) against the
+ * reference's: the maximum to rounding of the score, the sum relatively */
+static void check_ml(const char *what, const char *name, const float *a, const float *b)
+{
+    if (!(fabs((double)a[0] - b[0]) <= 1e-5 * (fabs(a[0]) + 1.0)) || !(fabs((double)a[1] - b[1]) <= 1e-4 * a[1]))
+        BN_FAIL("%s %s: softmax state (max %.9g, sum %.9g) vs ref (%.9g, %.9g)", name, what, (double)b[0],
+                (double)b[1], (double)a[0], (double)a[1]);
+}
+
 static void check_head(const bn_kernels_t *K)
 {
     static const int dims[] = { 32, 64, 96, 160, 256, 384, 2560 };
@@ -374,21 +383,23 @@ static void check_attention_f16_case(const bn_kernels_t *K, int mode, int d, int
     fill_att_f16(mode, k + off, v + off, stride, n_pos, d, q, nq, q_stride);
     for (size_t i = 0; i < nq * o_stride; i++)
         o[i] = gap;
-    K->attention_heads_f16(q, nq, q_stride, k + off, v + off, stride, n_pos, d, o, o_stride);
+    float *ml = malloc(2 * nq * sizeof(float)), mr[2];
+    K->attention_heads_f16(q, nq, q_stride, k + off, v + off, stride, n_pos, d, o, o_stride, ml);
     for (int h = 0; h < nq; h++) {
         char what[96];
         snprintf(what, sizeof what, "attention_heads_f16 mode %d head_dim %d n_pos %d nq %d head %d", mode, d, n_pos,
                  nq, h);
-        bn_ref_attention_heads_f16(q + h * q_stride, 1, 0, k + off, v + off, stride, n_pos, d, a, 0);
+        bn_ref_attention_heads_f16(q + h * q_stride, 1, 0, k + off, v + off, stride, n_pos, d, a, 0, mr);
         check_floats(what, K->name, a, o + h * o_stride, d, 1e-5);
-        K->attention_heads_f16(q + h * q_stride, 1, 0, k + off, v + off, stride, n_pos, d, b, 0);
+        check_ml(what, K->name, mr, ml + 2 * h);
+        K->attention_heads_f16(q + h * q_stride, 1, 0, k + off, v + off, stride, n_pos, d, b, 0, NULL);
         if (memcmp(b, o + h * o_stride, (size_t)d * sizeof(float)) != 0)
             BN_FAIL("%s %s: differs from the same head alone (nq = 1)", K->name, what);
         for (size_t i = (size_t)d; i < o_stride; i++)
             if (o[h * o_stride + i] != gap)
                 BN_FAIL("%s %s: wrote element %zu of a row of head_dim %d", K->name, what, i, d);
     }
-    free(k); free(v); free(q); free(o);
+    free(k); free(v); free(q); free(o); free(ml);
 }
 
 /* Every mode, head_dim and n_pos, with groups of 1 to 5 heads in turn (not the
@@ -472,21 +483,23 @@ static void check_attention_q_case(const bn_kernels_t *K, int bits, int mode, in
     }
     for (size_t i = 0; i < nq * o_stride; i++)
         o[i] = gap;
-    K->attention_heads_q(q, nq, q_stride, k + off, v + off, row_stride, bits, n_pos, d, o, o_stride);
+    float *ml = malloc(2 * nq * sizeof(float)), mr[2];
+    K->attention_heads_q(q, nq, q_stride, k + off, v + off, row_stride, bits, n_pos, d, o, o_stride, ml);
     for (int h = 0; h < nq; h++) {
         char what[112];
         snprintf(what, sizeof what, "attention_heads_q q%d mode %d head_dim %d n_pos %d nq %d head %d", bits, mode, d,
                  n_pos, nq, h);
-        bn_ref_attention_heads_q(q + h * q_stride, 1, 0, k + off, v + off, row_stride, bits, n_pos, d, a, 0);
+        bn_ref_attention_heads_q(q + h * q_stride, 1, 0, k + off, v + off, row_stride, bits, n_pos, d, a, 0, mr);
         check_floats_at(what, K->name, a, o + h * o_stride, d, 1e-5, vmax);
-        K->attention_heads_q(q + h * q_stride, 1, 0, k + off, v + off, row_stride, bits, n_pos, d, c, 0);
+        check_ml(what, K->name, mr, ml + 2 * h);
+        K->attention_heads_q(q + h * q_stride, 1, 0, k + off, v + off, row_stride, bits, n_pos, d, c, 0, NULL);
         if (memcmp(c, o + h * o_stride, (size_t)d * sizeof(float)) != 0)
             BN_FAIL("%s %s: differs from the same head alone (nq = 1)", K->name, what);
         for (size_t i = (size_t)d; i < o_stride; i++)
             if (o[h * o_stride + i] != gap)
                 BN_FAIL("%s %s: wrote element %zu of a row of head_dim %d", K->name, what, i, d);
     }
-    free(k); free(v); free(q); free(o);
+    free(k); free(v); free(q); free(o); free(ml);
 }
 
 static void check_attention_q(const bn_kernels_t *K)
@@ -693,7 +706,7 @@ BN_TEST(kernels_attention_q_ref)
             bn_ref_kvq_dequant(v + t * rbb, d, bits, vf + t * d);
         }
         bn_ref_attention(q, kf, vf, (size_t)d, n_pos, d, a);
-        bn_ref_attention_heads_q(q, 1, 0, k, v, rbb, bits, n_pos, d, b, 0);
+        bn_ref_attention_heads_q(q, 1, 0, k, v, rbb, bits, n_pos, d, b, 0, NULL);
         CHECK(memcmp(a, b, sizeof a) == 0);
     }
     free(k); free(v); free(kf); free(vf);

@@ -73,6 +73,19 @@ int bn_state_new(const bn_model_t *m, uint32_t n_ctx, uint32_t n_seq, int kv_typ
     s->k = malloc(B * (s->kv_dim + 1) * sizeof(float));
     s->v = malloc(B * (s->kv_dim + 1) * sizeof(float));
     s->att = malloc(B * (s->q_dim + 1) * sizeof(float));
+    /* runs of at least 1024 positions, at most 8 of them in a context: fixed by
+     * n_ctx alone, so a head's result never depends on the threads, the batch
+     * or the plan */
+    s->att_run = (n_ctx + 7) / 8 < 1024 ? 1024 : ((n_ctx + 7) / 8 + 255) / 256 * 256;
+    s->att_runs = (n_ctx + s->att_run - 1) / s->att_run;
+    if (s->att_runs > 1 && kv_type != BN_KV_F32) {
+        s->att_part = malloc(B * s->att_runs * (s->q_dim + 1) * sizeof(float));
+        s->att_ml = malloc(B * s->att_runs * (sh->head1 - sh->head0 + 1) * 2 * sizeof(float));
+        if (!s->att_part || !s->att_ml) {
+            bn_state_destroy(&s);
+            return bn_err(err, errlen, BN_ENOMEM, "out of memory for the run state");
+        }
+    }
     s->gate = malloc(B * (s->n_ff + 1) * sizeof(float));
     s->up = malloc(B * (s->n_ff + 1) * sizeof(float));
     s->out = malloc(B * c->n_embd * sizeof(float));
@@ -102,7 +115,7 @@ void bn_state_destroy(bn_state_t **ps)
     bn_state_t *s = *ps;
     free(s->x); free(s->xn); free(s->xq); free(s->xs); free(s->xr); free(s->xqsum); free(s->stats);
     free(s->stats_all); free(s->ones);
-    free(s->q); free(s->k); free(s->v); free(s->att); free(s->gate); free(s->up);
+    free(s->q); free(s->k); free(s->v); free(s->att); free(s->att_part); free(s->att_ml); free(s->gate); free(s->up);
     free(s->out); free(s->rope); free(s->hq); free(s->hd);
     bn_kvcache_destroy(&s->kv);
     free(s);
@@ -335,9 +348,26 @@ static int attention_parts(int jobs, int group, int nth)
     return group;
 }
 
+/* The positions token t attends to: p0..pos, all of them or the last `window`,
+ * in *np; returns how many runs of s->att_run they are cut into (1: one call,
+ * straight into s->att; the f32 cache is never cut) */
+static int att_span(const ctx_t *cx, int t, int *p0, int *np)
+{
+    const bn_state_t *s = cx->s;
+    const int pos = cx->b[t].pos;
+    *p0 = s->window && pos + 1 > (int)s->window ? pos + 1 - (int)s->window : 0;
+    *np = pos + 1 - *p0;
+    if (!s->att_part || *np <= (int)s->att_run)
+        return 1;
+    return (*np + (int)s->att_run - 1) / (int)s->att_run;
+}
+
 /* a = causal_gqa_attention(q, k, v): query head h reads KV head h / (n_head / n_head_kv).
- * Split by (token, KV head, part of the group): the query heads of a group (or
- * of a part) are done together, so their keys and values are read once. */
+ * Split by (token, KV head, part of the group, run of positions): the query
+ * heads of a group (or of a part) are done together, so their keys and values
+ * are read once; a long context's runs (decode at 4k: one token, few KV heads)
+ * keep every thread busy without cutting a group, and are merged after
+ * (job_att_merge). Each head's result depends only on its positions. */
 static void job_attention(void *arg, int ith, int nth)
 {
     ctx_t *cx = arg;
@@ -345,12 +375,23 @@ static void job_attention(void *arg, int ith, int nth)
     const bn_config_t *c = &cx->m->cfg;
     const bn_shard_t *sh = &cx->m->shard;
     const int HD = (int)c->head_dim, QD = (int)s->q_dim, KVH = (int)(sh->kv1 - sh->kv0);
+    const int NH = (int)(sh->head1 - sh->head0), R = (int)s->att_runs;
     const int group = (int)(c->n_head / c->n_head_kv);
-    const int parts = attention_parts(cx->nt * KVH, group, nth);
+    int runs = 1; /* the most runs of any token of the step */
+    for (int t = 0; t < cx->nt; t++) {
+        int p0, np, r = att_span(cx, t, &p0, &np);
+        runs = r > runs ? r : runs;
+    }
+    const int parts = attention_parts(cx->nt * KVH * runs, group, nth);
     int i0, i1;
-    bn_pool_split(cx->nt * KVH * parts, ith, nth, 1, &i0, &i1);
+    bn_pool_split(cx->nt * KVH * parts * runs, ith, nth, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        const int t = i / (KVH * parts), kh = i / parts % KVH, part = i % parts, g = (int)sh->kv0 + kh;
+        const int t = i / (KVH * parts * runs), kh = i / (parts * runs) % KVH, part = i / runs % parts;
+        const int run = i % runs, g = (int)sh->kv0 + kh;
+        int p0, np;
+        const int nr = att_span(cx, t, &p0, &np);
+        if (run >= nr)
+            continue;
         /* this rank's query heads that read KV head g */
         int h0 = g * group + part * group / parts, h1 = g * group + (part + 1) * group / parts;
         h0 = h0 > (int)sh->head0 ? h0 : (int)sh->head0;
@@ -358,22 +399,63 @@ static void job_attention(void *arg, int ith, int nth)
         if (h0 >= h1)
             continue;
         const float *q = s->q + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
-        float *out = s->att + (size_t)t * QD + (h0 - (int)sh->head0) * HD;
-        /* positions p0..pos: all of them, or the last `window` */
-        const int pos = cx->b[t].pos, p0 = s->window && pos + 1 > (int)s->window ? pos + 1 - (int)s->window : 0;
-        const int np = pos + 1 - p0, seq = cx->b[t].seq;
+        float *out = s->att + (size_t)t * QD + (h0 - (int)sh->head0) * HD, *ml = NULL;
+        if (nr > 1) { /* run `run` of the token's positions, into its own output and softmax state */
+            out = s->att_part + ((size_t)t * R + run) * QD + (h0 - (int)sh->head0) * HD;
+            ml = s->att_ml + (((size_t)t * R + run) * NH + (h0 - (int)sh->head0)) * 2;
+            p0 += run * (int)s->att_run;
+            np = np - run * (int)s->att_run < (int)s->att_run ? np - run * (int)s->att_run : (int)s->att_run;
+        }
+        const int seq = cx->b[t].seq;
         const void *kc = cache_at(s, s->kv->k, cx->m, seq, (int)cx->layer, kh, p0);
         const void *vc = cache_at(s, s->kv->v, cx->m, seq, (int)cx->layer, kh, p0);
         if (bn_kv_type_bits(s->kv_type))
             cx->K->attention_heads_q(q, h1 - h0, (size_t)HD, kc, vc, s->kv->row_bytes, bn_kv_type_bits(s->kv_type), np,
-                                     HD, out, (size_t)HD);
+                                     HD, out, (size_t)HD, ml);
         else if (s->kv_type == BN_KV_F16)
-            cx->K->attention_heads_f16(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, np, HD, out, (size_t)HD);
+            cx->K->attention_heads_f16(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, np, HD, out, (size_t)HD, ml);
         else if (cx->K->attention_heads)
             cx->K->attention_heads(q, h1 - h0, (size_t)HD, kc, vc, (size_t)HD, np, HD, out, (size_t)HD);
         else
             for (int h = 0; h < h1 - h0; h++)
                 cx->K->attention(q + h * HD, kc, vc, (size_t)HD, np, HD, out + h * HD);
+    }
+}
+
+/* The runs of a long context merged, per (token, head), in run order: each
+ * run's output (normalized by its own sum l) weighted by l * exp(m - M), M the
+ * largest of the runs' maxima, over the sum of those weights. */
+static void job_att_merge(void *arg, int ith, int nth)
+{
+    ctx_t *cx = arg;
+    bn_state_t *s = cx->s;
+    const int HD = (int)cx->m->cfg.head_dim, QD = (int)s->q_dim, R = (int)s->att_runs;
+    const int NH = (int)(cx->m->shard.head1 - cx->m->shard.head0);
+    int i0, i1;
+    bn_pool_split(cx->nt * NH, ith, nth, 1, &i0, &i1);
+    for (int i = i0; i < i1; i++) {
+        const int t = i / NH, h = i % NH;
+        int p0, np;
+        const int nr = att_span(cx, t, &p0, &np);
+        if (nr < 2)
+            continue;
+        float w[64], M = -INFINITY, sum = 0.0f;
+        for (int r = 0; r < nr; r++) {
+            const float m = s->att_ml[(((size_t)t * R + r) * NH + h) * 2];
+            M = m > M ? m : M;
+        }
+        for (int r = 0; r < nr; r++) {
+            const float *ml = s->att_ml + (((size_t)t * R + r) * NH + h) * 2;
+            w[r] = ml[1] * expf(ml[0] - M);
+            sum += w[r];
+        }
+        float *out = s->att + (size_t)t * QD + (size_t)h * HD;
+        for (int d = 0; d < HD; d++) {
+            float a = 0.0f;
+            for (int r = 0; r < nr; r++)
+                a += w[r] * s->att_part[((size_t)t * R + r) * QD + (size_t)h * HD + d];
+            out[d] = a / sum;
+        }
     }
 }
 
@@ -631,6 +713,14 @@ static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entr
         /* a = causal_gqa_attention(q, k, v) */
         const double t_att = bn_now_s();
         run(&cx, job_attention);
+        if (s->att_part)
+            for (int t = 0; t < cx.nt; t++) {
+                int p0, np;
+                if (att_span(&cx, t, &p0, &np) > 1) {
+                    run(&cx, job_att_merge);
+                    break;
+                }
+            }
         s->t_attention += bn_now_s() - t_att;
         /* a = rmsnorm(a) * attn_sub_norm  (over all heads of every tensor rank) */
         if ((rc = sub_norm(&cx, s->att, (int)s->q_dim, (int)s->q_pad, (int)(c->n_head * c->head_dim),

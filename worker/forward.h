@@ -47,6 +47,12 @@ typedef struct {
     int32_t *xqsum;       /* (max_batch) sums of the int8 values */
     float *q, *k, *v;     /* (max_batch, q_dim), (max_batch, kv_dim) x2 */
     float *att;           /* (max_batch, q_dim) attention output */
+    uint32_t att_run;     /* positions one attention call covers at most: longer
+                             contexts are cut into runs of this many, done apart
+                             and merged (f16, q8, q4 caches) */
+    uint32_t att_runs;    /* runs of a full context: ceil(n_ctx / att_run) */
+    float *att_part;      /* (max_batch, att_runs, q_dim) each run's output */
+    float *att_ml;        /* (max_batch, att_runs, heads, 2) each run's softmax max and sum */
     float *gate, *up;     /* (max_batch, n_ff) this rank's FFN rows */
     float *out;           /* (max_batch, n_embd) output of o/down projections */
     float *rope;          /* (max_batch, rope_dim) cos/sin per token */

@@ -536,7 +536,7 @@ static inline void head_step_f16(const float *q, const bn_fp16_t *kt, const bn_f
  * head's state (running max, sum, accumulators) waits on the stack between
  * positions. */
 static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v, size_t stride,
-                      int n_pos, int head_dim, float *out, size_t out_stride)
+                      int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
 {
     const int nv = head_dim / 4;
     const float scale = 1.0f / sqrtf((float)head_dim);
@@ -554,6 +554,10 @@ static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *
             head_step_f16(q + (size_t)h * q_stride, kt, vt, nv, scale, acc[h], &m[h], &l[h]);
     }
     for (int h = 0; h < nq; h++) {
+        if (ml) {
+            ml[2 * h] = m[h];
+            ml[2 * h + 1] = l[h];
+        }
         const float32x4_t inv = vdupq_n_f32(1.0f / l[h]);
         float *o = out + (size_t)h * out_stride;
         for (int i = 0; i < nv; i++)
@@ -623,7 +627,7 @@ static inline void head_step_f32(const float *q, const float *kt, const float *v
 /* heads_f16 for a block-quantized cache: each position's rows widened once
  * (exactly) for all the heads */
 static void heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v, size_t row_stride,
-                    int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+                    int bits, int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
 {
     const int nv = head_dim / 4;
     const float scale = 1.0f / sqrtf((float)head_dim);
@@ -642,6 +646,10 @@ static void heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, c
             head_step_f32(q + (size_t)h * q_stride, kt, vt, nv, scale, acc[h], &m[h], &l[h]);
     }
     for (int h = 0; h < nq; h++) {
+        if (ml) {
+            ml[2 * h] = m[h];
+            ml[2 * h + 1] = l[h];
+        }
         const float32x4_t inv = vdupq_n_f32(1.0f / l[h]);
         float *o = out + (size_t)h * out_stride;
         for (int i = 0; i < nv; i++)
@@ -650,15 +658,16 @@ static void heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, c
 }
 
 static void attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
-                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride,
+                              float *ml)
 {
     if (head_dim % BN_KVQ_BLOCK || head_dim > ATT_MAX_DIM) {
-        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride);
+        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride, ml);
         return;
     }
     for (int h = 0; h < nq; h += ATT_MAX_HEADS)
         heads_q(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, row_stride,
-                bits, n_pos, head_dim, out + (size_t)h * out_stride, out_stride);
+                bits, n_pos, head_dim, out + (size_t)h * out_stride, out_stride, ml ? ml + 2 * h : NULL);
 }
 
 /* The heads of a GQA group with an fp16 cache. A head's arithmetic never looks at
@@ -666,15 +675,15 @@ static void attention_heads_q(const float *q, int nq, size_t q_stride, const uin
  * to the reference): each head's result is bit-identical to a call with that
  * head alone. */
 static void attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
-                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride)
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
 {
     if (head_dim % 4 || head_dim > ATT_MAX_DIM) {
-        bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride);
+        bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, ml);
         return;
     }
     for (int h = 0; h < nq; h += ATT_MAX_HEADS)
         heads_f16(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, stride,
-                  n_pos, head_dim, out + (size_t)h * out_stride, out_stride);
+                  n_pos, head_dim, out + (size_t)h * out_stride, out_stride, ml ? ml + 2 * h : NULL);
 }
 
 static void ffn_act(const float *g, const float *u, int n, int relu2, float *out)

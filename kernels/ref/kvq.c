@@ -65,7 +65,8 @@ void bn_ref_kvq_dequant(const uint8_t *row, int n, int bits, float *out)
 
 /* bn_ref_attention per head, each cached row widened as it is read */
 void bn_ref_attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
-                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride,
+                              float *ml)
 {
     float kt[BN_KVQ_MAX_DIM], vt[BN_KVQ_MAX_DIM];
     const float scale = 1.0f / sqrtf((float)head_dim);
@@ -84,6 +85,10 @@ void bn_ref_attention_heads_q(const float *q, int nq, size_t q_stride, const uin
             float p = bn_ref_online_weight(d * scale, &m, &l, o, head_dim);
             for (int i = 0; i < head_dim; i++)
                 o[i] += p * vt[i];
+        }
+        if (ml) {
+            ml[2 * h] = m;
+            ml[2 * h + 1] = l;
         }
         float inv = 1.0f / l;
         for (int i = 0; i < head_dim; i++)

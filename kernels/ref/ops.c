@@ -78,7 +78,7 @@ void bn_ref_attention(const float *q, const float *k, const float *v, size_t str
 
 /* bn_ref_attention per head, each cached value widened from fp16 as it is read */
 void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
-                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride)
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
 {
     float scale = 1.0f / sqrtf((float)head_dim);
     for (int h = 0; h < nq; h++) {
@@ -95,6 +95,10 @@ void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const b
             float p = bn_ref_online_weight(d * scale, &m, &l, o, head_dim);
             for (int i = 0; i < head_dim; i++)
                 o[i] += p * bn_fp16_to_f32(vt[i]);
+        }
+        if (ml) {
+            ml[2 * h] = m;
+            ml[2 * h + 1] = l;
         }
         float inv = 1.0f / l;
         for (int i = 0; i < head_dim; i++)

@@ -705,7 +705,7 @@ static inline __attribute__((always_inline)) __m256 load8_kv(const void *base, s
  * the stack between blocks. ty is the cache's type, as load8_kv takes it. */
 static inline __attribute__((always_inline)) void heads_kv(const float *q, int nq, size_t q_stride, const void *k,
                                                            const void *v, size_t stride, int n_pos, int head_dim,
-                                                           float *out, size_t out_stride, const int ty)
+                                                           float *out, size_t out_stride, float *ml, const int ty)
 {
     const int nv = head_dim / 8;
     const float scale = 1.0f / sqrtf((float)head_dim);
@@ -739,6 +739,10 @@ static inline __attribute__((always_inline)) void heads_kv(const float *q, int n
             head_step(q + (size_t)h * q_stride, kf, vf, nv, scale, acc[h], &m[h], &l[h]);
     }
     for (int h = 0; h < nq; h++) {
+        if (ml) {
+            ml[2 * h] = m[h];
+            ml[2 * h + 1] = l[h];
+        }
         const __m256 inv = _mm256_set1_ps(1.0f / l[h]);
         float *o = out + (size_t)h * out_stride;
         for (int i = 0; i < nv; i++)
@@ -751,34 +755,36 @@ static inline __attribute__((always_inline)) void heads_kv(const float *q, int n
  * to the reference): each head's result is bit-identical to a call with that
  * head alone. */
 static void attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
-                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride)
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
 {
     if (head_dim % 8 || head_dim > ATT_MAX_DIM) {
-        bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride);
+        bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, ml);
         return;
     }
     for (int h = 0; h < nq; h += ATT_MAX_HEADS)
         heads_kv(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, stride,
-                 n_pos, head_dim, out + (size_t)h * out_stride, out_stride, 1);
+                 n_pos, head_dim, out + (size_t)h * out_stride, out_stride, ml ? ml + 2 * h : NULL, 1);
 }
 
 /* The heads of a GQA group with a block-quantized cache: as attention_heads_f16,
  * the rows widened from Q8_0 or Q4_0 blocks */
 static void attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
-                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride,
+                              float *ml)
 {
     if (head_dim % BN_KVQ_BLOCK || head_dim > ATT_MAX_DIM) {
-        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride);
+        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride, ml);
         return;
     }
     for (int h = 0; h < nq; h += ATT_MAX_HEADS) {
         const int n = nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS;
+        float *mh = ml ? ml + 2 * h : NULL;
         if (bits == 8)
             heads_kv(q + (size_t)h * q_stride, n, q_stride, k, v, row_stride, n_pos, head_dim, out + (size_t)h * out_stride,
-                     out_stride, 8);
+                     out_stride, mh, 8);
         else
             heads_kv(q + (size_t)h * q_stride, n, q_stride, k, v, row_stride, n_pos, head_dim, out + (size_t)h * out_stride,
-                     out_stride, 4);
+                     out_stride, mh, 4);
     }
 }
 

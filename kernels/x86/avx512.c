@@ -789,7 +789,8 @@ INLINE void kv_block(const float *q, size_t q_stride, const void *k, const void 
  * Q8_0, 4: Q4_0; stride in bytes for the last two), compile-time constants
  * after inlining, so the accumulators stay in registers */
 INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const void *k, const void *v, size_t stride,
-                               int n_pos, int head_dim, float *out, size_t out_stride, const int nv, const int ty)
+                               int n_pos, int head_dim, float *out, size_t out_stride, float *ml, const int nv,
+                               const int ty)
 {
     const float scale = 1.0f / sqrtf((float)head_dim);
     _Alignas(64) float accs[ATT_MAX_HEADS][16 * ATT_MAX_VEC];
@@ -892,6 +893,10 @@ INLINE void attention_heads_nv(const float *q, int nq, size_t q_stride, const vo
         }
     }
     for (int h = 0; h < nq; h++) {
+        if (ml) {
+            ml[2 * h] = ms[h];
+            ml[2 * h + 1] = ls[h];
+        }
         const __m512 inv = _mm512_set1_ps(1.0f / ls[h]);
         for (int i = 0; i < nv; i++)
             _mm512_storeu_ps(out + h * out_stride + 16 * i, _mm512_mul_ps(_mm512_load_ps(accs[h] + 16 * i), inv));
@@ -913,50 +918,52 @@ static void attention_heads(const float *q, int nq, size_t q_stride, const float
         return;
     }
     switch (head_dim / 16) {
-    case 2: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 2, 0); break;
-    case 4: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 4, 0); break;
-    case 8: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 8, 0); break;
-    default: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, head_dim / 16, 0);
+    case 2: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, NULL, 2, 0); break;
+    case 4: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, NULL, 4, 0); break;
+    case 8: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, NULL, 8, 0); break;
+    default: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, NULL, head_dim / 16, 0);
     }
 }
 
 static void attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
-                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride)
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
 {
     if (head_dim % 16 || head_dim > 16 * ATT_MAX_VEC) {
-        bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride);
+        bn_ref_attention_heads_f16(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, ml);
         return;
     }
     if (nq > ATT_MAX_HEADS) { /* in parts, as attention_heads */
         for (int h = 0; h < nq; h += ATT_MAX_HEADS)
             attention_heads_f16(q + h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v,
-                                stride, n_pos, head_dim, out + h * out_stride, out_stride);
+                                stride, n_pos, head_dim, out + h * out_stride, out_stride, ml ? ml + 2 * h : NULL);
         return;
     }
     switch (head_dim / 16) {
-    case 2: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 2, 1); break;
-    case 4: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 4, 1); break;
-    case 8: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, 8, 1); break;
-    default: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, head_dim / 16, 1);
+    case 2: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, ml, 2, 1); break;
+    case 4: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, ml, 4, 1); break;
+    case 8: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, ml, 8, 1); break;
+    default: attention_heads_nv(q, nq, q_stride, k, v, stride, n_pos, head_dim, out, out_stride, ml, head_dim / 16, 1);
     }
 }
 
 static void attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
-                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride)
+                              size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride,
+                              float *ml)
 {
     if (head_dim % BN_KVQ_BLOCK || head_dim > 16 * ATT_MAX_VEC) {
-        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride);
+        bn_ref_attention_heads_q(q, nq, q_stride, k, v, row_stride, bits, n_pos, head_dim, out, out_stride, ml);
         return;
     }
     if (nq > ATT_MAX_HEADS) { /* in parts, as attention_heads */
         for (int h = 0; h < nq; h += ATT_MAX_HEADS)
             attention_heads_q(q + h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v,
-                              row_stride, bits, n_pos, head_dim, out + h * out_stride, out_stride);
+                              row_stride, bits, n_pos, head_dim, out + h * out_stride, out_stride,
+                              ml ? ml + 2 * h : NULL);
         return;
     }
 #define ATT_Q(NV)                                                                                                  \
-    (bits == 8 ? attention_heads_nv(q, nq, q_stride, k, v, row_stride, n_pos, head_dim, out, out_stride, NV, 8)    \
-               : attention_heads_nv(q, nq, q_stride, k, v, row_stride, n_pos, head_dim, out, out_stride, NV, 4))
+    (bits == 8 ? attention_heads_nv(q, nq, q_stride, k, v, row_stride, n_pos, head_dim, out, out_stride, ml, NV, 8)    \
+               : attention_heads_nv(q, nq, q_stride, k, v, row_stride, n_pos, head_dim, out, out_stride, ml, NV, 4))
     switch (head_dim / 16) {
     case 2: ATT_Q(2); break;
     case 4: ATT_Q(4); break;
