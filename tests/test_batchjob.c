@@ -255,7 +255,8 @@ BN_TEST(batch_fuzz)
 
 /* Prefix reuse end to end: lines sharing a 200-token start (and a few that do
  * not), greedy, through the offline scheduler with the prefix cache on (the
- * default) and off, in one process and over MPI (2 tensor ranks; 2 replicas):
+ * default) and off, in one process and over MPI (2 tensor ranks; 2 pipeline
+ * stages, where a copy must follow the steps in flight on each stage; 2 replicas):
  * the same tokens for every id, and the summary counts reused tokens only
  * when on. */
 static long reused(const char *err)
@@ -284,9 +285,9 @@ BN_TEST(batch_prefix_reuse)
         fprintf(f, "]}\n");
     }
     fclose(f);
-    static const char *const mpi[3] = { "", MPIRUN, MPIRUN };
-    static const char *const plan[3] = { "", "--tp 2", "--replicas 2" };
-    for (int w = 0; w < 3; w++) {
+    static const char *const mpi[4] = { "", MPIRUN, MPIRUN, MPIRUN };
+    static const char *const plan[4] = { "", "--tp 2", "--pp 2", "--replicas 2" };
+    for (int w = 0; w < 4; w++) {
         char *tok[2] = { 0 };
         for (int on = 0; on < 2; on++) {
             snprintf(out[on], sizeof out[on], "/tmp/bn-pfx-%d-%d.out", (int)getpid(), on);
