@@ -253,6 +253,11 @@ void bn_ref_kvq_dequant(const uint8_t *row, int n, int bits, float *out);
 void bn_ref_attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
                               size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride,
                               float *ml);
+/* bn_ref_attention per head (ml as attention_heads_f16 gives it), the cached
+ * values read through at(): element i of row t of k or v, widened (ref/ops.c) */
+void bn_ref_attention_heads_at(const float *q, int nq, size_t q_stride, const void *k, const void *v, int n_pos,
+                               int head_dim, float *out, size_t out_stride, float *ml,
+                               float (*at)(const void *base, int t, int i, const void *how), const void *how);
 /* one score d of the online softmax (ref/ops.c): on a new maximum *m, out (n
  * values) and the sum of weights *l are rescaled; returns d's weight */
 float bn_ref_online_weight(float d, float *m, float *l, float *out, int n);

@@ -531,39 +531,6 @@ static inline void head_step_f16(const float *q, const bn_fp16_t *kt, const bn_f
     *l = lh + p;
 }
 
-/* Up to ATT_MAX_HEADS heads: positions outer, heads inner, so each position's
- * key and value rows come from memory once and from L1 for the other heads. A
- * head's state (running max, sum, accumulators) waits on the stack between
- * positions. */
-static void heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v, size_t stride,
-                      int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
-{
-    const int nv = head_dim / 4;
-    const float scale = 1.0f / sqrtf((float)head_dim);
-    float acc[ATT_MAX_HEADS][ATT_MAX_DIM]; /* (nq, head_dim) */
-    float m[ATT_MAX_HEADS], l[ATT_MAX_HEADS];
-    for (int h = 0; h < nq; h++) {
-        for (int i = 0; i < nv; i++)
-            vst1q_f32(acc[h] + 4 * i, vdupq_n_f32(0.0f));
-        m[h] = -INFINITY;
-        l[h] = 0.0f;
-    }
-    for (int t = 0; t < n_pos; t++) {
-        const bn_fp16_t *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
-        for (int h = 0; h < nq; h++)
-            head_step_f16(q + (size_t)h * q_stride, kt, vt, nv, scale, acc[h], &m[h], &l[h]);
-    }
-    for (int h = 0; h < nq; h++) {
-        if (ml) {
-            ml[2 * h] = m[h];
-            ml[2 * h + 1] = l[h];
-        }
-        const float32x4_t inv = vdupq_n_f32(1.0f / l[h]);
-        float *o = out + (size_t)h * out_stride;
-        for (int i = 0; i < nv; i++)
-            vst1q_f32(o + 4 * i, vmulq_f32(vld1q_f32(acc[h] + 4 * i), inv));
-    }
-}
 
 /* A row of a block-quantized cache (bits 8: Q8_0, 4: Q4_0; kernels.h has the
  * layout) widened exactly into out (head_dim floats) */
@@ -624,14 +591,17 @@ static inline void head_step_f32(const float *q, const float *kt, const float *v
     *l = lh + p;
 }
 
-/* heads_f16 for a block-quantized cache: each position's rows widened once
- * (exactly) for all the heads */
-static void heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v, size_t row_stride,
-                    int bits, int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
+/* Up to ATT_MAX_HEADS heads: positions outer, heads inner, so each position's
+ * key and value rows come from memory once and from L1 for the other heads. A
+ * head's state (running max, sum, accumulators) waits on the stack between
+ * positions. ty: 1 for an fp16 cache (stride in halves, read as it is), 8 or 4
+ * for a block-quantized one (stride in bytes, each row widened once, exactly). */
+static void heads_kv(const float *q, int nq, size_t q_stride, const void *k, const void *v, size_t stride, int ty,
+                     int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
 {
     const int nv = head_dim / 4;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    float acc[ATT_MAX_HEADS][ATT_MAX_DIM], kt[ATT_MAX_DIM], vt[ATT_MAX_DIM];
+    float acc[ATT_MAX_HEADS][ATT_MAX_DIM], kt[ATT_MAX_DIM], vt[ATT_MAX_DIM]; /* (nq, head_dim) */
     float m[ATT_MAX_HEADS], l[ATT_MAX_HEADS];
     for (int h = 0; h < nq; h++) {
         for (int i = 0; i < nv; i++)
@@ -640,8 +610,14 @@ static void heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, c
         l[h] = 0.0f;
     }
     for (int t = 0; t < n_pos; t++) {
-        widen_q(k + (size_t)t * row_stride, head_dim, bits, kt);
-        widen_q(v + (size_t)t * row_stride, head_dim, bits, vt);
+        if (ty == 1) {
+            const bn_fp16_t *k16 = (const bn_fp16_t *)k + (size_t)t * stride, *v16 = (const bn_fp16_t *)v + (size_t)t * stride;
+            for (int h = 0; h < nq; h++)
+                head_step_f16(q + (size_t)h * q_stride, k16, v16, nv, scale, acc[h], &m[h], &l[h]);
+            continue;
+        }
+        widen_q((const uint8_t *)k + (size_t)t * stride, head_dim, ty, kt);
+        widen_q((const uint8_t *)v + (size_t)t * stride, head_dim, ty, vt);
         for (int h = 0; h < nq; h++)
             head_step_f32(q + (size_t)h * q_stride, kt, vt, nv, scale, acc[h], &m[h], &l[h]);
     }
@@ -666,8 +642,8 @@ static void attention_heads_q(const float *q, int nq, size_t q_stride, const uin
         return;
     }
     for (int h = 0; h < nq; h += ATT_MAX_HEADS)
-        heads_q(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, row_stride,
-                bits, n_pos, head_dim, out + (size_t)h * out_stride, out_stride, ml ? ml + 2 * h : NULL);
+        heads_kv(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, row_stride,
+                 bits, n_pos, head_dim, out + (size_t)h * out_stride, out_stride, ml ? ml + 2 * h : NULL);
 }
 
 /* The heads of a GQA group with an fp16 cache. A head's arithmetic never looks at
@@ -682,8 +658,8 @@ static void attention_heads_f16(const float *q, int nq, size_t q_stride, const b
         return;
     }
     for (int h = 0; h < nq; h += ATT_MAX_HEADS)
-        heads_f16(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, stride,
-                  n_pos, head_dim, out + (size_t)h * out_stride, out_stride, ml ? ml + 2 * h : NULL);
+        heads_kv(q + (size_t)h * q_stride, nq - h < ATT_MAX_HEADS ? nq - h : ATT_MAX_HEADS, q_stride, k, v, stride, 1,
+                 n_pos, head_dim, out + (size_t)h * out_stride, out_stride, ml ? ml + 2 * h : NULL);
 }
 
 static void ffn_act(const float *g, const float *u, int n, int relu2, float *out)

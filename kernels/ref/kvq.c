@@ -63,35 +63,29 @@ void bn_ref_kvq_dequant(const uint8_t *row, int n, int bits, float *out)
     }
 }
 
-/* bn_ref_attention per head, each cached row widened as it is read */
+typedef struct {
+    size_t row_stride;
+    int bits;
+} rows_t;
+
+/* element i of row t of a block-quantized cache */
+static float at_q(const void *base, int t, int i, const void *how)
+{
+    const rows_t *r = how;
+    const uint8_t *b = (const uint8_t *)base + (size_t)t * r->row_stride +
+                       (size_t)(i / BN_KVQ_BLOCK) * (r->bits == 8 ? sizeof(bn_block_q8_0) : sizeof(bn_block_q4_0));
+    bn_fp16_t dh;
+    memcpy(&dh, b, sizeof dh);
+    const int j = i % BN_KVQ_BLOCK;
+    const int q = r->bits == 8 ? (int8_t)b[2 + j] : j < 16 ? (b[2 + j] & 15) - 8 : (b[2 + j - 16] >> 4) - 8;
+    return bn_fp16_to_f32(dh) * (float)q;
+}
+
+/* bn_ref_attention per head, each cached value widened as it is read */
 void bn_ref_attention_heads_q(const float *q, int nq, size_t q_stride, const uint8_t *k, const uint8_t *v,
                               size_t row_stride, int bits, int n_pos, int head_dim, float *out, size_t out_stride,
                               float *ml)
 {
-    float kt[BN_KVQ_MAX_DIM], vt[BN_KVQ_MAX_DIM];
-    const float scale = 1.0f / sqrtf((float)head_dim);
-    for (int h = 0; h < nq; h++) {
-        const float *qh = q + (size_t)h * q_stride;
-        float *o = out + (size_t)h * out_stride;
-        float m = -INFINITY, l = 0.0f;
-        for (int i = 0; i < head_dim; i++)
-            o[i] = 0.0f;
-        for (int t = 0; t < n_pos; t++) {
-            bn_ref_kvq_dequant(k + (size_t)t * row_stride, head_dim, bits, kt);
-            bn_ref_kvq_dequant(v + (size_t)t * row_stride, head_dim, bits, vt);
-            float d = 0.0f;
-            for (int i = 0; i < head_dim; i++)
-                d += qh[i] * kt[i];
-            float p = bn_ref_online_weight(d * scale, &m, &l, o, head_dim);
-            for (int i = 0; i < head_dim; i++)
-                o[i] += p * vt[i];
-        }
-        if (ml) {
-            ml[2 * h] = m;
-            ml[2 * h + 1] = l;
-        }
-        float inv = 1.0f / l;
-        for (int i = 0; i < head_dim; i++)
-            o[i] *= inv;
-    }
+    const rows_t how = { row_stride, bits };
+    bn_ref_attention_heads_at(q, nq, q_stride, k, v, n_pos, head_dim, out, out_stride, ml, at_q, &how);
 }

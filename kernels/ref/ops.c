@@ -76,9 +76,9 @@ void bn_ref_attention(const float *q, const float *k, const float *v, size_t str
         out[i] *= inv;
 }
 
-/* bn_ref_attention per head, each cached value widened from fp16 as it is read */
-void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
-                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
+void bn_ref_attention_heads_at(const float *q, int nq, size_t q_stride, const void *k, const void *v, int n_pos,
+                               int head_dim, float *out, size_t out_stride, float *ml,
+                               float (*at)(const void *base, int t, int i, const void *how), const void *how)
 {
     float scale = 1.0f / sqrtf((float)head_dim);
     for (int h = 0; h < nq; h++) {
@@ -88,13 +88,12 @@ void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const b
         for (int i = 0; i < head_dim; i++)
             o[i] = 0.0f;
         for (int t = 0; t < n_pos; t++) {
-            const bn_fp16_t *kt = k + (size_t)t * stride, *vt = v + (size_t)t * stride;
             float d = 0.0f;
             for (int i = 0; i < head_dim; i++)
-                d += qh[i] * bn_fp16_to_f32(kt[i]);
+                d += qh[i] * at(k, t, i, how);
             float p = bn_ref_online_weight(d * scale, &m, &l, o, head_dim);
             for (int i = 0; i < head_dim; i++)
-                o[i] += p * bn_fp16_to_f32(vt[i]);
+                o[i] += p * at(v, t, i, how);
         }
         if (ml) {
             ml[2 * h] = m;
@@ -104,6 +103,19 @@ void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const b
         for (int i = 0; i < head_dim; i++)
             o[i] *= inv;
     }
+}
+
+/* element i of row t of an fp16 cache whose rows are *(size_t *)how halves apart */
+static float at_f16(const void *base, int t, int i, const void *how)
+{
+    return bn_fp16_to_f32(((const bn_fp16_t *)base)[(size_t)t * *(const size_t *)how + (size_t)i]);
+}
+
+/* bn_ref_attention per head, each cached value widened from fp16 as it is read */
+void bn_ref_attention_heads_f16(const float *q, int nq, size_t q_stride, const bn_fp16_t *k, const bn_fp16_t *v,
+                                size_t stride, int n_pos, int head_dim, float *out, size_t out_stride, float *ml)
+{
+    bn_ref_attention_heads_at(q, nq, q_stride, k, v, n_pos, head_dim, out, out_stride, ml, at_f16, &stride);
 }
 
 void bn_ref_ffn_act(const float *g, const float *u, int n, int relu2, float *out)
