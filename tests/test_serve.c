@@ -67,7 +67,9 @@ static void concurrent(const server_t *s, int n_clients)
             snprintf(args[i], sizeof args[i], "-n 24 --temp 0.9 --seed %d --prompt 'stream %d of the test, seeded'",
                      100 + i, i);
         else
-            snprintf(args[i], sizeof args[i], "-n %d --temp 0 --prompt 'stream %d: the quick brown fox'", 8 + i, i);
+            snprintf(args[i], sizeof args[i], "-n %d --temp 0 --prompt 'A system prompt that every even stream shares, "
+                     "so the server computes it once: be brief, be kind, be exact. Stream %d: the quick brown fox'",
+                     8 + i, i);
         want[i] = alone(args[i]);
     }
     char dir[64], cmd[8192];
@@ -98,6 +100,8 @@ static void concurrent(const server_t *s, int n_clients)
     CHECK_EQ_INT(same, n_clients);
 }
 
+/* 32 streams at once on 1 rank, --tp 2, --pp 2 and --replicas 3; the even
+ * ones share a long start (prefix reuse while they run) */
 BN_TEST(serve_concurrent_streams)
 {
     static const struct { int n; const char *pins; } cfg[] = {
@@ -112,6 +116,11 @@ BN_TEST(serve_concurrent_streams)
         char *out = NULL;
         CHECK_EQ_INT(client(&s, "stats", &out, NULL), 0);
         CHECK(strstr(out, "requests_served: 32") != NULL);
+        /* the even streams' shared start was computed once per replica and reused */
+        const char *h = strstr(out, "prefix_hits: "), *t = strstr(out, "prefix_tokens: ");
+        fprintf(stderr, "  %s: %lld requests reused a prefix, %lld prompt tokens not computed\n", cfg[i].pins,
+                h ? atoll(h + 13) : -1, t ? atoll(t + 15) : -1);
+        CHECK(h && atoll(h + 13) > 0 && t && atoll(t + 15) > 0);
         free(out);
         CHECK_EQ_INT(server_stop(&s), 0);
         unlink(s.errp);
