@@ -46,11 +46,10 @@
     X(mkmodel_vocab_valid) \
     X(mkmodel_same_seed_same_weights) \
     X(mkmodel_bad_flags) \
-    X(kernels_quantize_act) \
-    X(kernels_tgemm) \
-    X(kernels_no_int16_overflow) \
-    X(kernels_head) \
-    X(kernels_float_ops) \
+    X(kernels_ref) \
+    X(kernels_avx2) \
+    X(kernels_avx512) \
+    X(kernels_neon) \
     X(kernels_kv_quantize) \
     X(kernels_attention_q_ref) \
     X(pool_runs_every_thread) \
