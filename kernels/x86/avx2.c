@@ -689,6 +689,33 @@ static inline __attribute__((always_inline)) __m256 load8_q(const uint8_t *row, 
     return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(n, _mm256_set1_epi32(8))));
 }
 
+/* A whole row of a block-quantized cache widened into dst (head_dim floats,
+ * 32-byte aligned): each block's scale decoded and broadcast once for its 32
+ * values (load8_q does it per 8) */
+static inline __attribute__((always_inline)) void widen_row_q(const uint8_t *row, int head_dim, const int bits,
+                                                              float *dst)
+{
+    const size_t bb = bits == 8 ? sizeof(bn_block_q8_0) : sizeof(bn_block_q4_0);
+    for (int b = 0; b < head_dim / BN_KVQ_BLOCK; b++, row += bb, dst += BN_KVQ_BLOCK) {
+        uint16_t dh;
+        memcpy(&dh, row, sizeof dh);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
+        __m128i lo, hi; /* the block's 32 int8 values: 0-15, 16-31 */
+        if (bits == 8) {
+            lo = _mm_loadu_si128((const __m128i *)(row + 2));
+            hi = _mm_loadu_si128((const __m128i *)(row + 18));
+        } else {
+            const __m128i n = _mm_loadu_si128((const __m128i *)(row + 2)), m4 = _mm_set1_epi8(15), e = _mm_set1_epi8(8);
+            lo = _mm_sub_epi8(_mm_and_si128(n, m4), e);
+            hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(n, 4), m4), e);
+        }
+        _mm256_store_ps(dst, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+        _mm256_store_ps(dst + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+        _mm256_store_ps(dst + 16, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+        _mm256_store_ps(dst + 24, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+    }
+}
+
 /* Values 8i..8i+7 of cached row t of a cache of type ty (1: fp16, 8: Q8_0,
  * 4: Q4_0; stride in halves for fp16, in bytes for the others), as floats */
 static inline __attribute__((always_inline)) __m256 load8_kv(const void *base, size_t stride, int t, int i, const int ty)
@@ -720,11 +747,17 @@ static inline __attribute__((always_inline)) void heads_kv(const float *q, int n
     _Alignas(32) float kb[8 * ATT_MAX_DIM], vb[8 * ATT_MAX_DIM];
     int t = 0;
     for (; t + 8 <= n_pos; t += 8) {
-        for (int j = 0; j < 8; j++)
+        for (int j = 0; j < 8; j++) {
+            if (ty != 1) {
+                widen_row_q((const uint8_t *)k + (size_t)(t + j) * stride, head_dim, ty, kb + (size_t)j * head_dim);
+                widen_row_q((const uint8_t *)v + (size_t)(t + j) * stride, head_dim, ty, vb + (size_t)j * head_dim);
+                continue;
+            }
             for (int i = 0; i < nv; i++) {
                 _mm256_store_ps(kb + (size_t)j * head_dim + 8 * i, load8_kv(k, stride, t + j, i, ty));
                 _mm256_store_ps(vb + (size_t)j * head_dim + 8 * i, load8_kv(v, stride, t + j, i, ty));
             }
+        }
         for (int h = 0; h < nq; h++)
             head_block8(q + (size_t)h * q_stride, kb, vb, nv, scale, acc[h], &m[h], &l[h]);
     }
