@@ -139,6 +139,7 @@ typedef struct {
     const bn_kernels_t *K;
     const bn_batch_entry_t *b;
     int nt;
+    int att_runs;           /* the most runs of positions any token's attention is cut into (att_span) */
     uint32_t layer;
     int tp;                 /* tensor ranks of this stage: 1 = the whole layer is here */
     /* per step */
@@ -376,12 +377,7 @@ static void job_attention(void *arg, int ith, int nth)
     const bn_shard_t *sh = &cx->m->shard;
     const int HD = (int)c->head_dim, QD = (int)s->q_dim, KVH = (int)(sh->kv1 - sh->kv0);
     const int NH = (int)(sh->head1 - sh->head0), R = (int)s->att_runs;
-    const int group = (int)(c->n_head / c->n_head_kv);
-    int runs = 1; /* the most runs of any token of the step */
-    for (int t = 0; t < cx->nt; t++) {
-        int p0, np, r = att_span(cx, t, &p0, &np);
-        runs = r > runs ? r : runs;
-    }
+    const int group = (int)(c->n_head / c->n_head_kv), runs = cx->att_runs;
     const int parts = attention_parts(cx->nt * KVH * runs, group, nth);
     int i0, i1;
     bn_pool_split(cx->nt * KVH * parts * runs, ith, nth, 1, &i0, &i1);
@@ -695,8 +691,12 @@ static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entr
         if (b[t].want_logits)
             rows[n_rows++] = t;
     ctx_t cx = { .m = m, .s = s, .K = bn_kernels_get(), .b = b, .nt = nt, .tp = d ? d->tp : 1,
-                 .logit_rows = rows, .n_logit_rows = n_rows, .logits = logits };
+                 .logit_rows = rows, .n_logit_rows = n_rows, .logits = logits, .att_runs = 1 };
     const size_t xn = (size_t)nt * c->n_embd;
+    for (int t = 0; t < nt; t++) { /* the same for every layer */
+        int p0, np, r = att_span(&cx, t, &p0, &np);
+        cx.att_runs = r > cx.att_runs ? r : cx.att_runs;
+    }
 
     /* x = token_embd[token]  (or x from the previous stage) */
     run(&cx, job_embed);
@@ -713,14 +713,8 @@ static int forward_chunk(const bn_model_t *m, bn_state_t *s, const bn_batch_entr
         /* a = causal_gqa_attention(q, k, v) */
         const double t_att = bn_now_s();
         run(&cx, job_attention);
-        if (s->att_part)
-            for (int t = 0; t < cx.nt; t++) {
-                int p0, np;
-                if (att_span(&cx, t, &p0, &np) > 1) {
-                    run(&cx, job_att_merge);
-                    break;
-                }
-            }
+        if (cx.att_runs > 1)
+            run(&cx, job_att_merge);
         s->t_attention += bn_now_s() - t_att;
         /* a = rmsnorm(a) * attn_sub_norm  (over all heads of every tensor rank) */
         if ((rc = sub_norm(&cx, s->att, (int)s->q_dim, (int)s->q_pad, (int)(c->n_head * c->head_dim),

@@ -127,7 +127,7 @@ void bn_kvcache_forget(bn_kvcache_t *kv, int seq, uint32_t below)
     below = below < kv->n_ctx ? below : kv->n_ctx;
     /* act when at least two pages' worth of positions have fallen out since
      * the last time, so a (layer, head) run always has a whole page to give */
-    if ((size_t)(below - (below < kv->forgot[seq] ? below : kv->forgot[seq])) * kv->row_bytes < 2 * pg)
+    if (below <= kv->forgot[seq] || (size_t)(below - kv->forgot[seq]) * kv->row_bytes < 2 * pg)
         return;
     for (uint32_t l = 0; l < kv->n_layer; l++)
         for (uint32_t h = 0; h < kv->n_kv; h++) {

@@ -141,6 +141,12 @@ static void usage(FILE *f)
         f);
 }
 
+/* KV bytes one position of context costs a replica: K and V of every layer's KV heads */
+static uint64_t kv_pos_bytes(const bn_config_t *c, int kv_type)
+{
+    return 2ull * c->n_layer * c->n_head_kv * bn_kv_row_bytes(kv_type, c->head_dim);
+}
+
 /* the scheduler's prefix_cache bytes: off with a sliding window (a window's
  * early positions are given back, so a prefix would not be whole) */
 static uint64_t prefix_cache(const options_t *o)
@@ -376,7 +382,7 @@ static int drive(rank_t *rk, const options_t *o, bn_cli_result_t *rs, uint32_t n
     BN_INFO("stop tokens: eos %d, eot %d", m->cfg.eos_id, m->cfg.eot_id);
     /* KV bytes one position costs a replica: every layer's KV heads once */
     const bn_config_t *c = &m->cfg;
-    const uint64_t pos_bytes = 2ull * c->n_layer * c->n_head_kv * bn_kv_row_bytes(rk->st->kv_type, c->head_dim);
+    const uint64_t pos_bytes = kv_pos_bytes(c, rk->st->kv_type);
     if (o->serve) {
         char *plan = NULL;
         size_t len = 0;
@@ -614,7 +620,7 @@ static int run(bn_comm_t *comm, const options_t *o, int *quiet, int *exit_code, 
         }
     }
     if (comm->rank == 0 && rc == BN_OK) { /* what a position of context costs, for the chosen KV type */
-        const uint64_t row = bn_kv_row_bytes(o->kv_type, cfg.head_dim), pos = 2ull * cfg.n_layer * cfg.n_head_kv * row;
+        const uint64_t row = bn_kv_row_bytes(o->kv_type, cfg.head_dim), pos = kv_pos_bytes(&cfg, o->kv_type);
         const uint32_t slots = o->serve || o->batch ? (uint32_t)o->max_seqs : 1;
         BN_INFO("kv: %s, %llu bytes per position of context per replica (%llu per layer and KV head for K and V), "
                 "%.1f MB per %u-position sequence; %u slot%s of %u positions", bn_kv_type_name(o->kv_type),
