@@ -102,6 +102,11 @@ $(BIN)/bitnet-kvbench: $(O)/bench/kvbench.o $(O)/libbn.a
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
+# bench/run.sh's GEMV-alone measurement and the AVX2 candidates (not part of `all`)
+$(BIN)/bitnet-gemvbench: $(O)/bench/gemvbench.o $(O)/libbn.a
+	@mkdir -p $(BIN)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
 $(BIN)/bitnet-mkmodel: $(O)/tools/mkmodel.o $(O)/libbn.a
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
