@@ -21,7 +21,9 @@ MPI_LIBS   = $(shell pkg-config --libs ompi-c)
 # at run time from CPUID, so the default build runs on every x86-64 (or aarch64) node.
 ARCH    := $(shell $(CC) -dumpmachine)
 ISA_SRC := $(if $(findstring x86_64,$(ARCH)),$(wildcard kernels/x86/*.c))$(if $(findstring aarch64,$(ARCH)),$(wildcard kernels/arm/*.c))
-ISA_FLAGS_avx2   := -mavx2 -mfma -mf16c
+# -fno-tree-pre: with it on, GCC 12 keeps 3-4 of the AVX2 decode GEMV's eight accumulators
+# on the stack (bench/gemvbench.c, issue 14)
+ISA_FLAGS_avx2   := -mavx2 -mfma -mf16c -fno-tree-pre
 ISA_FLAGS_avx512 := -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mavx2 -mfma -mf16c
 ISA_FLAGS_neon   :=
 
