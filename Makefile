@@ -105,6 +105,7 @@ $(BIN)/bitnet-kvbench: $(O)/bench/kvbench.o $(O)/libbn.a
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 # bench/run.sh's GEMV-alone measurement and the AVX2 candidates (not part of `all`)
+$(O)/bench/gemvbench.o: CFLAGS += -fno-tree-pre
 $(BIN)/bitnet-gemvbench: $(O)/bench/gemvbench.o $(O)/libbn.a
 	@mkdir -p $(BIN)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)

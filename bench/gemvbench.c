@@ -14,17 +14,19 @@
  * Every candidate's outputs are checked bit for bit against the table's before
  * it is timed; a mismatch is an error (exit 1).
  *
- * The candidates (AVX2, kept so the choice can be measured again; the chosen
- * one lives in kernels/x86/avx2.c). Ops are vector ALU ops per 32 weight bytes
- * (128 weights) of one row; loads of weights and activations not counted:
+ * The candidates (AVX2, kept so the choice can be measured again). "table" is
+ * the chosen one, in kernels/x86/avx2.c: one 16-bit shift, (w & 3, w & 12,
+ * w>>4 & 3, w>>4 & 12) are u3, 4*u2, u1, 4*u0, the two scaled products summed and
+ * shifted back (exact: a multiple of 4), 8 rows in named registers, prefetch
+ * 8 KB ahead: 1 + 4 + 4 + 3 adds + 1 shift + madd + add = 15 ops. Ops are vector
+ * ALU ops per 32 weight bytes (128 weights) of one row; loads not counted:
  *   v0       (the kernel before issue 14) 8-row group, 3 shifts + 4 ands to unpack the
  *            four 2-bit fields, 4 vpmaddubsw, 3 adds, vpmaddwd, add: 16 ops.
- *   shift1   one 16-bit shift: (w & 3, w & 12, w>>4 & 3, w>>4 & 12) are u3, 4*u2,
- *            u1, 4*u0; the two scaled products are summed and shifted back
- *            (exact: a multiple of 4): 1 + 4 + 4 + 3 adds + 1 shift + madd + add = 15.
  *   acc16    v0 with a row's block sums kept in int16 over 15 blocks (no
  *            vpmaddwd per block): 3 + 4 + 4 + 4 adds = 15.
- *   s1acc16  shift1 and acc16 together: 1 + 4 + 4 + 4 adds + 1 shift = 14.
+ *   s1acc16r the table's unpacking with int16 sums over 15 blocks: 14.
+ *   s1c2m    4-row halves, the two scale classes kept apart in int16: 13.
+ *   s1c2f    s1c2m with each half-group run over the whole row in turn: 13.
  *   lut      TL1-style lookup: weights re-laid as one 4-bit index 3*u_a + u_b per
  *            pair of activations for 32 rows side by side; per pair a 16-entry
  *            table of u_a*q_a + u_b*q_b (built per token) split into low and high
@@ -99,38 +101,6 @@ TGT static void v0(const bn_tmat_t *w, const void *lay, const int8_t *q, float s
     }
 }
 
-/* one block of one row, shift-once unpacking: int16 sums (<= 2048 a lane) */
-TGT static inline __m256i shift1_block(__m256i wv, const int8_t *qb, __m256i m03, __m256i m0c)
-{
-    const __m256i h = _mm256_srli_epi16(wv, 4);
-    const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv, m03), QV(qb, 3)),
-                                        _mm256_maddubs_epi16(_mm256_and_si256(h, m03), QV(qb, 1)));
-    const __m256i p4 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv, m0c), QV(qb, 2)),
-                                        _mm256_maddubs_epi16(_mm256_and_si256(h, m0c), QV(qb, 0)));
-    return _mm256_add_epi16(p1, _mm256_srai_epi16(p4, 2));
-}
-
-TGT static void shift1(const bn_tmat_t *w, const void *lay, const int8_t *q, float s, int32_t qsum, float *y)
-{
-    const int nb = (int)(w->n_in / 128);
-    const __m256i m03 = _mm256_set1_epi8(3), m0c = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1);
-    for (uint32_t r = 0; r < w->n_out; r += BN_TGROUP) {
-        const uint8_t *g = bn_tmat_row(w, (int)r);
-        __m256i acc[BN_TGROUP];
-        for (int i = 0; i < BN_TGROUP; i++)
-            acc[i] = _mm256_setzero_si256();
-        for (int b = 0; b < nb; b++) {
-#pragma GCC unroll 8
-            for (int i = 0; i < BN_TGROUP; i++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(g + BN_TBLOCK_STRIDE * b + 32 * i));
-                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(shift1_block(wv, q + 128 * b, m03, m0c), ones));
-            }
-        }
-        for (int i = 0; i < BN_TGROUP && r + i < w->n_out; i++)
-            y[r + i] = (float)(hsum32(acc[i]) - qsum) * w->scale / s;
-    }
-}
-
 TGT static void acc16(const bn_tmat_t *w, const void *lay, const int8_t *q, float s, int32_t qsum, float *y)
 {
     const int nb = (int)(w->n_in / 128);
@@ -154,33 +124,6 @@ TGT static void acc16(const bn_tmat_t *w, const void *lay, const int8_t *q, floa
                                                                                         _mm256_maddubs_epi16(u1, QV(qb, 1))),
                                                                        _mm256_add_epi16(_mm256_maddubs_epi16(u2, QV(qb, 2)),
                                                                                         _mm256_maddubs_epi16(u3, QV(qb, 3)))));
-                }
-            }
-            for (int i = 0; i < BN_TGROUP; i++)
-                tot[i] += hsum32(_mm256_madd_epi16(a16[i], ones));
-        }
-        for (int i = 0; i < BN_TGROUP && r + i < w->n_out; i++)
-            y[r + i] = (float)(tot[i] - qsum) * w->scale / s;
-    }
-}
-
-TGT static void s1acc16(const bn_tmat_t *w, const void *lay, const int8_t *q, float s, int32_t qsum, float *y)
-{
-    const int nb = (int)(w->n_in / 128);
-    const __m256i m03 = _mm256_set1_epi8(3), m0c = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1);
-    for (uint32_t r = 0; r < w->n_out; r += BN_TGROUP) {
-        const uint8_t *g = bn_tmat_row(w, (int)r);
-        int32_t tot[BN_TGROUP] = { 0 };
-        for (int b0 = 0; b0 < nb; b0 += 15) {
-            const int b1 = nb - b0 < 15 ? nb : b0 + 15;
-            __m256i a16[BN_TGROUP];
-            for (int i = 0; i < BN_TGROUP; i++)
-                a16[i] = _mm256_setzero_si256();
-            for (int b = b0; b < b1; b++) {
-#pragma GCC unroll 8
-                for (int i = 0; i < BN_TGROUP; i++) {
-                    __m256i wv = _mm256_loadu_si256((const __m256i *)(g + BN_TBLOCK_STRIDE * b + 32 * i));
-                    a16[i] = _mm256_add_epi16(a16[i], shift1_block(wv, q + 128 * b, m03, m0c));
                 }
             }
             for (int i = 0; i < BN_TGROUP; i++)
@@ -296,57 +239,15 @@ TGT static void lut(const bn_tmat_t *w, const void *lay, const int8_t *q, float 
     }
 }
 
-static int pf_dist; /* experiment: BN_PF bytes of software prefetch ahead (shift1r, s1c2m) */
+static int pf_dist; /* BN_PF: bytes of software prefetch ahead (s1acc16r, s1c2m, s1c2f) */
 
-/* s1c2: shift-once unpacking, a 4-row half of a group at a time, the two
+/* s1c2m: shift-once unpacking, a 4-row half of a group at a time, the two
  * scale classes kept apart in int16 over chunks of 7 blocks (a class-4 lane
  * gains <= 4096 a block) and joined at the chunk's end; the half-groups of a
- * chunk (7 x 256 bytes) run one after the other from L1. Named registers:
- * arrays of __m256i made GCC keep accumulators on the stack. */
+ * chunk (7 x 256 bytes) run one after the other from L1. Named registers and
+ * activations as memory operands: arrays of __m256i, or activations held in
+ * registers, made GCC keep accumulators on the stack. */
 #define S1C2_CHUNK 7
-#define ROW_STEP(wp, a1, a4)                                                                          \
-    do {                                                                                              \
-        const __m256i wv_ = _mm256_loadu_si256((const __m256i *)(wp)), h_ = _mm256_srli_epi16(wv_, 4); \
-        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(wv_, m03), q3));              \
-        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(h_, m03), q1));               \
-        a4 = _mm256_add_epi16(a4, _mm256_maddubs_epi16(_mm256_and_si256(wv_, m0c), q2));              \
-        a4 = _mm256_add_epi16(a4, _mm256_maddubs_epi16(_mm256_and_si256(h_, m0c), q0));               \
-    } while (0)
-
-TGT static void s1c2(const bn_tmat_t *w, const void *lay, const int8_t *q, float s, int32_t qsum, float *y)
-{
-    const int nb = (int)(w->n_in / 128);
-    const __m256i m03 = _mm256_set1_epi8(3), m0c = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1);
-    for (uint32_t r = 0; r < w->n_out; r += BN_TGROUP) {
-        const uint8_t *g = bn_tmat_row(w, (int)r);
-        __m256i tot[BN_TGROUP];
-        for (int i = 0; i < BN_TGROUP; i++)
-            tot[i] = _mm256_setzero_si256();
-        for (int b0 = 0; b0 < nb; b0 += S1C2_CHUNK) {
-            const int b1 = nb - b0 < S1C2_CHUNK ? nb : b0 + S1C2_CHUNK;
-            for (int hf = 0; hf < 2; hf++) {
-                __m256i x0 = _mm256_setzero_si256(), x1 = x0, x2 = x0, x3 = x0, z0 = x0, z1 = x0, z2 = x0, z3 = x0;
-                for (int b = b0; b < b1; b++) {
-                    const int8_t *qb = q + 128 * b;
-                    const __m256i q0 = QV(qb, 0), q1 = QV(qb, 1), q2 = QV(qb, 2), q3 = QV(qb, 3);
-                    const uint8_t *gb = g + BN_TBLOCK_STRIDE * b + 128 * hf;
-                    ROW_STEP(gb, x0, z0);
-                    ROW_STEP(gb + 32, x1, z1);
-                    ROW_STEP(gb + 64, x2, z2);
-                    ROW_STEP(gb + 96, x3, z3);
-                }
-                tot[4 * hf + 0] = _mm256_add_epi32(tot[4 * hf + 0], _mm256_madd_epi16(_mm256_add_epi16(x0, _mm256_srai_epi16(z0, 2)), ones));
-                tot[4 * hf + 1] = _mm256_add_epi32(tot[4 * hf + 1], _mm256_madd_epi16(_mm256_add_epi16(x1, _mm256_srai_epi16(z1, 2)), ones));
-                tot[4 * hf + 2] = _mm256_add_epi32(tot[4 * hf + 2], _mm256_madd_epi16(_mm256_add_epi16(x2, _mm256_srai_epi16(z2, 2)), ones));
-                tot[4 * hf + 3] = _mm256_add_epi32(tot[4 * hf + 3], _mm256_madd_epi16(_mm256_add_epi16(x3, _mm256_srai_epi16(z3, 2)), ones));
-            }
-        }
-        for (int i = 0; i < BN_TGROUP && r + i < w->n_out; i++)
-            y[r + i] = (float)(hsum32(tot[i]) - qsum) * w->scale / s;
-    }
-}
-
-/* s1c2 with the activations as memory operands (4 registers freed for GCC) */
 #define ROW_STEPM(wp, a1, a4)                                                                          \
     do {                                                                                               \
         const __m256i wv_ = _mm256_loadu_si256((const __m256i *)(wp)), h_ = _mm256_srli_epi16(wv_, 4); \
@@ -431,50 +332,8 @@ TGT static void s1c2f(const bn_tmat_t *w, const void *lay, const int8_t *q, floa
     }
 }
 
-/* shift1 with the 8 rows' int32 accumulators as named registers */
-#define ROW_S1(wp, acc)                                                                                    \
-    do {                                                                                                   \
-        const __m256i wv_ = _mm256_loadu_si256((const __m256i *)(wp)), h_ = _mm256_srli_epi16(wv_, 4);     \
-        const __m256i p1_ = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv_, m03), QV(qb, 3)),  \
-                                             _mm256_maddubs_epi16(_mm256_and_si256(h_, m03), QV(qb, 1)));  \
-        const __m256i p4_ = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv_, m0c), QV(qb, 2)),  \
-                                             _mm256_maddubs_epi16(_mm256_and_si256(h_, m0c), QV(qb, 0)));  \
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(p1_, _mm256_srai_epi16(p4_, 2)), ones)); \
-    } while (0)
-
-TGT static void shift1r(const bn_tmat_t *w, const void *lay, const int8_t *q, float s, int32_t qsum, float *y)
-{
-    const int nb = (int)(w->n_in / 128);
-    const __m256i m03 = _mm256_set1_epi8(3), m0c = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1);
-    for (uint32_t r = 0; r < w->n_out; r += BN_TGROUP) {
-        const uint8_t *g = bn_tmat_row(w, (int)r);
-        __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-        for (int b = 0; b < nb; b++) {
-            const int8_t *qb = q + 128 * b;
-            const uint8_t *gb = g + BN_TBLOCK_STRIDE * b;
-            if (pf_dist) {
-                _mm_prefetch((const char *)gb + pf_dist, _MM_HINT_T0);
-                _mm_prefetch((const char *)gb + pf_dist + 64, _MM_HINT_T0);
-                _mm_prefetch((const char *)gb + pf_dist + 128, _MM_HINT_T0);
-                _mm_prefetch((const char *)gb + pf_dist + 192, _MM_HINT_T0);
-            }
-            ROW_S1(gb, c0);
-            ROW_S1(gb + 32, c1);
-            ROW_S1(gb + 64, c2);
-            ROW_S1(gb + 96, c3);
-            ROW_S1(gb + 128, c4);
-            ROW_S1(gb + 160, c5);
-            ROW_S1(gb + 192, c6);
-            ROW_S1(gb + 224, c7);
-        }
-        const __m256i c[8] = { c0, c1, c2, c3, c4, c5, c6, c7 };
-        for (int i = 0; i < BN_TGROUP && r + i < w->n_out; i++)
-            y[r + i] = (float)(hsum32(c[i]) - qsum) * w->scale / s;
-    }
-}
-
-/* shift1r with each row's block sums kept in int16 over 15 blocks (s1acc16 in
- * named registers): 14 ops a row-block */
+/* the table's shift-once kernel (kernels/x86/avx2.c) with each row's block sums
+ * kept in int16 over 15 blocks: 14 ops a row-block */
 #define ROW_S1A(wp, acc)                                                                                   \
     do {                                                                                                   \
         const __m256i wv_ = _mm256_loadu_si256((const __m256i *)(wp)), h_ = _mm256_srli_epi16(wv_, 4);     \
@@ -528,7 +387,7 @@ static const struct {
     const char *name;
     gemv_fn *fn;
 } variants[] = {
-    { "v0", v0 }, { "shift1", shift1 }, { "acc16", acc16 }, { "s1acc16", s1acc16 }, { "lut", lut }, { "s1c2", s1c2 }, { "s1c2m", s1c2m }, { "s1c2f", s1c2f }, { "shift1r", shift1r }, { "s1acc16r", s1acc16r },
+    { "v0", v0 }, { "acc16", acc16 }, { "s1acc16r", s1acc16r }, { "s1c2m", s1c2m }, { "s1c2f", s1c2f }, { "lut", lut },
 };
 #define N_VARIANTS (int)(sizeof variants / sizeof variants[0])
 

@@ -169,7 +169,7 @@ static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum,
 
 /* rows r .. r+7 of one group; only the first n (<= 8) are stored. The eight
  * accumulators are named registers (an array of them stayed on the stack), and
- * the stream is prefetched 8 KB ahead (from memory: 22 -> 25-26 GB/s at 1
+ * the stream is prefetched 8 KB ahead (from memory: 22 -> 24-25 GB/s at 1
  * thread on the Zen 4 host, bench/RESULTS.md). */
 #define GEMV_PREFETCH 8192
 static void gemv_group(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r, int n)
