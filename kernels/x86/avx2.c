@@ -132,24 +132,6 @@ static inline __m256i block_dot(__m256i u0, __m256i u1, __m256i u2, __m256i u3, 
     return _mm256_madd_epi16(s16, ones);
 }
 
-/* Decode: a row group (kernels.h) at a time: one sequential stream, each
- * activation vector loaded once for the group's eight rows (2560-wide rows from
- * DRAM on Zen 4: 23 GB/s a row at a time with prefetch, 25 grouped). Rows outside
- * whole groups (a thread's range not on a group boundary) go one at a time. */
-static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r)
-{
-    const int nb = (int)(w->n_in / 128);
-    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    const uint8_t *row = bn_tmat_row(w, r);
-    __m256i acc = _mm256_setzero_si256();
-    for (int b = 0; b < nb; b++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(row + BN_TBLOCK_STRIDE * b)), u0, u1, u2, u3;
-        UNPACK(wv, m3, u0, u1, u2, u3);
-        acc = _mm256_add_epi32(acc, block_dot(u0, u1, u2, u3, q + 128 * b, ones));
-    }
-    y[r] = (float)(hsum_epi32(acc) - qsum) * w->scale / s;
-}
-
 /* One row's block in the group (wp) against the block's activations (qb),
  * unpacked with one shift: w & 3, w & 12, (w >> 4) & 3, (w >> 4) & 12 are u3,
  * 4*u2, u1, 4*u0; the two 4x products are summed and shifted back (exact: a
@@ -166,6 +148,23 @@ static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum,
             _mm256_maddubs_epi16(_mm256_and_si256(h_, m0c), _mm256_loadu_si256((const __m256i *)qb)));     \
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(p1_, _mm256_srai_epi16(p4_, 2)), ones)); \
     } while (0)
+
+/* Decode: a row group (kernels.h) at a time: one sequential stream, each
+ * activation vector loaded once for the group's eight rows (2560-wide rows from
+ * DRAM on Zen 4: 23 GB/s a row at a time with prefetch, 25 grouped). Rows outside
+ * whole groups (a thread's range not on a group boundary) go one at a time. */
+static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r)
+{
+    const int nb = (int)(w->n_in / 128);
+    const __m256i m03 = _mm256_set1_epi8(3), m0c = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1);
+    const uint8_t *row = bn_tmat_row(w, r);
+    __m256i acc = _mm256_setzero_si256();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *qb = q + 128 * b;
+        GEMV_ROW_BLOCK(row + BN_TBLOCK_STRIDE * b, acc);
+    }
+    y[r] = (float)(hsum_epi32(acc) - qsum) * w->scale / s;
+}
 
 /* rows r .. r+7 of one group; only the first n (<= 8) are stored. The eight
  * accumulators are named registers (an array of them stayed on the stack), and
@@ -323,6 +322,30 @@ typedef struct {
     __m256i lo[HEAD_MAX_IN / 64], hi[HEAD_MAX_IN / 64], pair[HEAD_MAX_IN / 64], start[HEAD_MAX_IN / 32];
 } q6_act_t;
 
+/* blocks k and k+1 of a q6 unit of cnt blocks at p (pair i of the row), scales s4.
+ * Each high-bit pair goes to bits 4-5 with one variable shift (left or right) and
+ * an and; with whole units called with k constant (no index vectors built at run
+ * time), 2B4T's 267 MB q6 head at 1 thread went 13.2 -> 10.9 ms a token on the
+ * Zen 4 host (20 -> 24.5 GB/s; bench/RESULTS.md, issue 14). */
+static inline __attribute__((always_inline)) void q6_pair(const uint8_t *p, int cnt, int k, int i, __m256 s4,
+                                                           const q6_act_t *qa, __m256 *acc)
+{
+    const __m256i ones = _mm256_set1_epi16(1), m15 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)bn_hunit_qs(p, k));
+    /* qh of block k in qwords 0-1, of block k+1 in qwords 2-3; byte j of a qh
+     * holds values j, 8+j, 16+j, 24+j in bit pairs 0-1, 2-3, 4-5, 6-7, each moved
+     * to bits 4-5 by one variable shift a qword */
+    const __m256i h = _mm256_permute4x64_epi64(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)bn_hunit_qh(p, cnt, k))), 0x50);
+    const __m256i hl = _mm256_and_si256(_mm256_sllv_epi64(h, _mm256_setr_epi64x(4, 2, 4, 2)), m30);
+    const __m256i hh = _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 0, 2)), m30);
+    const __m256i ul = _mm256_or_si256(_mm256_and_si256(v, m15), hl);
+    const __m256i uh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m15), hh);
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ul, qa->lo[i]), _mm256_maddubs_epi16(uh, qa->hi[i]));
+    const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), qa->pair[i]);
+    const __m256 sc = _mm256_permutevar8x32_ps(s4, _mm256_setr_epi32(k, k, k, k, k + 1, k + 1, k + 1, k + 1));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, *acc);
+}
+
 /* Q6 blocks b0 .. b0+cnt-1 (cnt <= 4) of a row, the unit at p, two blocks at a
  * time: one 32-byte load of their nibbles, their 16 bytes of high bits widened
  * by a qword permute and two variable shifts; the codes 0..63 as stored
@@ -334,28 +357,20 @@ typedef struct {
 static inline __attribute__((always_inline)) void q6_unit(const uint8_t *p, int b0, int cnt, const bn_hact_t *a,
                                                            const q6_act_t *qa, __m256 *acc)
 {
-    const __m256i ones = _mm256_set1_epi16(1), m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    const __m256i ones = _mm256_set1_epi16(1), m3 = _mm256_set1_epi8(3);
     __m128i dh = _mm_setzero_si128();
     __m128 da = _mm_setzero_ps();
     memcpy(&dh, p + 24 * cnt, 2 * (size_t)cnt);
     memcpy(&da, a->d + b0, sizeof(float) * (size_t)cnt);
     const __m256 s4 = _mm256_castps128_ps256(_mm_mul_ps(_mm_cvtph_ps(dh), da));
-    int k = 0;
-    for (; k + 2 <= cnt; k += 2) {
-        const int i = (b0 + k) / 2;
-        const __m256i v = _mm256_loadu_si256((const __m256i *)bn_hunit_qs(p, k));
-        /* qh of block k in qwords 0-1, of block k+1 in qwords 2-3; byte j of a qh
-         * holds values j, 8+j, 16+j, 24+j in bit pairs 0-1, 2-3, 4-5, 6-7 */
-        const __m256i h = _mm256_permute4x64_epi64(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)bn_hunit_qh(p, cnt, k))), 0x50);
-        const __m256i hl = _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 0, 2)), m3);
-        const __m256i hh = _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(4, 6, 4, 6)), m3);
-        const __m256i ul = _mm256_or_si256(_mm256_and_si256(v, m15), _mm256_slli_epi16(hl, 4));
-        const __m256i uh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m15), _mm256_slli_epi16(hh, 4));
-        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ul, qa->lo[i]), _mm256_maddubs_epi16(uh, qa->hi[i]));
-        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), qa->pair[i]);
-        const __m256 sc = _mm256_permutevar8x32_ps(s4, _mm256_setr_epi32(k, k, k, k, k + 1, k + 1, k + 1, k + 1));
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, *acc);
+    if (cnt == 4) { /* a whole unit: k constant, so are the scale permutes' indices */
+        q6_pair(p, 4, 0, b0 / 2, s4, qa, acc);
+        q6_pair(p, 4, 2, b0 / 2 + 1, s4, qa, acc);
+        return;
     }
+    int k = 0;
+    for (; k + 2 <= cnt; k += 2)
+        q6_pair(p, cnt, k, (b0 + k) / 2, s4, qa, acc);
     if (k < cnt) { /* an odd last block of a short unit, on its own */
         const int b = b0 + k;
         const __m128i l = _mm_loadu_si128((const __m128i *)bn_hunit_qs(p, k)), l15 = _mm_set1_epi8(15);
