@@ -121,17 +121,6 @@ static void quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qs
         u3 = _mm256_and_si256(w, m3);                          \
     } while (0)
 
-/* int32 partial sums of one block: 4 groups against q[0..127], int16 inside */
-static inline __m256i block_dot(__m256i u0, __m256i u1, __m256i u2, __m256i u3, const int8_t *q, __m256i ones)
-{
-    __m256i p0 = _mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i *)(q)));
-    __m256i p1 = _mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i *)(q + 32)));
-    __m256i p2 = _mm256_maddubs_epi16(u2, _mm256_loadu_si256((const __m256i *)(q + 64)));
-    __m256i p3 = _mm256_maddubs_epi16(u3, _mm256_loadu_si256((const __m256i *)(q + 96)));
-    __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-    return _mm256_madd_epi16(s16, ones);
-}
-
 /* One row's block in the group (wp) against the block's activations (qb),
  * unpacked with one shift: w & 3, w & 12, (w >> 4) & 3, (w >> 4) & 12 are u3,
  * 4*u2, u1, 4*u0; the two 4x products are summed and shifted back (exact: a
@@ -206,7 +195,11 @@ static void gemv_rows(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum
  * so its accumulators stay in registers; with a run-time count they lived in
  * memory, a store and a load per block and token. (Tiles of 8 with a run-time
  * count were the best of 1-4 rows x 2-8 tokens on row-major rows; on row groups
- * they ran 8% slower, and tiles of 8 in registers spill: 16 ymm registers.) */
+ * they ran 8% slower, and tiles of 8 in registers spill: 16 ymm registers.
+ * Tiles of 5, 6 and 8 tokens ran 1-7% slower in 2B4T's 128-token prefill, and
+ * the decode GEMV's one-shift unpacking, its two scale classes summed apart per
+ * token, 3-8% slower: the unpacking a tile shares is a quarter of a token's
+ * cost, and the classes' 8 more registers spill. Issue 14, bench/RESULTS.md.) */
 #define TILE_T 4
 static inline __attribute__((always_inline)) void tile_row(const bn_tmat_t *w, const int8_t *q0, int n, int tn,
                                                            const float *s, const int32_t *qsum, float *y, size_t ldy,
