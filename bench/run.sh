@@ -275,8 +275,9 @@ done
 # On a CPU with AVX-512 both engines ran their AVX-512 kernels above; the Zen 3 nodes have AVX2
 # only. So the TQ2_0 files once more, bitnet-worker forced to its AVX2 table against llama.cpp's
 # haswell (AVX2) backend alone in a directory, in turns as above.
-AVX2ROWS=$TMP/rows-avx2.tsv
+AVX2ROWS=$TMP/rows-avx2.tsv AVX2DEF=$TMP/rows-avx2-default.tsv
 : >"$AVX2ROWS"
+: >"$AVX2DEF"
 MAIN_KERN=$(kv "$(cat "$TMP/w-line" 2>/dev/null)" kernels)
 if [ "$MAIN_KERN" = avx512 ] && [ -f "$LIBDIR/libggml-cpu-haswell.so" ] && [ "$QUICK" != 1 ]; then
     mkdir -p "$TMP/haswell"
@@ -287,16 +288,25 @@ if [ "$MAIN_KERN" = avx512 ] && [ -f "$LIBDIR/libggml-cpu-haswell.so" ] && [ "$Q
         [ "$w" = tq2_0 ] || continue
         for t in $THREADS; do
             for x in a l; do for y in pp tg gen rss; do : >"$TMP/$x-$y"; done; done
+            also_q6=0
+            [ -z "$LM_HEAD" ] && [ "$W_LMHEAD" = 1 ] && [ "$e" = f16 ] && also_q6=1
             r=0
             while [ $r -lt "$RUNS" ]; do
                 r=$((r + 1))
                 worker_once "$w" "$e" "$t" "$(lm_head_for "$e")" $r a
                 llama_once "$w" "$e" "$t" "$PP" "$TG" 1
+                [ $also_q6 = 0 ] || worker_once "$w" "$e" "$t" q6 $r d
             done
             worker_row "$w" "$e" "$t" "$(lm_head_for "$e")" "$AVX2ROWS" a
             llama_row "$w" "$e" "$t" "$PP" "$TG" "$AVX2ROWS"
+            [ $also_q6 = 0 ] || worker_row "$w" "$e" "$t" q6 "$AVX2DEF" d
         done
     done
+    # The decode GEMV alone (bench/gemvbench.c): the 2B4T token's ternary matrices, 1 thread
+    make --no-print-directory bin/bitnet-gemvbench >>"$TMP/make.log" 2>&1 || die "make bin/bitnet-gemvbench failed"
+    say "decode GEMV alone, AVX2, 1 thread (bin/bitnet-gemvbench)"
+    bin/bitnet-gemvbench --kernels avx2 --passes 7 --variants v0 >"$TMP/gemv-avx2.txt" 2>&1 ||
+        { tail -n 5 "$TMP/gemv-avx2.txt" >&2; die "bitnet-gemvbench failed"; }
     W_ENV= L_LIBDIR=$LIBDIR LLAMA_CPU=$MAIN_LLAMA_CPU
 fi
 
@@ -434,21 +444,39 @@ ELAPSED=$(($(date +%s) - T_START))
     fi
     if [ -s "$AVX2ROWS" ]; then
         echo "AVX2 (the Zen 3 nodes' kernels): bitnet-worker with \`BN_KERNELS=avx2\` against llama.cpp's"
-        echo "\`libggml-cpu-haswell.so\` alone, same files, sizes, threads and turns:"
+        echo "\`libggml-cpu-haswell.so\` alone, same files, sizes, threads and turns; F16-embedding files also with"
+        echo "bitnet-worker's default LM head (q6, \"(default)\"), in the same turns. Short by: how far below the aim:"
         echo
-        echo "| file | thr | pp$PP t/s | llama.cpp | pp x | tg$TG t/s | llama.cpp | tg x | aims pp/tg |"
-        echo "|---|---|---|---|---|---|---|---|---|"
+        echo "| file | LM head | thr | pp$PP t/s | llama.cpp | pp x | tg$TG t/s | llama.cpp | tg x | aims pp/tg (short by) |"
+        echo "|---|---|---|---|---|---|---|---|---|---|"
+        # (a row with the default q6 head: its pp and tg against the same turns' llama.cpp)
         awk -F'\t' '
-            $1 == "bitnet-worker" { n++; k[n] = $2 "/" $3 "/" $4; wp[k[n]] = $7; wt[k[n]] = $8 }
+            function aim(r, a) { return r >= a ? "ok" : sprintf("%.0f%%", 100 * (1 - r / a)) }
+            FILENAME == def { dn++; dk[dn] = $2 "/" $3 "/" $4; dh[dn] = $13; dp[dn] = $7; dt[dn] = $8; next }
+            $1 == "bitnet-worker" { n++; k[n] = $2 "/" $3 "/" $4; h[n] = $13; wp[k[n]] = $7; wt[k[n]] = $8 }
             $1 == "llama.cpp" { lp[$2 "/" $3 "/" $4] = $7; lt[$2 "/" $3 "/" $4] = $8 }
+            function row(x, hd, p, t) {
+                split(x, kk, "/"); rp = lp[x] ? p / lp[x] : 0; rt = lt[x] ? t / lt[x] : 0
+                printf "| %s %s | %s | %s | %.1f | %.1f | %.2fx | %.1f | %.1f | %.2fx | %s/%s |\n", kk[1], kk[2], hd, kk[3],
+                    p, lp[x], rp, t, lt[x], rt, aim(rp, 2.0), aim(rt, 1.6)
+            }
             END {
                 for (i = 1; i <= n; i++) {
-                    x = k[i]; split(x, kk, "/"); rp = lp[x] ? wp[x] / lp[x] : 0; rt = lt[x] ? wt[x] / lt[x] : 0
-                    printf "| %s %s | %s | %.1f | %.1f | %.2fx | %.1f | %.1f | %.2fx | %s/%s |\n", kk[1], kk[2], kk[3],
-                        wp[x], lp[x], rp, wt[x], lt[x], rt, (rp >= 2.0 ? "ok" : "no"), (rt >= 1.6 ? "ok" : "no")
+                    row(k[i], h[i], wp[k[i]], wt[k[i]])
+                    for (j = 1; j <= dn; j++) if (dk[j] == k[i]) row(k[i], dh[j] " (default)", dp[j], dt[j])
                 }
-            }' "$AVX2ROWS"
+            }' def="$AVX2DEF" "$AVX2DEF" "$AVX2ROWS"
         echo
+        g=$(sed -n 's/^gemv: kernels=avx2 variant=table best_gbps=\([0-9.]*\).*/\1/p' "$TMP/gemv-avx2.txt")
+        g0=$(sed -n 's/^gemv: kernels=avx2 variant=v0 best_gbps=\([0-9.]*\).*/\1/p' "$TMP/gemv-avx2.txt")
+        b1=$(sed -n 's/^bw: threads=1 gbps=//p' "$TMP/bw.txt")
+        if [ -n "$g" ] && [ -n "$b1" ]; then
+            echo "$g $g0 $b1" | awk '{ p = 100 * $1 / $3
+                printf "Decode GEMV alone (bench/gemvbench.c: the 2B4T token'"'"'s 521 MB of ternary matrices, AVX2, 1 thread, best\n"
+                printf "of 7): %.1f GB/s = %.0f%% of the probe'"'"'s %.1f GB/s (aim 85%%: %s); the kernel before issue 14: %.1f GB/s.\n",
+                    $1, p, $3, (p >= 85 ? "met" : sprintf("short by %.0f points", 85 - p)), $2 }'
+            echo
+        fi
     fi
     if [ -s "$TMP/logits.txt" ]; then
         echo "Same model check, the prompt's last logits of bitnet-worker and llama.cpp on each TQ2_0 file"
