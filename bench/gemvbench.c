@@ -15,18 +15,20 @@
  * it is timed; a mismatch is an error (exit 1).
  *
  * The candidates (AVX2, kept so the choice can be measured again). "table" is
- * the chosen one, in kernels/x86/avx2.c: one 16-bit shift, (w & 3, w & 12,
- * w>>4 & 3, w>>4 & 12) are u3, 4*u2, u1, 4*u0, the two scaled products summed and
- * shifted back (exact: a multiple of 4), 8 rows in named registers, prefetch
- * 8 KB ahead: 1 + 4 + 4 + 3 adds + 1 shift + madd + add = 15 ops. Ops are vector
- * ALU ops per 32 weight bytes (128 weights) of one row; loads not counted:
+ * the chosen one, in kernels/x86/avx2.c (s1c2m when it was measured here): one
+ * 16-bit shift, (w & 3, w & 12, w>>4 & 3, w>>4 & 12) are u3, 4*u2, u1, 4*u0; a
+ * 4-row half of a group at a time, each row's class-1 and class-4 products summed
+ * apart in int16 over 7 blocks, joined exactly (the class-4 sum shifted back by
+ * 2) at the chunk's end: 1 + 4 + 4 + 4 adds = 13 ops. Ops are vector ALU ops
+ * per 32 weight bytes (128 weights) of one row; loads not counted:
  *   v0       (the kernel before issue 14) 8-row group, 3 shifts + 4 ands to unpack the
  *            four 2-bit fields, 4 vpmaddubsw, 3 adds, vpmaddwd, add: 16 ops.
  *   acc16    v0 with a row's block sums kept in int16 over 15 blocks (no
  *            vpmaddwd per block): 3 + 4 + 4 + 4 adds = 15.
- *   s1acc16r the table's unpacking with int16 sums over 15 blocks: 14.
- *   s1c2m    4-row halves, the two scale classes kept apart in int16: 13.
- *   s1c2f    s1c2m with each half-group run over the whole row in turn: 13.
+ *   shift1r  the table's unpacking, classes joined every block into one int32
+ *            accumulator a row, 8 rows at once: 15.
+ *   s1acc16r shift1r with int16 sums over 15 blocks: 14.
+ *   s1c2f    the table with each half-group run over the whole row in turn: 13.
  *   lut      TL1-style lookup: weights re-laid as one 4-bit index 3*u_a + u_b per
  *            pair of activations for 32 rows side by side; per pair a 16-entry
  *            table of u_a*q_a + u_b*q_b (built per token) split into low and high
@@ -239,14 +241,11 @@ TGT static void lut(const bn_tmat_t *w, const void *lay, const int8_t *q, float 
     }
 }
 
-static int pf_dist; /* BN_PF: bytes of software prefetch ahead (s1acc16r, s1c2m, s1c2f) */
+static int pf_dist; /* BN_PF: bytes of software prefetch ahead (shift1r, s1acc16r, s1c2f) */
 
-/* s1c2m: shift-once unpacking, a 4-row half of a group at a time, the two
- * scale classes kept apart in int16 over chunks of 7 blocks (a class-4 lane
- * gains <= 4096 a block) and joined at the chunk's end; the half-groups of a
- * chunk (7 x 256 bytes) run one after the other from L1. Named registers and
- * activations as memory operands: arrays of __m256i, or activations held in
- * registers, made GCC keep accumulators on the stack. */
+/* For s1c2f: the table's step (kernels/x86/avx2.c, s1c2m when measured here):
+ * shift-once unpacking, a 4-row half of a group, the two scale classes apart in
+ * int16 over chunks of 7 blocks (a class-4 lane gains <= 4096 a block). */
 #define S1C2_CHUNK 7
 #define ROW_STEPM(wp, a1, a4)                                                                          \
     do {                                                                                               \
@@ -257,43 +256,48 @@ static int pf_dist; /* BN_PF: bytes of software prefetch ahead (s1acc16r, s1c2m,
         a4 = _mm256_add_epi16(a4, _mm256_maddubs_epi16(_mm256_and_si256(h_, m0c), QV(qb, 0)));        \
     } while (0)
 
-TGT static void s1c2m(const bn_tmat_t *w, const void *lay, const int8_t *q, float s, int32_t qsum, float *y)
+/* shift1r (the table from the morning of 2026-12-05 until s1c2m replaced it):
+ * shift-once unpacking, the two classes joined every block (p1 + p4 >> 2) into
+ * one int32 accumulator per row, 8 rows in named registers: 15 ops */
+#define ROW_S1(wp, acc)                                                                                   \
+    do {                                                                                                  \
+        const __m256i wv_ = _mm256_loadu_si256((const __m256i *)(wp)), h_ = _mm256_srli_epi16(wv_, 4);    \
+        const __m256i p1_ = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv_, m03), QV(qb, 3)), \
+                                             _mm256_maddubs_epi16(_mm256_and_si256(h_, m03), QV(qb, 1))); \
+        const __m256i p4_ = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv_, m0c), QV(qb, 2)), \
+                                             _mm256_maddubs_epi16(_mm256_and_si256(h_, m0c), QV(qb, 0))); \
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(p1_, _mm256_srai_epi16(p4_, 2)), ones)); \
+    } while (0)
+
+TGT static void shift1r(const bn_tmat_t *w, const void *lay, const int8_t *q, float s, int32_t qsum, float *y)
 {
     const int nb = (int)(w->n_in / 128);
     const __m256i m03 = _mm256_set1_epi8(3), m0c = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1);
     for (uint32_t r = 0; r < w->n_out; r += BN_TGROUP) {
         const uint8_t *g = bn_tmat_row(w, (int)r);
-        __m256i tot[BN_TGROUP];
-        for (int i = 0; i < BN_TGROUP; i++)
-            tot[i] = _mm256_setzero_si256();
-        for (int b0 = 0; b0 < nb; b0 += S1C2_CHUNK) {
-            const int b1 = nb - b0 < S1C2_CHUNK ? nb : b0 + S1C2_CHUNK;
+        __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+        for (int b = 0; b < nb; b++) {
+            const int8_t *qb = q + 128 * b;
+            const uint8_t *gb = g + BN_TBLOCK_STRIDE * b;
             if (pf_dist)
-                for (int b = b0; b < b1; b++)
-                    for (int l = 0; l < 4; l++)
-                        _mm_prefetch((const char *)g + BN_TBLOCK_STRIDE * b + pf_dist + 64 * l, _MM_HINT_T0);
-            for (int hf = 0; hf < 2; hf++) {
-                __m256i x0 = _mm256_setzero_si256(), x1 = x0, x2 = x0, x3 = x0, z0 = x0, z1 = x0, z2 = x0, z3 = x0;
-                for (int b = b0; b < b1; b++) {
-                    const int8_t *qb = q + 128 * b;
-                    const uint8_t *gb = g + BN_TBLOCK_STRIDE * b + 128 * hf;
-                    ROW_STEPM(gb, x0, z0);
-                    ROW_STEPM(gb + 32, x1, z1);
-                    ROW_STEPM(gb + 64, x2, z2);
-                    ROW_STEPM(gb + 96, x3, z3);
-                }
-                tot[4 * hf + 0] = _mm256_add_epi32(tot[4 * hf + 0], _mm256_madd_epi16(_mm256_add_epi16(x0, _mm256_srai_epi16(z0, 2)), ones));
-                tot[4 * hf + 1] = _mm256_add_epi32(tot[4 * hf + 1], _mm256_madd_epi16(_mm256_add_epi16(x1, _mm256_srai_epi16(z1, 2)), ones));
-                tot[4 * hf + 2] = _mm256_add_epi32(tot[4 * hf + 2], _mm256_madd_epi16(_mm256_add_epi16(x2, _mm256_srai_epi16(z2, 2)), ones));
-                tot[4 * hf + 3] = _mm256_add_epi32(tot[4 * hf + 3], _mm256_madd_epi16(_mm256_add_epi16(x3, _mm256_srai_epi16(z3, 2)), ones));
-            }
+                for (int l = 0; l < 4; l++)
+                    _mm_prefetch((const char *)gb + pf_dist + 64 * l, _MM_HINT_T0);
+            ROW_S1(gb, c0);
+            ROW_S1(gb + 32, c1);
+            ROW_S1(gb + 64, c2);
+            ROW_S1(gb + 96, c3);
+            ROW_S1(gb + 128, c4);
+            ROW_S1(gb + 160, c5);
+            ROW_S1(gb + 192, c6);
+            ROW_S1(gb + 224, c7);
         }
+        const __m256i tot[BN_TGROUP] = { c0, c1, c2, c3, c4, c5, c6, c7 };
         for (int i = 0; i < BN_TGROUP && r + i < w->n_out; i++)
             y[r + i] = (float)(hsum32(tot[i]) - qsum) * w->scale / s;
     }
 }
 
-/* s1c2m with each half-group run over the whole row before the other half (the
+/* the table (s1c2m) with each half-group run over the whole row before the other half (the
  * second from L1/L2); software prefetch (BN_PF) in the first half's pass */
 TGT static void s1c2f(const bn_tmat_t *w, const void *lay, const int8_t *q, float s, int32_t qsum, float *y)
 {
@@ -387,7 +391,7 @@ static const struct {
     const char *name;
     gemv_fn *fn;
 } variants[] = {
-    { "v0", v0 }, { "acc16", acc16 }, { "s1acc16r", s1acc16r }, { "s1c2m", s1c2m }, { "s1c2f", s1c2f }, { "lut", lut },
+    { "v0", v0 }, { "acc16", acc16 }, { "shift1r", shift1r }, { "s1acc16r", s1acc16r }, { "s1c2f", s1c2f }, { "lut", lut },
 };
 #define N_VARIANTS (int)(sizeof variants / sizeof variants[0])
 
@@ -399,7 +403,31 @@ typedef struct {
     lut_t lut;
 } mat_t;
 
-static void mat_new(mat_t *m, uint32_t n_in, uint32_t n_out)
+/* The matrices one after another in 2 MB aligned chunks with transparent huge
+ * pages asked before they are touched, as bitnet-worker keeps its weights
+ * (worker/model.c): with 4 KB pages (an aligned_alloc'd block cannot take them)
+ * the hardware prefetchers stop at every page and the GEMV measures otherwise. */
+#define HUGE_PAGE ((size_t)2 << 20)
+static uint8_t *arena_alloc(size_t bytes)
+{
+    static uint8_t *base;
+    static size_t used, size;
+    bytes = (bytes + 63) / 64 * 64;
+    if (!base || size - used < bytes) {
+        size_t want = ((bytes > ((size_t)64 << 20) ? bytes : ((size_t)64 << 20)) + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+        uint8_t *p = mmap(NULL, want + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            return NULL;
+        base = (uint8_t *)(((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+        madvise(base, want, MADV_HUGEPAGE);
+        used = 0;
+        size = want;
+    }
+    used += bytes;
+    return base + used - bytes;
+}
+
+static int mat_new(mat_t *m, uint32_t n_in, uint32_t n_out)
 {
     m->w.n_in = n_in;
     m->w.n_out = n_out;
@@ -407,14 +435,16 @@ static void mat_new(mat_t *m, uint32_t n_in, uint32_t n_out)
     m->w.scale = 0.75f;
     m->w.bscale = NULL;
     const size_t bytes = bn_tmat_bytes(n_out, m->w.row_bytes);
-    m->data = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    madvise(m->data, bytes, MADV_HUGEPAGE);
+    m->data = arena_alloc(bytes);
+    if (!m->data)
+        return -1;
     for (size_t i = 0; i < bytes; i++) { /* four codes in {0,1,2}: u of valid ternary weights */
         uint32_t x = next_u32();
         m->data[i] = (uint8_t)((x % 3) | (x / 3 % 3) << 2 | (x / 9 % 3) << 4 | (x / 27 % 3) << 6);
     }
     m->w.data = m->data;
     memset(&m->lut, 0, sizeof m->lut);
+    return 0;
 }
 
 static int cmp_d(const void *a, const void *b)
@@ -466,10 +496,11 @@ int main(int argc, char **argv)
     mat_t *mats = calloc((size_t)n_mats, sizeof *mats);
     size_t bytes = 0;
     for (int i = 0; i < n_mats; i++) {
-        if (l2)
-            mat_new(&mats[i], 2560, 384); /* 240 KB */
-        else
-            mat_new(&mats[i], shape[i % 7][0], shape[i % 7][1]);
+        if (l2 ? mat_new(&mats[i], 2560, 384) /* 240 KB */
+               : mat_new(&mats[i], shape[i % 7][0], shape[i % 7][1])) {
+            fprintf(stderr, "gemvbench: out of memory for the matrices\n");
+            return 1;
+        }
         bytes += (size_t)mats[i].w.n_out * mats[i].w.row_bytes;
     }
     const int reps = l2 ? 2000 : 1;

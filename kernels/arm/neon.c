@@ -81,50 +81,64 @@ static void quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qs
 }
 
 /* The eight u-vectors (u = w + 1 in {0,1,2}) of one 128-weight block, 32 bytes at
- * p: u[2g] holds weights 32g..32g+15 and u[2g+1] weights 32g+16..32g+31, the ones
- * that meet activations q[32g..32g+15] and q[32g+16..32g+31]. Group g sits in bits
- * 6-2g..7-2g of every byte (kernels.h). */
+ * p, in two scale classes (issue 14's idea from the AVX2 kernel). Group g sits in
+ * bits 6-2g..7-2g of every byte (kernels.h) and meets activations q[32g..32g+31],
+ * its first 16 weights in the low 16 bytes. Class 1, u exactly: group 0 is x >> 6
+ * (no mask), group 3 x & 3. Class 4, 4u: group 2 is x & 12, group 1 (x >> 2) & 12.
+ * 10 vector ops against 12 with every field moved to bits 0-1; the two classes'
+ * sums are kept apart and joined exactly at the end (class_dot). u[j] meets the
+ * 16 activations at q + UQ[j]. */
+static const int UQ[8] = { 0, 16, 96, 112, 32, 48, 64, 80 };
+
 static ALWAYS_INLINE void unpack_block(const uint8_t *p, int8x16_t u[8])
 {
-    const uint8x16_t m3 = vdupq_n_u8(3);
+    const uint8x16_t m3 = vdupq_n_u8(3), m12 = vdupq_n_u8(12);
     const uint8x16_t lo = vld1q_u8(p), hi = vld1q_u8(p + 16);
-    u[0] = vreinterpretq_s8_u8(vshrq_n_u8(lo, 6)); /* the top bits need no mask */
+    u[0] = vreinterpretq_s8_u8(vshrq_n_u8(lo, 6)); /* class 1 */
     u[1] = vreinterpretq_s8_u8(vshrq_n_u8(hi, 6));
-    u[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(lo, 4), m3));
-    u[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(hi, 4), m3));
-    u[4] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(lo, 2), m3));
-    u[5] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(hi, 2), m3));
-    u[6] = vreinterpretq_s8_u8(vandq_u8(lo, m3));
-    u[7] = vreinterpretq_s8_u8(vandq_u8(hi, m3));
+    u[2] = vreinterpretq_s8_u8(vandq_u8(lo, m3));
+    u[3] = vreinterpretq_s8_u8(vandq_u8(hi, m3));
+    u[4] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(lo, 2), m12)); /* class 4 */
+    u[5] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(hi, 2), m12));
+    u[6] = vreinterpretq_s8_u8(vandq_u8(lo, m12));
+    u[7] = vreinterpretq_s8_u8(vandq_u8(hi, m12));
 }
 
-/* One block (u against q[0..127]) added to two int32 accumulators, baseline NEON:
- * widening multiply-adds into int16 lanes, each lane summing 8 products of
- * |u*q| <= 256 (|sum| <= 2048), then pairwise-widened into int32. Two chains so
- * consecutive multiply-adds do not wait on each other. */
-static ALWAYS_INLINE void block_dot_mla(const int8x16_t u[8], const int8_t *q, int32x4_t *acc0, int32x4_t *acc1)
+/* sum(u*q) from a row's (or token's) class-1 and class-4 accumulators: the
+ * class-4 sum is a sum of multiples of 4, so the division is exact */
+static ALWAYS_INLINE int32_t class_dot(int32x4_t acc1, int32x4_t acc4)
 {
-    int16x8_t s01 = vdupq_n_s16(0), s23 = vdupq_n_s16(0); /* groups 0-1 and 2-3 */
+    return vaddvq_s32(acc1) + vaddvq_s32(acc4) / 4;
+}
+
+/* One block (u against q[0..127]) added to the class-1 and class-4 int32
+ * accumulators, baseline NEON: widening multiply-adds into int16 lanes, each lane
+ * summing 8 products of |u*q| <= 256 (class 4: 1024; |sum| <= 8192), then
+ * pairwise-widened into int32. The two classes are two chains, so consecutive
+ * multiply-adds do not wait on each other. */
+static ALWAYS_INLINE void block_dot_mla(const int8x16_t u[8], const int8_t *q, int32x4_t *acc1, int32x4_t *acc4)
+{
+    int16x8_t s1 = vdupq_n_s16(0), s4 = vdupq_n_s16(0);
 #pragma GCC unroll 4
     for (int k = 0; k < 4; k++) {
-        const int8x16_t qa = vld1q_s8(q + 16 * k), qb = vld1q_s8(q + 64 + 16 * k);
-        s01 = vmlal_s8(s01, vget_low_s8(u[k]), vget_low_s8(qa));
-        s01 = vmlal_high_s8(s01, u[k], qa);
-        s23 = vmlal_s8(s23, vget_low_s8(u[4 + k]), vget_low_s8(qb));
-        s23 = vmlal_high_s8(s23, u[4 + k], qb);
+        const int8x16_t qa = vld1q_s8(q + UQ[k]), qb = vld1q_s8(q + UQ[4 + k]);
+        s1 = vmlal_s8(s1, vget_low_s8(u[k]), vget_low_s8(qa));
+        s1 = vmlal_high_s8(s1, u[k], qa);
+        s4 = vmlal_s8(s4, vget_low_s8(u[4 + k]), vget_low_s8(qb));
+        s4 = vmlal_high_s8(s4, u[4 + k], qb);
     }
-    *acc0 = vpadalq_s16(*acc0, s01);
-    *acc1 = vpadalq_s16(*acc1, s23);
+    *acc1 = vpadalq_s16(*acc1, s1);
+    *acc4 = vpadalq_s16(*acc4, s4);
 }
 
 /* The same with SDOT: four u8*s8 products summed straight into each int32 lane. */
-static DOTPROD ALWAYS_INLINE void block_dot_sdot(const int8x16_t u[8], const int8_t *q, int32x4_t *acc0,
-                                                 int32x4_t *acc1)
+static DOTPROD ALWAYS_INLINE void block_dot_sdot(const int8x16_t u[8], const int8_t *q, int32x4_t *acc1,
+                                                 int32x4_t *acc4)
 {
 #pragma GCC unroll 4
     for (int k = 0; k < 4; k++) {
-        *acc0 = vdotq_s32(*acc0, u[2 * k], vld1q_s8(q + 32 * k));
-        *acc1 = vdotq_s32(*acc1, u[2 * k + 1], vld1q_s8(q + 32 * k + 16));
+        *acc1 = vdotq_s32(*acc1, u[k], vld1q_s8(q + UQ[k]));
+        *acc4 = vdotq_s32(*acc4, u[4 + k], vld1q_s8(q + UQ[4 + k]));
     }
 }
 
@@ -152,7 +166,7 @@ static ALWAYS_INLINE void row_dots_mla_n(const uint8_t *row, int nb, const int8_
     }
 #pragma GCC unroll 4
     for (int t = 0; t < tn; t++)
-        dot[t] = vaddvq_s32(vaddq_s32(acc[t][0], acc[t][1]));
+        dot[t] = class_dot(acc[t][0], acc[t][1]);
 }
 
 static DOTPROD ALWAYS_INLINE void row_dots_sdot_n(const uint8_t *row, int nb, const int8_t *q, size_t ldq,
@@ -171,7 +185,7 @@ static DOTPROD ALWAYS_INLINE void row_dots_sdot_n(const uint8_t *row, int nb, co
     }
 #pragma GCC unroll 4
     for (int t = 0; t < tn; t++)
-        dot[t] = vaddvq_s32(vaddq_s32(acc[t][0], acc[t][1]));
+        dot[t] = class_dot(acc[t][0], acc[t][1]);
 }
 
 /* A full tile at once; a partial one (the batch's tail, or decode's single
@@ -212,7 +226,7 @@ static DOTPROD void row_dots_sdot(const uint8_t *row, int nb, const int8_t *q, s
                 block_dot(u, q + 128 * b, &acc[i][0], &acc[i][1]);                  \
             }                                                                       \
         _Pragma("GCC unroll 8") for (int i = 0; i < BN_TGROUP; i++)                 \
-            dot[i] = vaddvq_s32(vaddq_s32(acc[i][0], acc[i][1]));                   \
+            dot[i] = class_dot(acc[i][0], acc[i][1]);                                  \
     }
 GROUP_DOTS(group_dots_mla, , block_dot_mla)
 GROUP_DOTS(group_dots_sdot, DOTPROD, block_dot_sdot)

@@ -155,34 +155,64 @@ static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum,
     y[r] = (float)(hsum_epi32(acc) - qsum) * w->scale / s;
 }
 
-/* rows r .. r+7 of one group; only the first n (<= 8) are stored. The eight
- * accumulators are named registers (an array of them stayed on the stack), and
- * the stream is prefetched 8 KB ahead (from memory: 22 -> 24-25 GB/s at 1
- * thread on the Zen 4 host, bench/RESULTS.md). */
-#define GEMV_PREFETCH 8192
+/* One row's block in a half-group (wp) with the two scale classes kept apart:
+ * a1 gathers the class-1 products (u3, u1), a4 the class-4 ones (4*u2, 4*u0),
+ * both in int16: 13 vector ALU ops per 32 weight bytes. */
+#define GEMV_HALF_BLOCK(wp, a1, a4)                                                                    \
+    do {                                                                                               \
+        const __m256i wv_ = _mm256_loadu_si256((const __m256i *)(wp)), h_ = _mm256_srli_epi16(wv_, 4); \
+        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(wv_, m03),                    \
+                                                       _mm256_loadu_si256((const __m256i *)(qb + 96)))); \
+        a4 = _mm256_add_epi16(a4, _mm256_maddubs_epi16(_mm256_and_si256(wv_, m0c),                    \
+                                                       _mm256_loadu_si256((const __m256i *)(qb + 64)))); \
+        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(h_, m03),                     \
+                                                       _mm256_loadu_si256((const __m256i *)(qb + 32)))); \
+        a4 = _mm256_add_epi16(a4, _mm256_maddubs_epi16(_mm256_and_si256(h_, m0c),                     \
+                                                       _mm256_loadu_si256((const __m256i *)qb)));       \
+    } while (0)
+
+/* a class-4 int16 lane gains at most 2 * 2 * 8 * 128 = 4096 a block: 7 blocks fit */
+#define GEMV_CHUNK 7
+
+/* rows r .. r+7 of one group; only the first n (<= 8) are stored. Chunk by
+ * chunk of 7 blocks (1792 bytes of the group), the group's first 4 rows and then
+ * its last 4 (from L1) with each row's two classes in int16 (8 named registers:
+ * arrays of them, or activations held in registers, stayed on the stack), joined
+ * exactly (a4 is a multiple of 4) into int32 at the chunk's end. From memory this
+ * beat the one-accumulator form (15 ops a row-block) by 4-5% and the kernel
+ * before issue 14 (16 ops) by 10%, 1 thread on the Zen 4 host; no software
+ * prefetch: on the weights' 2 MB pages the hardware prefetchers keep the stream
+ * going, and one 8 KB ahead cost 5-7% (it helped only a bench that had put its
+ * matrices on 4 KB pages). bench/gemvbench.c, bench/RESULTS.md, issue 14. */
 static void gemv_group(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r, int n)
 {
     const int nb = (int)(w->n_in / 128);
     const __m256i m03 = _mm256_set1_epi8(3), m0c = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1);
     const uint8_t *g = bn_tmat_row(w, r);
-    __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-    for (int b = 0; b < nb; b++) {
-        const int8_t *qb = q + 128 * b;
-        const uint8_t *gb = g + BN_TBLOCK_STRIDE * b;
-        for (int l = 0; l < BN_TBLOCK_STRIDE; l += 64)
-            _mm_prefetch((const char *)gb + GEMV_PREFETCH + l, _MM_HINT_T0);
-        GEMV_ROW_BLOCK(gb, c0);
-        GEMV_ROW_BLOCK(gb + 32, c1);
-        GEMV_ROW_BLOCK(gb + 64, c2);
-        GEMV_ROW_BLOCK(gb + 96, c3);
-        GEMV_ROW_BLOCK(gb + 128, c4);
-        GEMV_ROW_BLOCK(gb + 160, c5);
-        GEMV_ROW_BLOCK(gb + 192, c6);
-        GEMV_ROW_BLOCK(gb + 224, c7);
+    __m256i tot[BN_TGROUP];
+    for (int i = 0; i < BN_TGROUP; i++)
+        tot[i] = _mm256_setzero_si256();
+    for (int b0 = 0; b0 < nb; b0 += GEMV_CHUNK) {
+        const int b1 = nb - b0 < GEMV_CHUNK ? nb : b0 + GEMV_CHUNK;
+        for (int hf = 0; hf < 2; hf++) {
+            __m256i x0 = _mm256_setzero_si256(), x1 = x0, x2 = x0, x3 = x0, z0 = x0, z1 = x0, z2 = x0, z3 = x0;
+            for (int b = b0; b < b1; b++) {
+                const int8_t *qb = q + 128 * b;
+                const uint8_t *gb = g + BN_TBLOCK_STRIDE * b + 128 * hf;
+                GEMV_HALF_BLOCK(gb, x0, z0);
+                GEMV_HALF_BLOCK(gb + 32, x1, z1);
+                GEMV_HALF_BLOCK(gb + 64, x2, z2);
+                GEMV_HALF_BLOCK(gb + 96, x3, z3);
+            }
+            __m256i *t = tot + 4 * hf;
+            t[0] = _mm256_add_epi32(t[0], _mm256_madd_epi16(_mm256_add_epi16(x0, _mm256_srai_epi16(z0, 2)), ones));
+            t[1] = _mm256_add_epi32(t[1], _mm256_madd_epi16(_mm256_add_epi16(x1, _mm256_srai_epi16(z1, 2)), ones));
+            t[2] = _mm256_add_epi32(t[2], _mm256_madd_epi16(_mm256_add_epi16(x2, _mm256_srai_epi16(z2, 2)), ones));
+            t[3] = _mm256_add_epi32(t[3], _mm256_madd_epi16(_mm256_add_epi16(x3, _mm256_srai_epi16(z3, 2)), ones));
+        }
     }
-    const __m256i acc[BN_TGROUP] = { c0, c1, c2, c3, c4, c5, c6, c7 };
     for (int i = 0; i < n; i++)
-        y[r + i] = (float)(hsum_epi32(acc[i]) - qsum) * w->scale / s;
+        y[r + i] = (float)(hsum_epi32(tot[i]) - qsum) * w->scale / s;
 }
 
 static void gemv_rows(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r0, int r1)
