@@ -451,7 +451,7 @@ ELAPSED=$(($(date +%s) - T_START))
         echo "|---|---|---|---|---|---|---|---|---|---|"
         # (a row with the default q6 head: its pp and tg against the same turns' llama.cpp)
         awk -F'\t' '
-            function aim(r, a) { return r >= a ? "ok" : sprintf("%.0f%%", 100 * (1 - r / a)) }
+            function aim(r, a) { return r >= a ? "ok" : 100 * (1 - r / a) < 0.5 ? "<1%" : sprintf("%.0f%%", 100 * (1 - r / a)) }
             FILENAME == def { dn++; dk[dn] = $2 "/" $3 "/" $4; dh[dn] = $13; dp[dn] = $7; dt[dn] = $8; next }
             $1 == "bitnet-worker" { n++; k[n] = $2 "/" $3 "/" $4; h[n] = $13; wp[k[n]] = $7; wt[k[n]] = $8 }
             $1 == "llama.cpp" { lp[$2 "/" $3 "/" $4] = $7; lt[$2 "/" $3 "/" $4] = $8 }
