@@ -287,7 +287,7 @@ if [ "$MAIN_KERN" = avx512 ] && [ -f "$LIBDIR/libggml-cpu-haswell.so" ] && [ "$Q
         w=${spec%%:*} e=${spec#*:}
         [ "$w" = tq2_0 ] || continue
         for t in $THREADS; do
-            for x in a l; do for y in pp tg gen rss; do : >"$TMP/$x-$y"; done; done
+            for x in a l d; do for y in pp tg gen rss; do : >"$TMP/$x-$y"; done; done
             also_q6=0
             [ -z "$LM_HEAD" ] && [ "$W_LMHEAD" = 1 ] && [ "$e" = f16 ] && also_q6=1
             r=0
