@@ -139,8 +139,7 @@ static void quantize_act(const float *x, int n, int8_t *q, float *s, int32_t *qs
     } while (0)
 
 /* Decode: a row group (kernels.h) at a time: one sequential stream, each
- * activation vector loaded once for the group's eight rows (2560-wide rows from
- * DRAM on Zen 4: 23 GB/s a row at a time with prefetch, 25 grouped). Rows outside
+ * activation vector loaded once for the group's eight rows (gemv_group). Rows outside
  * whole groups (a thread's range not on a group boundary) go one at a time. */
 static void gemv_row(const bn_tmat_t *w, const int8_t *q, float s, int32_t qsum, float *y, int r)
 {
